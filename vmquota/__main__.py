@@ -1,0 +1,3 @@
+from vmquota.cli import main
+
+main()

@@ -1,0 +1,568 @@
+"""The API's operations, Kubernetes-style: list, get, create, replace, patch, delete, and the VM subresources.
+
+Top layer, below only `http.py` (which maps paths to these calls) and above the
+controller, accounting and store. Each write runs in one store transaction: the
+validation, the admission and every side effect (a default quota made for a
+namespace joining a project, the charges of a new VM) commit together or not at
+all. The rules for each kind are in one `_Rules` class each.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from vmquota import accounting, errors, objects, quantity, usage, vmspec
+from vmquota import resources as r
+from vmquota.controller import CLONE_SOURCE_ANNOTATION, Controller, _runtime_phase
+from vmquota.objects import (
+    EVENT,
+    NAMESPACE,
+    PROJECT,
+    RESOURCE_QUOTA,
+    VIRTUAL_MACHINE,
+    VIRTUAL_MACHINE_CLONE,
+    Kind,
+    Obj,
+)
+from vmquota.store import Reader, Store, Transaction
+
+CLONE_DISKS_ANNOTATION = "vmquota.io/clone-disks"  # "target-disk=source-disk,..." for a clone's copies
+MAX_LABELS = 64
+MAX_LABEL_LENGTH = 253
+
+
+def invalid(kind: Kind, name: object, field: str, message: str) -> errors.Invalid:
+    return errors.Invalid(f"{kind.qualified_kind} {objects.quote(name)} is invalid: {field}: {message}")
+
+
+def not_found(kind: Kind, name: str) -> errors.NotFound:
+    return errors.NotFound(f'{kind.resource} "{name}" not found')
+
+
+class Api:
+    def __init__(self, store: Store, controller: Controller) -> None:
+        self.store = store
+        self.controller = controller
+        self.rules: dict[str, _Rules] = {
+            PROJECT.kind: _ProjectRules(self),
+            NAMESPACE.kind: _NamespaceRules(self),
+            RESOURCE_QUOTA.kind: _QuotaRules(self),
+            VIRTUAL_MACHINE.kind: _VMRules(self),
+            VIRTUAL_MACHINE_CLONE.kind: _CloneRules(self),
+            EVENT.kind: _EventRules(self),
+        }
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def list(self, kind: Kind, namespace: str | None) -> Obj:
+        items = self.store.reader().list(kind, namespace)
+        return {"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
+                "metadata": {"resourceVersion": str(self.store_rv())}, "items": items}
+
+    def store_rv(self) -> int:
+        return self.store._rv
+
+    def get(self, kind: Kind, namespace: str, name: str) -> Obj:
+        obj = self.store.reader().get(kind, namespace, name)
+        if obj is None:
+            raise not_found(kind, name)
+        return obj
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def create(self, kind: Kind, namespace: str, body: Any) -> Obj:
+        obj = self._body(kind, namespace, body)
+        metadata = obj["metadata"]
+        if metadata.get("resourceVersion"):
+            raise errors.BadRequest("resourceVersion should not be set on objects to be created")
+        for server_field in ("uid", "creationTimestamp", "deletionTimestamp"):
+            metadata.pop(server_field, None)
+        obj.pop("status", None)
+        rules = self.rules[kind.kind]
+        with self.store.transaction() as txn:
+            rules.check_namespace(txn, namespace)
+            rules.validate(txn, obj, None)
+            if txn.get(kind, namespace if kind.namespaced else "", metadata["name"]) is not None:
+                raise errors.AlreadyExists(f'{kind.resource} "{metadata["name"]}" already exists')
+            rules.before_create(txn, obj)
+            created = txn.create(kind, obj)
+            rules.after_write(txn, created, None)
+            return created
+
+    def replace(self, kind: Kind, namespace: str, name: str, body: Any) -> Obj:
+        obj = self._body(kind, namespace, body)
+        if obj["metadata"]["name"] != name:
+            raise errors.BadRequest(f'the name of the object ({obj["metadata"]["name"]}) does not match '
+                                    f"the name on the URL ({name})")
+        return self._update(kind, namespace, name, lambda current: obj)
+
+    def patch(self, kind: Kind, namespace: str, name: str, patch: Any) -> Obj:
+        if not isinstance(patch, dict):
+            raise errors.BadRequest("a JSON merge patch must be an object")
+        return self._update(kind, namespace, name, lambda current: self._body(
+            kind, namespace, objects.merge_patch(current, patch), keep_name=name))
+
+    def _update(self, kind: Kind, namespace: str, name: str, make: Any) -> Obj:
+        rules = self.rules[kind.kind]
+        ns = namespace if kind.namespaced else ""
+        with self.store.transaction() as txn:
+            current = txn.get(kind, ns, name)
+            if current is None:
+                raise not_found(kind, name)
+            new = make(copy.deepcopy(current))
+            metadata, old_meta = new["metadata"], current["metadata"]
+            wanted_rv = metadata.get("resourceVersion")
+            if wanted_rv and str(wanted_rv) != old_meta["resourceVersion"]:
+                raise errors.Conflict(f'Operation cannot be fulfilled on {kind.resource} "{name}": the object has '
+                                      f"been modified; please apply your changes to the latest version and try again")
+            if metadata.get("uid") not in (None, old_meta["uid"]):
+                raise errors.Conflict(f'Operation cannot be fulfilled on {kind.resource} "{name}": '
+                                      f"the uid in the body does not match ({metadata.get('uid')})")
+            for kept in ("uid", "creationTimestamp", "deletionTimestamp"):
+                if kept in old_meta:
+                    metadata[kept] = old_meta[kept]
+                else:
+                    metadata.pop(kept, None)
+            new["status"] = copy.deepcopy(current.get("status", {}))  # status belongs to the server
+            if not new["status"]:
+                new.pop("status")
+            rules.validate(txn, new, current)
+            rules.before_update(txn, current, new)
+            if _comparable(new) == _comparable(current):
+                return current  # nothing changed: no new resourceVersion, like Kubernetes
+            updated = txn.update(kind, new)
+            rules.after_write(txn, updated, current)
+            return updated
+
+    def delete(self, kind: Kind, namespace: str, name: str) -> Obj:
+        rules = self.rules[kind.kind]
+        ns = namespace if kind.namespaced else ""
+        with self.store.transaction() as txn:
+            current = txn.get(kind, ns, name)
+            if current is None:
+                raise not_found(kind, name)
+            return rules.delete(txn, current)
+
+    def _body(self, kind: Kind, namespace: str, body: Any, *, keep_name: str | None = None) -> Obj:
+        if not isinstance(body, dict):
+            raise errors.BadRequest(f"the body must be a {kind.kind} object")
+        obj = copy.deepcopy(body)
+        if obj.get("kind", kind.kind) != kind.kind or obj.get("apiVersion", kind.api_version) != kind.api_version:
+            raise errors.BadRequest(f"the body is {obj.get('apiVersion')}/{obj.get('kind')}, "
+                                    f"this path takes {kind.api_version}/{kind.kind}")
+        obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
+        metadata = obj.get("metadata")
+        if metadata is None:
+            metadata = obj["metadata"] = {}
+        if not isinstance(metadata, dict):
+            raise errors.BadRequest("metadata must be an object")
+        name = metadata.get("name")
+        objects.check_name(kind, name)
+        if keep_name is not None and name != keep_name:
+            raise errors.BadRequest("metadata.name cannot be changed")
+        if kind.namespaced:
+            if metadata.get("namespace", namespace) != namespace:
+                raise errors.BadRequest("the namespace of the provided object does not match the namespace "
+                                        "sent on the request")
+            metadata["namespace"] = namespace
+        else:
+            metadata.pop("namespace", None)
+        for field in ("labels", "annotations"):
+            _check_string_map(kind, name, f"metadata.{field}", metadata.get(field))
+        return obj
+
+    # -- VM subresources -------------------------------------------------------------------------
+
+    def _vm_action(self, namespace: str, name: str, action: Any) -> Obj:
+        with self.store.transaction() as txn:
+            vm = txn.get(VIRTUAL_MACHINE, namespace, name)
+            if vm is None:
+                raise not_found(VIRTUAL_MACHINE, name)
+            action(txn, vm)
+            return txn.update(VIRTUAL_MACHINE, vm)
+
+    def start(self, namespace: str, name: str) -> Obj:
+        return self._vm_action(namespace, name, self.controller.request_start)
+
+    def stop(self, namespace: str, name: str, body: Any = None) -> Obj:
+        grace = None
+        if isinstance(body, dict) and body.get("gracePeriod") is not None:
+            grace = body["gracePeriod"]
+            if isinstance(grace, bool) or not isinstance(grace, int) or not 0 <= grace <= vmspec.MAX_GRACE_SECONDS:
+                raise errors.BadRequest(f"gracePeriod must be a whole number of seconds from 0 to "
+                                        f"{vmspec.MAX_GRACE_SECONDS}")
+        return self._vm_action(namespace, name, lambda txn, vm: self.controller.request_stop(txn, vm, grace))
+
+    def restart(self, namespace: str, name: str) -> Obj:
+        return self._vm_action(namespace, name, self.controller.request_restart)
+
+    # -- charges: who uses how much, and why ----------------------------------------------------
+
+    def charges(self, namespace: str | None) -> Obj:
+        reader = self.store.reader()
+        items = [{"namespace": ns, "name": name, "charge": r.render(charge)}
+                 for ns, name, charge in sorted(reader.charges(namespace))]
+        return {"kind": "ChargeList", "apiVersion": "vmquota.io/v1", "items": items}
+
+    def charge(self, namespace: str, name: str) -> Obj:
+        """One VM's charge now, what it would charge running, and the memory overhead behind it."""
+        reader = self.store.reader()
+        vm = self.get(VIRTUAL_MACHINE, namespace, name)
+        spec = vmspec.read(vm)
+        model = self.controller.overhead
+        phase = _runtime_phase(vm)
+        return {
+            "kind": "Charge", "apiVersion": "vmquota.io/v1",
+            "metadata": {"namespace": namespace, "name": name},
+            "holdsRuntime": usage.holds_runtime(phase),
+            "phase": phase.value,
+            "charge": r.render(reader.charge(namespace, name) or {}),
+            "whileRunning": r.render(usage.compute(spec, model)),
+            "always": r.render(usage.persistent(spec)),
+            "overheadModel": model.value,
+            "overhead": [{"part": part, "memory": quantity.format(value)}
+                         for part, value in usage.overhead_breakdown(spec, model)],
+            "quotas": [q.display for q in accounting.covering(reader, namespace)],
+        }
+
+    def project_usage(self, name: str) -> Obj:
+        """A project's used, per namespace and per VM (like OpenShift's ClusterResourceQuota status)."""
+        reader = self.store.reader()
+        project = self.get(PROJECT, "", name)
+        hard = accounting.hard_of(PROJECT, project)
+        namespaces = []
+        for ns in accounting.members(reader, name):
+            vms = [{"name": vm_name, "charge": r.render(r.mask(charge, hard) if hard else charge)}
+                   for _, vm_name, charge in sorted(reader.charges(ns))]
+            used = accounting.namespace_usage(reader, ns)
+            namespaces.append({"namespace": ns, "used": r.render(r.mask(used, hard) if hard else used),
+                               "virtualMachines": vms})
+        return {"kind": "ProjectUsage", "apiVersion": "vmquota.io/v1", "metadata": {"name": name},
+                "hard": r.render(hard), "used": (project.get("status") or {}).get("used", {}),
+                "namespaces": namespaces}
+
+
+def _comparable(obj: Obj) -> Obj:
+    clean = copy.deepcopy(obj)
+    clean["metadata"].pop("resourceVersion", None)
+    return clean
+
+
+def _check_string_map(kind: Kind, name: object, field: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or len(value) > MAX_LABELS:
+        raise invalid(kind, name, field, f"Invalid value: must be a map of at most {MAX_LABELS} strings")
+    for key, item in value.items():
+        if not isinstance(item, str) or len(key) > MAX_LABEL_LENGTH or not key or len(item) > 4096:
+            raise invalid(kind, name, f"{field}[{key}]", "Invalid value: keys are 1-253 characters, values strings "
+                                                         "of at most 4096")
+
+
+def _parse_hard(kind: Kind, name: str, raw: Any, field: str) -> r.ResourceList:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise invalid(kind, name, field, "Invalid value: must be a map of resource names to quantities")
+    unknown = sorted(set(raw) - r.SUPPORTED)
+    if unknown:
+        raise invalid(kind, name, f"{field}[{unknown[0]}]",
+                      f"Unsupported value: {objects.quote(unknown[0])}: supported values: "
+                      + ", ".join(f'"{n}"' for n in sorted(r.SUPPORTED)))
+    try:
+        hard = r.parse(raw, field=field)
+    except quantity.QuantityError as e:
+        raise invalid(kind, name, field, f"Invalid value: {e}") from e
+    for resource, value in hard.items():
+        if value < 0:
+            raise invalid(kind, name, f"{field}[{resource}]", "Invalid value: must be greater than or equal to 0")
+    return hard
+
+
+def _below_used(display: str, hard: r.ResourceList, used: r.ResourceList) -> str | None:
+    _, exceeded = r.less_than_or_equal(r.mask(used, hard), hard)
+    if not exceeded:
+        return None
+    return (f"hard limits of {display} cannot be set below current usage: "
+            f"used: {r.describe(used, exceeded)}, limited: {r.describe(hard, exceeded)}")
+
+
+class _Rules:
+    """What one kind checks and does around a write; the defaults suit a plain object."""
+
+    kind: Kind
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def check_namespace(self, reader: Reader, namespace: str) -> None:
+        if self.kind.namespaced and reader.get(NAMESPACE, "", namespace) is None:
+            raise errors.NotFound(f'namespaces "{namespace}" not found')
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        pass
+
+    def before_create(self, txn: Transaction, obj: Obj) -> None:
+        pass
+
+    def before_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
+        pass
+
+    def after_write(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        pass
+
+    def delete(self, txn: Transaction, obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        txn.delete(self.kind, meta.get("namespace", "") if self.kind.namespaced else "", meta["name"])
+        return obj
+
+
+class _ProjectRules(_Rules):
+    kind = PROJECT
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        spec = obj.get("spec") or {}
+        if not isinstance(spec, dict):
+            raise invalid(PROJECT, name, "spec", "Invalid value: must be an object")
+        for field in ("resourceQuota", "namespaceDefaultResourceQuota"):
+            part = spec.get(field) or {}
+            if not isinstance(part, dict):
+                raise invalid(PROJECT, name, f"spec.{field}", "Invalid value: must be an object")
+            _parse_hard(PROJECT, name, part.get("hard"), f"spec.{field}.hard")
+        hard = accounting.hard_of(PROJECT, obj)
+        default = _parse_hard(PROJECT, name, (spec.get("namespaceDefaultResourceQuota") or {}).get("hard"),
+                              "spec.namespaceDefaultResourceQuota.hard")
+        _, above = r.less_than_or_equal(r.mask(default, hard), hard)
+        if above:
+            raise invalid(PROJECT, name, "spec.namespaceDefaultResourceQuota.hard",
+                          f"Invalid value: {r.describe(default, above)} is above the project's limit "
+                          f"{r.describe(hard, above)}")
+        if old is not None:
+            problem = _below_used(f"project/{name}", hard, accounting.project_usage(txn, name))
+            if problem:
+                raise errors.Forbidden(f'{PROJECT.resource} "{name}" is forbidden: {problem}')
+
+    def after_write(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        accounting.refresh(txn, PROJECT, obj)
+
+    def delete(self, txn: Transaction, obj: Obj) -> Obj:
+        name = obj["metadata"]["name"]
+        members = accounting.members(txn, name)
+        if members:
+            raise errors.Conflict(f'{PROJECT.resource} "{name}" still has namespaces: {", ".join(members)}; '
+                                  f"move or delete them first")
+        return super().delete(txn, obj)
+
+
+class _NamespaceRules(_Rules):
+    kind = NAMESPACE
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        project = objects.labels(obj).get(objects.PROJECT_LABEL)
+        if project is not None and txn.get(PROJECT, "", project) is None:
+            raise invalid(NAMESPACE, name, f"metadata.labels[{objects.PROJECT_LABEL}]",
+                          f"Not found: project {objects.quote(project)} does not exist")
+        obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+        obj.setdefault("status", {})["phase"] = "Active"
+
+    def after_write(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        before = objects.labels(old).get(objects.PROJECT_LABEL) if old else None
+        after = objects.labels(obj).get(objects.PROJECT_LABEL)
+        if before == after:
+            return
+        self._join(txn, name, after)
+        for project in (before, after):
+            if project:
+                project_obj = txn.get(PROJECT, "", project)
+                if project_obj is not None:
+                    accounting.refresh(txn, PROJECT, project_obj)
+
+    def _join(self, txn: Transaction, namespace: str, project: str | None) -> None:
+        """A namespace joins only if its usage fits the project's room, and its quotas fit its limits."""
+        if project is None:
+            return
+        project_obj = txn.get(PROJECT, "", project)
+        assert project_obj is not None  # validate checked it exists
+        used = accounting.namespace_usage(txn, namespace)
+        # The project's stored used does not count this namespace yet: its label was only just written.
+        room = accounting.quota_of(PROJECT, project_obj)
+        message = accounting.refusal(room, used)
+        if message:
+            raise errors.QuotaExceeded(f'namespaces "{namespace}" cannot join project "{project}": {message}',
+                                       quota=room.display)
+        for quota in txn.list(RESOURCE_QUOTA, namespace):
+            _check_under_project(txn, quota, namespace)
+        default = (project_obj.get("spec") or {}).get("namespaceDefaultResourceQuota") or {}
+        if default.get("hard") and txn.get(RESOURCE_QUOTA, namespace, objects.DEFAULT_QUOTA_NAME) is None:
+            default_hard = r.parse(default["hard"], field="hard")
+            problem = _below_used(f"quota {objects.DEFAULT_QUOTA_NAME}", default_hard, used)
+            if problem:
+                raise errors.Forbidden(f'namespaces "{namespace}" cannot join project "{project}": the project\'s '
+                                       f"default quota does not fit: {problem}")
+            quota = txn.create(RESOURCE_QUOTA, {
+                "metadata": {"name": objects.DEFAULT_QUOTA_NAME, "namespace": namespace,
+                             "labels": {objects.PROJECT_LABEL: project}},
+                "spec": {"hard": copy.deepcopy(default["hard"])},
+            })
+            accounting.refresh(txn, RESOURCE_QUOTA, quota)
+
+    def delete(self, txn: Transaction, obj: Obj) -> Obj:
+        name = obj["metadata"]["name"]
+        vms = [n for _, n in txn.names(VIRTUAL_MACHINE, name)]
+        if vms:
+            raise errors.Conflict(f'namespaces "{name}" still has virtual machines: {", ".join(vms)}; '
+                                  f"delete them first")
+        for kind in (RESOURCE_QUOTA, VIRTUAL_MACHINE_CLONE, EVENT):
+            for _, item in txn.names(kind, name):
+                txn.delete(kind, name, item)
+        txn.delete(NAMESPACE, "", name)
+        project = objects.labels(obj).get(objects.PROJECT_LABEL)
+        project_obj = txn.get(PROJECT, "", project) if project else None
+        if project_obj is not None:
+            accounting.refresh(txn, PROJECT, project_obj)
+        return obj
+
+
+def _check_under_project(reader: Reader, quota: Obj, namespace: str) -> None:
+    """A namespace quota may not allow more than its project for the same resource."""
+    project = accounting.project_of(reader, namespace)
+    project_obj = reader.get(PROJECT, "", project) if project else None
+    if project_obj is None:
+        return
+    project_hard = accounting.hard_of(PROJECT, project_obj)
+    hard = accounting.hard_of(RESOURCE_QUOTA, quota)
+    _, above = r.less_than_or_equal(r.mask(hard, project_hard), project_hard)
+    if above:
+        name = quota["metadata"]["name"]
+        raise invalid(RESOURCE_QUOTA, name, "spec.hard",
+                      f"Invalid value: {r.describe(hard, above)} is above the limit of project/{project}: "
+                      f"{r.describe(project_hard, above)}")
+
+
+class _QuotaRules(_Rules):
+    kind = RESOURCE_QUOTA
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        spec = obj.get("spec")
+        if spec is not None and not isinstance(spec, dict):
+            raise invalid(RESOURCE_QUOTA, name, "spec", "Invalid value: must be an object")
+        hard = _parse_hard(RESOURCE_QUOTA, name, (spec or {}).get("hard"), "spec.hard")
+        _check_under_project(txn, obj, namespace)
+        problem = _below_used(f"quota {name}", hard, accounting.namespace_usage(txn, namespace))
+        if problem:
+            raise errors.Forbidden(f'{RESOURCE_QUOTA.resource} "{name}" is forbidden: {problem}')
+
+    def after_write(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        accounting.refresh(txn, RESOURCE_QUOTA, obj)
+
+
+class _VMRules(_Rules):
+    kind = VIRTUAL_MACHINE
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        try:
+            vmspec.read(obj)
+        except vmspec.FieldError as e:
+            raise invalid(VIRTUAL_MACHINE, obj["metadata"]["name"], e.path, e.message) from e
+        if old is not None and old["metadata"].get("deletionTimestamp"):
+            raise errors.Conflict(f'{VIRTUAL_MACHINE.resource} "{obj["metadata"]["name"]}" is being deleted')
+
+    def before_create(self, txn: Transaction, obj: Obj) -> None:
+        self.api.controller.admit_new(txn, obj)
+
+    def before_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
+        self.api.controller.admit_update(txn, old, new)
+
+    def delete(self, txn: Transaction, obj: Obj) -> Obj:
+        self.api.controller.request_delete(txn, obj)
+        return txn.update(VIRTUAL_MACHINE, obj)  # gone once the controller has removed domain and disks
+
+
+class _CloneRules(_Rules):
+    kind = VIRTUAL_MACHINE_CLONE
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        if old is not None:
+            raise errors.MethodNotAllowed("a VirtualMachineClone cannot be changed; create a new one")
+        spec = obj.get("spec")
+        if not isinstance(spec, dict):
+            raise invalid(VIRTUAL_MACHINE_CLONE, name, "spec", "Required value")
+        for side in ("source", "target"):
+            ref = spec.get(side)
+            if not isinstance(ref, dict):
+                raise invalid(VIRTUAL_MACHINE_CLONE, name, f"spec.{side}", "Required value")
+            if ref.get("kind", "VirtualMachine") != "VirtualMachine":
+                raise invalid(VIRTUAL_MACHINE_CLONE, name, f"spec.{side}.kind",
+                              f'Unsupported value: {objects.quote(ref.get("kind"))}: supported values: "VirtualMachine"')
+            problem = objects.name_problem(ref.get("name"))
+            if problem:
+                raise invalid(VIRTUAL_MACHINE_CLONE, name, f"spec.{side}.name",
+                              f"Invalid value: {objects.quote(ref.get('name'))}: {problem}")
+
+    def before_create(self, txn: Transaction, obj: Obj) -> None:
+        """Create the target VM (stopped), admitted for its count and storage, in the same transaction."""
+        namespace = obj["metadata"]["namespace"]
+        source_name, target_name = obj["spec"]["source"]["name"], obj["spec"]["target"]["name"]
+        source = txn.get(VIRTUAL_MACHINE, namespace, source_name)
+        if source is None or source["metadata"].get("deletionTimestamp"):
+            raise invalid(VIRTUAL_MACHINE_CLONE, obj["metadata"]["name"], "spec.source.name",
+                          f"Not found: {objects.quote(source_name)}")
+        if txn.get(VIRTUAL_MACHINE, namespace, target_name) is not None:
+            raise errors.AlreadyExists(f'{VIRTUAL_MACHINE.resource} "{target_name}" already exists')
+        target = clone_vm(source, target_name)
+        target["metadata"].setdefault("annotations", {})[CLONE_SOURCE_ANNOTATION] = (
+            f"{namespace}/{source_name}/{source['metadata']['uid']}")
+        self.api.rules[VIRTUAL_MACHINE.kind].validate(txn, target, None)
+        self.api.controller.admit_new(txn, target)
+        txn.create(VIRTUAL_MACHINE, target)
+        obj["status"] = {"phase": "Succeeded", "targetName": target_name,
+                         "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded",
+                                         "message": "the target VM exists; its disks are copied before it "
+                                                    "first starts"}]}
+
+
+def clone_vm(source: Obj, target_name: str) -> Obj:
+    """A stopped copy of `source` named `target_name`, with its own data volumes (renamed) to be copied."""
+    spec = copy.deepcopy(source.get("spec", {}))
+    source_name = source["metadata"]["name"]
+    renames: dict[str, str] = {}
+    for template in spec.get("dataVolumeTemplates") or []:
+        old = template["metadata"]["name"]
+        new = target_name + old[len(source_name):] if old.startswith(source_name) else f"{target_name}-{old}"
+        if len(new) > 63:
+            new = f"{target_name[:40]}-{objects.new_uid()[:8]}"
+        renames[old] = new
+        template["metadata"]["name"] = new
+    for volume in ((spec.get("template") or {}).get("spec") or {}).get("volumes") or []:
+        dv = volume.get("dataVolume") if isinstance(volume, dict) else None
+        if isinstance(dv, dict) and dv.get("name") in renames:
+            dv["name"] = renames[dv["name"]]
+    if "running" in spec:
+        spec["running"] = False
+    else:
+        spec["runStrategy"] = "Halted"
+    metadata = source["metadata"]
+    annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if not k.startswith("vmquota.io/")}
+    annotations[CLONE_DISKS_ANNOTATION] = ",".join(f"{new}={old}" for old, new in renames.items())
+    return {
+        "apiVersion": VIRTUAL_MACHINE.api_version, "kind": VIRTUAL_MACHINE.kind,
+        "metadata": {"name": target_name, "namespace": metadata["namespace"],
+                     "labels": copy.deepcopy(metadata.get("labels") or {}), "annotations": annotations},
+        "spec": spec,
+    }
+
+
+class _EventRules(_Rules):
+    kind = EVENT
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        raise errors.MethodNotAllowed("events are written by vmquota only")
+
+    def delete(self, txn: Transaction, obj: Obj) -> Obj:
+        raise errors.MethodNotAllowed("events are written by vmquota only")

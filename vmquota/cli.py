@@ -1,0 +1,379 @@
+"""The `vmquota` command: `serve`, and kubectl-like client commands against a running server.
+
+Top layer. Exit codes: 0 success; 1 the server refused or failed (its message on
+stderr); 2 bad usage or no server to talk to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from vmquota import errors, objects, printers
+from vmquota.client import Client, ClientError, Unreachable, action_path, collection_path, object_path
+from vmquota.usage import OverheadModel
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+RESOURCE_NAMES = {
+    "projects": objects.PROJECT, "project": objects.PROJECT,
+    "namespaces": objects.NAMESPACE, "namespace": objects.NAMESPACE, "ns": objects.NAMESPACE,
+    "quotas": objects.RESOURCE_QUOTA, "quota": objects.RESOURCE_QUOTA, "resourcequotas": objects.RESOURCE_QUOTA,
+    "resourcequota": objects.RESOURCE_QUOTA,
+    "vms": objects.VIRTUAL_MACHINE, "vm": objects.VIRTUAL_MACHINE, "virtualmachines": objects.VIRTUAL_MACHINE,
+    "virtualmachine": objects.VIRTUAL_MACHINE,
+    "events": objects.EVENT, "event": objects.EVENT,
+    "clones": objects.VIRTUAL_MACHINE_CLONE, "virtualmachineclones": objects.VIRTUAL_MACHINE_CLONE,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class Refused(Exception):
+    pass
+
+
+def _kind(word: str, allowed: tuple[str, ...] | None = None) -> objects.Kind:
+    kind = RESOURCE_NAMES.get(word)
+    if kind is None or (allowed and word not in allowed):
+        choices = ", ".join(allowed) if allowed else "projects, namespaces, quotas, vms, events"
+        raise UsageError(f"unknown resource type {word!r}; use one of: {choices}")
+    return kind
+
+
+def _display(kind: objects.Kind) -> str:
+    """kubectl's `virtualmachine.kubevirt.io`, `resourcequota`."""
+    return f"{kind.kind.lower()}.{kind.group}" if kind.group else kind.kind.lower()
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vmquota.app import App, default_data_dir  # the server side is imported only to serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen takes HOST:PORT, got {args.listen!r}")
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    try:
+        app = App.open(data_dir=data_dir, hypervisor_uri=args.hypervisor, host=host.strip("[]"), port=int(port),
+                       overhead=OverheadModel(args.memory_overhead), resync_interval=args.resync_interval)
+    except errors.HypervisorUnavailable as e:
+        print(f"vmquota: {e}\nvmquota: is libvirtd running? `make run` starts it (scripts/libvirtd-up.sh); "
+              f"`--hypervisor test:///default` runs on libvirt's simulated host.", file=sys.stderr)
+        return EXIT_REFUSED
+    except (errors.VmquotaError, OSError) as e:
+        print(f"vmquota: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"vmquota serving on {app.url} (hypervisor {args.hypervisor}, domains of type "
+          f"{app.hypervisor.domain_type}, data in {data_dir}, memory overhead {args.memory_overhead})",
+          file=sys.stderr, flush=True)
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        app.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return EXIT_OK
+
+
+# -- client commands -------------------------------------------------------------------------------
+
+def _output(obj: Any, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(obj, indent=2))
+    else:
+        print(yaml.safe_dump(obj, sort_keys=False, default_flow_style=False), end="")
+
+
+def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    kind = _kind(args.resource)
+    namespace = None if args.all_namespaces else args.namespace
+    if args.name:
+        obj = client.get(object_path(kind, namespace, args.name))
+        items = [obj]
+    else:
+        obj = client.get(collection_path(kind, namespace))
+        items = obj["items"]
+        if kind is objects.EVENT:
+            items.sort(key=lambda e: int(e["metadata"].get("resourceVersion", 0)))
+    if args.output in ("json", "yaml"):
+        _output(obj, args.output)
+    else:
+        print(printers.render_table(kind.kind, items, all_namespaces=args.all_namespaces and kind.namespaced))
+    return EXIT_OK
+
+
+def _events_for(client: Client, namespace: str, name: str) -> list[dict[str, Any]]:
+    events = client.get(collection_path(objects.EVENT, namespace))["items"]
+    events = [e for e in events if (e.get("involvedObject") or {}).get("name") == name]
+    return sorted(events, key=lambda e: int(e["metadata"].get("resourceVersion", 0)))
+
+
+def cmd_describe(client: Client, args: argparse.Namespace) -> int:
+    kind = _kind(args.resource, ("project", "projects", "quota", "quotas", "resourcequota", "vm", "vms",
+                                 "virtualmachine"))
+    if kind is objects.VIRTUAL_MACHINE:
+        vm = client.get(object_path(kind, args.namespace, args.name))
+        charge = client.get(f"/apis/vmquota.io/v1/namespaces/{args.namespace}/charges/{args.name}")
+        print(printers.describe_vm(vm, charge, _events_for(client, args.namespace, args.name)))
+    elif kind is objects.RESOURCE_QUOTA:
+        quota = client.get(object_path(kind, args.namespace, args.name))
+        charges = client.get(f"/apis/vmquota.io/v1/namespaces/{args.namespace}/charges")["items"]
+        print(printers.describe_quota(quota, charges))
+    else:
+        project = client.get(object_path(kind, None, args.name))
+        print(printers.describe_project(project, client.get(f"/apis/vmquota.io/v1/projects/{args.name}/usage")))
+    return EXIT_OK
+
+
+def _documents(path: str) -> list[dict[str, Any]]:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path} is not valid YAML or JSON: {str(e).splitlines()[0]}") from e
+    flat: list[dict[str, Any]] = []
+    for doc in docs:
+        if not isinstance(doc, dict):
+            raise UsageError(f"{path}: every document must be an object with apiVersion and kind")
+        flat.extend(doc.get("items") or [] if str(doc.get("kind", "")).endswith("List") else [doc])
+    return flat
+
+
+def cmd_apply(client: Client, args: argparse.Namespace) -> int:
+    docs = _documents(args.filename)
+    by_kind = {(k.api_version, k.kind): k for k in objects.KINDS}
+    for doc in docs:
+        kind = by_kind.get((doc.get("apiVersion"), doc.get("kind")))
+        if kind is None or kind is objects.EVENT:
+            raise UsageError(f"cannot apply {doc.get('apiVersion')}/{doc.get('kind')}: unknown kind")
+    failed = False
+    for doc in docs:
+        kind = by_kind[(doc["apiVersion"], doc["kind"])]
+        meta = doc.setdefault("metadata", {}) if isinstance(doc.get("metadata"), dict | type(None)) else {}
+        namespace = meta.get("namespace") or args.namespace if kind.namespaced else None
+        name = meta.get("name", "")
+        label = f"{_display(kind)}/{name}"
+        try:
+            try:
+                client.post(collection_path(kind, namespace), doc)
+                print(f"{label} created")
+            except ClientError as e:
+                if e.reason != "AlreadyExists" or kind is objects.VIRTUAL_MACHINE_CLONE:
+                    raise
+                current = client.get(object_path(kind, namespace, name))
+                doc["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                updated = client.put(object_path(kind, namespace, name), doc)
+                same = updated["metadata"]["resourceVersion"] == current["metadata"]["resourceVersion"]
+                print(f"{label} {'unchanged' if same else 'configured'}")
+        except ClientError as e:
+            print(f"Error from server ({e.reason}): {e.message}", file=sys.stderr)
+            failed = True
+    return EXIT_REFUSED if failed else EXIT_OK
+
+
+def cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    kind = _kind(args.resource, ("project", "projects", "namespace", "namespaces", "ns", "quota", "quotas",
+                                 "resourcequota", "vm", "vms", "virtualmachine"))
+    namespace = args.namespace if kind.namespaced else None
+    client.delete(object_path(kind, namespace, args.name))
+    if kind is objects.VIRTUAL_MACHINE and not args.no_wait:
+        _wait(lambda: _gone(client, object_path(kind, namespace, args.name)), args.timeout,
+              f"{args.name} to be deleted")
+    print(f'{_display(kind)} "{args.name}" deleted')
+    return EXIT_OK
+
+
+def _gone(client: Client, path: str) -> bool:
+    try:
+        client.get(path)
+    except ClientError as e:
+        if e.code == 404:
+            return True
+        raise
+    return False
+
+
+def _wait(done: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise Refused(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _failure(vm: dict[str, Any]) -> str | None:
+    status = vm.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Failure" and condition.get("status") == "True":
+            return f"{condition.get('reason')}: {condition.get('message')}"
+    return None
+
+
+def wait_for_phase(client: Client, namespace: str, name: str, wanted: str, timeout: float) -> None:
+    """Until the VM shows `wanted`; Refused with the reason if it fails instead."""
+    path = object_path(objects.VIRTUAL_MACHINE, namespace, name)
+
+    def reached() -> bool:
+        vm = client.get(path)
+        printable = (vm.get("status") or {}).get("printableStatus")
+        if printable == wanted:
+            return True
+        failure = _failure(vm)
+        if wanted == "Running" and failure and printable in ("Stopped", "ErrorUnschedulable", "CrashLoopBackOff"):
+            raise Refused(f"{namespace}/{name} did not start: {failure}")
+        return False
+
+    _wait(reached, timeout, f"{namespace}/{name} to be {wanted}")
+
+
+def cmd_lifecycle(client: Client, args: argparse.Namespace) -> int:
+    body = {"gracePeriod": args.grace_period} if getattr(args, "grace_period", None) is not None else None
+    client.put(action_path(args.namespace, args.vm, args.command), body)
+    if args.wait:
+        wait_for_phase(client, args.namespace, args.vm, "Stopped" if args.command == "stop" else "Running",
+                       args.timeout)
+    print(f"VM {args.vm} was scheduled to {args.command}" if not args.wait else
+          f"VM {args.vm} is {'stopped' if args.command == 'stop' else 'running'}")
+    return EXIT_OK
+
+
+def cmd_clone(client: Client, args: argparse.Namespace) -> int:
+    clone_name = f"clone-{args.target}"[:56] + "-" + format(int(time.time() * 1000) % 16**6, "06x")
+    client.post(collection_path(objects.VIRTUAL_MACHINE_CLONE, args.namespace), {
+        "apiVersion": objects.VIRTUAL_MACHINE_CLONE.api_version, "kind": objects.VIRTUAL_MACHINE_CLONE.kind,
+        "metadata": {"name": clone_name},
+        "spec": {"source": {"kind": "VirtualMachine", "name": args.source},
+                 "target": {"kind": "VirtualMachine", "name": args.target}},
+    })
+    if args.start:
+        client.put(action_path(args.namespace, args.target, "start"))
+    if args.wait:
+        path = object_path(objects.VIRTUAL_MACHINE, args.namespace, args.target)
+
+        def disks_ready() -> bool:
+            vm = client.get(path)
+            conditions = (vm.get("status") or {}).get("conditions") or []
+            return any(c.get("type") == "DataVolumesReady" and c.get("status") == "True" for c in conditions)
+
+        _wait(disks_ready, args.timeout, f"the disks of {args.target} to be copied")
+        if args.start:
+            wait_for_phase(client, args.namespace, args.target, "Running", args.timeout)
+    print(f"virtualmachine.kubevirt.io/{args.target} cloned from {args.source}" + (" and started" if args.start else ""))
+    return EXIT_OK
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vmquota", description="VMs on KVM under quotas that count only what runs.")
+    top.add_argument("--server", help="the server URL (default: $VMQUOTA_SERVER, else http://127.0.0.1:8686)")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--data-dir", help="where the store and disks live (default: $XDG_DATA_HOME/vmquota)")
+    serve.add_argument("--hypervisor", default="qemu:///system", help="libvirt URI (test:///default for demos)")
+    serve.add_argument("--listen", default="127.0.0.1:8686", help="HOST:PORT (default 127.0.0.1:8686)")
+    serve.add_argument("--memory-overhead", default="none", choices=[m.value for m in OverheadModel],
+                       help="memory charged on top of the guest's: none (default) or kubevirt")
+    serve.add_argument("--resync-interval", type=float, default=30.0,
+                       help="seconds between full recounts from the hypervisor (default 30)")
+
+    def namespaced(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-n", "--namespace", default="default")
+
+    get = sub.add_parser("get", help="list or show objects")
+    get.add_argument("resource")
+    get.add_argument("name", nargs="?")
+    namespaced(get)
+    get.add_argument("-A", "--all-namespaces", action="store_true")
+    get.add_argument("-o", "--output", default="table", choices=["table", "json", "yaml"])
+
+    describe = sub.add_parser("describe", help="show an object with its usage and events")
+    describe.add_argument("resource")
+    describe.add_argument("name")
+    namespaced(describe)
+
+    apply = sub.add_parser("apply", help="create or update objects from YAML or JSON")
+    apply.add_argument("-f", "--filename", required=True, help="a file, or - for standard input")
+    namespaced(apply)
+
+    delete = sub.add_parser("delete", help="delete an object (a VM: stops it and removes its disks)")
+    delete.add_argument("resource")
+    delete.add_argument("name")
+    namespaced(delete)
+    delete.add_argument("--no-wait", action="store_true", help="do not wait until a VM is gone")
+    delete.add_argument("--timeout", type=float, default=300)
+
+    for action in ("start", "stop", "restart"):
+        p = sub.add_parser(action, help=f"{action} a VM")
+        p.add_argument("vm")
+        namespaced(p)
+        p.add_argument("--wait", action="store_true", help="return once the VM is there, or fail with the reason")
+        p.add_argument("--timeout", type=float, default=300)
+        if action == "stop":
+            p.add_argument("--grace-period", type=int, help="seconds to wait for the guest before forcing it off")
+
+    clone = sub.add_parser("clone", help="clone a VM with copies of its disks")
+    clone.add_argument("source")
+    clone.add_argument("target")
+    namespaced(clone)
+    clone.add_argument("--start", action="store_true")
+    clone.add_argument("--wait", action="store_true")
+    clone.add_argument("--timeout", type=float, default=600)
+    return top
+
+
+COMMANDS = {"get": cmd_get, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
+            "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone}
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return EXIT_OK if e.code == 0 else EXIT_USAGE
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        client = Client(args.server)
+        try:
+            return COMMANDS[args.command](client, args)
+        finally:
+            client.close()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unreachable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClientError as e:
+        print(f"Error from server ({e.reason or 'Failure'}): {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED

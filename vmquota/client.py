@@ -1,0 +1,104 @@
+"""A small HTTP client for the vmquota API, used by the CLI and the tests.
+
+Top layer. Errors come back as `ClientError` carrying the server's Status
+(message, reason, code), or as `Unreachable` when no server answers.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_SERVER = "http://127.0.0.1:8686"
+
+
+class ClientError(Exception):
+    def __init__(self, status: dict[str, Any]) -> None:
+        super().__init__(status.get("message", "request failed"))
+        self.status = status
+        self.code = int(status.get("code", 0) or 0)
+        self.reason = str(status.get("reason", ""))
+        self.message = str(status.get("message", ""))
+
+
+class Unreachable(Exception):
+    pass
+
+
+def server_url(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("VMQUOTA_SERVER") or DEFAULT_SERVER
+
+
+class Client:
+    def __init__(self, url: str | None = None, *, timeout: float = 60.0) -> None:
+        self.url = server_url(url)
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise Unreachable(f"the server URL must look like http://HOST:PORT, got {self.url!r}")
+        self._host, self._port = parts.hostname, parts.port or 80
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                content_type: str = "application/json") -> Any:
+        payload = None if body is None else json.dumps(body).encode()
+        for attempt in (1, 2):  # a kept-alive connection the server closed is retried once
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            try:
+                headers = {"Content-Type": content_type} if payload is not None else {}
+                self._conn.request(method, path, body=payload, headers=headers)
+                response = self._conn.getresponse()
+                data = response.read()
+                break
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
+                self.close()
+                if attempt == 2 or isinstance(e, ConnectionRefusedError | TimeoutError):
+                    raise Unreachable(f"cannot reach the vmquota server at {self.url}: {e}") from e
+        try:
+            decoded = json.loads(data) if data else None
+        except ValueError:
+            decoded = data.decode(errors="replace")
+        if response.status >= 400:
+            if isinstance(decoded, dict) and decoded.get("kind") == "Status":
+                raise ClientError(decoded)
+            raise ClientError({"code": response.status, "message": str(decoded), "reason": response.reason})
+        return decoded
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body)
+
+    def put(self, path: str, body: Any = None) -> Any:
+        return self.request("PUT", path, body)
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self.request("PATCH", path, body, content_type="application/merge-patch+json")
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def collection_path(kind: Any, namespace: str | None) -> str:
+    base = f"/apis/{kind.group}/{kind.version}" if kind.group else "/api/v1"
+    if kind.namespaced and namespace is not None:
+        return f"{base}/namespaces/{namespace}/{kind.plural}"
+    return f"{base}/{kind.plural}"
+
+
+def object_path(kind: Any, namespace: str | None, name: str) -> str:
+    return f"{collection_path(kind, namespace)}/{name}"
+
+
+def action_path(namespace: str, name: str, action: str) -> str:
+    return f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachines/{name}/{action}"

@@ -1,0 +1,561 @@
+"""The VM controller: turns requests and hypervisor events into domain actions and charges.
+
+Middle layer, between the API (`api.py`, above) and the store, hypervisor and disks
+(below). Two halves:
+
+* Requests (`admit_new`, `request_start`, `request_stop`, `request_restart`,
+  `request_delete`, `admit_update`) run inside the caller's store transaction. They
+  decide the new phase, change the charge through `accounting.set_charge` (admitted
+  when it rises) and queue the VM. A refused request raises and changes nothing.
+* `reconcile(key)` runs on worker threads, one VM at a time, level-triggered: it
+  compares the VM's phase with what the hypervisor reports and acts (create disks,
+  start or stop the domain, release the charge once the domain is confirmed off,
+  restart by the run strategy). libvirt lifecycle events and the periodic `resync`
+  only queue VMs; all decisions are made here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmquota import accounting, domainxml, errors, objects, usage, vmspec, vmstatus
+from vmquota.disks import Disks
+from vmquota.hypervisor import ABSENT, ExitCause, Hypervisor, Observed
+from vmquota.objects import VIRTUAL_MACHINE as VM
+from vmquota.objects import Obj
+from vmquota.store import Store, Transaction
+from vmquota.usage import OverheadModel
+from vmquota.vmspec import RunStrategy, VMSpec
+from vmquota.vmstatus import Phase
+from vmquota.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+CLONE_SOURCE_ANNOTATION = "vmquota.io/clone-source"  # "<namespace>/<name>/<uid>" of the VM whose disks to copy
+UNSCHEDULABLE_RETRY_SECONDS = 5.0  # how soon a refused automatic start is tried again
+CRASH_RESET_SECONDS = 60.0  # a VM that ran this long before failing starts a fresh back-off
+MAX_BACKOFF_SECONDS = 300.0
+LIVE_COPY_TIMEOUT_SECONDS = 3600.0
+
+
+def subject(namespace: str, name: str) -> str:
+    return f'{VM.resource} "{name}"'
+
+
+def phase_of(vm: Obj) -> Phase:
+    try:
+        return Phase((vm.get("status") or {}).get("printableStatus", Phase.STOPPED.value))
+    except ValueError:
+        return Phase.STOPPED  # "Terminating" is shown for deletion; the runtime phase is kept apart
+    
+
+def _runtime_phase(vm: Obj) -> Phase:
+    value = (vm.get("status") or {}).get("phase")  # internal: printableStatus may say Terminating
+    return Phase(value) if value else phase_of(vm)
+
+
+def deleting(vm: Obj) -> bool:
+    return bool(objects.meta(vm).get("deletionTimestamp"))
+
+
+def last_exit(vm: Obj) -> str | None:
+    return (vm.get("status") or {}).get("lastExit")
+
+
+def wants_running(spec: VMSpec, vm: Obj) -> bool:
+    """Whether the run strategy asks for a runtime now (KubeVirt's meaning of each strategy)."""
+    exit_reason = last_exit(vm)
+    match spec.run_strategy:
+        case RunStrategy.ALWAYS:
+            return True
+        case RunStrategy.RERUN_ON_FAILURE:
+            return exit_reason != ExitCause.GUEST_SHUTDOWN.value
+        case RunStrategy.ONCE:
+            return exit_reason is None
+        case _:
+            return False
+
+
+class Controller:
+    def __init__(self, *, store: Store, hypervisor: Hypervisor, disks: Disks,
+                 overhead: OverheadModel = OverheadModel.NONE, resync_interval: float = 30.0,
+                 workers: int = 4, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.hypervisor = hypervisor
+        self.disks = disks
+        self.overhead = overhead
+        self.resync_interval = resync_interval
+        self.clock = clock
+        self.queue: WorkQueue[Key] = WorkQueue(clock=time.monotonic)
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
+        self._stop_deadlines: dict[Key, float] = {}  # when a stop stops waiting for the guest
+        self._grace_overrides: dict[Key, int] = {}  # gracePeriod given with a stop request
+        self._stopping = threading.Event()
+
+    # -- life of the controller -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Connect to the hypervisor's events, recount once, then work until `shutdown`."""
+        self.hypervisor.connect(on_event=lambda ns, name: self.queue.add((ns, name)),
+                                on_reconnect=self.resync)
+        for i in range(self._workers):
+            thread = threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.resync()
+        resync = threading.Thread(target=self._resync_loop, name="resync", daemon=True)
+        resync.start()
+        self._threads.append(resync)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self.queue.close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _work(self) -> None:
+        while (key := self.queue.get()) is not None:
+            try:
+                self.reconcile(key)
+            except errors.HypervisorUnavailable as e:
+                log.warning("%s/%s: %s; trying again later", *key, e)
+                self.queue.add(key, after=2.0)
+            except Exception:
+                log.exception("reconciling %s/%s", *key)
+                self.queue.add(key, after=5.0)
+            finally:
+                self.queue.done(key)
+
+    def _resync_loop(self) -> None:
+        while not self._stopping.wait(self.resync_interval):
+            try:
+                self.resync()
+            except errors.HypervisorUnavailable as e:
+                log.warning("recount postponed: %s", e)
+            except Exception:
+                log.exception("recount failed")
+
+    # -- requests: run inside the caller's transaction ------------------------------------------
+
+    def charge_of(self, vm: Obj, spec: VMSpec | None = None, phase: Phase | None = None) -> dict[str, Any]:
+        spec = spec or vmspec.read(vm)
+        return usage.charge(spec, phase or _runtime_phase(vm), self.overhead)
+
+    def admit_new(self, txn: Transaction, vm: Obj) -> None:
+        """A new VM: charge count and storage, and compute too when its strategy starts it."""
+        spec = vmspec.read(vm)
+        phase = Phase.STARTING if wants_running(spec, vm) else Phase.STOPPED
+        self._transition(txn, vm, phase, spec=spec, enforce=True)
+
+    def admit_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
+        """A changed spec: charge only the difference, admitted when it rises (a resize)."""
+        old_disks = {d.name: d.size for d in vmspec.read(old).disks}
+        spec = vmspec.read(new)
+        for disk in spec.disks:
+            if disk.name in old_disks and disk.size < old_disks[disk.name]:
+                raise errors.Invalid(f'{VM.qualified_kind} "{new["metadata"]["name"]}" is invalid: '
+                                     f"spec.dataVolumeTemplates: Forbidden: disk {disk.name} cannot shrink")
+        missing = sorted(set(old_disks) - {d.name for d in spec.disks})
+        if missing:
+            raise errors.Invalid(f'{VM.qualified_kind} "{new["metadata"]["name"]}" is invalid: '
+                                 f"spec.dataVolumeTemplates: Forbidden: disks cannot be removed: {', '.join(missing)}")
+        ns, name = _key(new)
+        accounting.set_charge(txn, ns, name, usage.charge(spec, _runtime_phase(old), self.overhead),
+                              enforce=True, subject=subject(ns, name))
+        txn.after_commit(lambda: self.queue.add((ns, name)))  # a strategy change may start or stop it
+
+    def request_start(self, txn: Transaction, vm: Obj) -> None:
+        phase = _runtime_phase(vm)
+        if deleting(vm):
+            raise errors.Conflict("VM is being deleted")
+        if usage.holds_runtime(phase):
+            raise errors.Conflict("VM is already running")
+        spec = vmspec.read(vm)
+        self._set_strategy(vm, spec, running=True)
+        status = vm.setdefault("status", {})
+        status.pop("lastExit", None)
+        status.pop("startFailure", None)
+        self._transition(txn, vm, Phase.STARTING, enforce=True)
+        self.record(txn, vm, "Normal", "StartRequested", "start admitted")
+
+    def request_stop(self, txn: Transaction, vm: Obj, grace_seconds: int | None = None) -> None:
+        phase = _runtime_phase(vm)
+        spec = vmspec.read(vm)
+        if not usage.holds_runtime(phase) and phase not in (Phase.UNSCHEDULABLE, Phase.CRASH_LOOP):
+            if not wants_running(spec, vm):
+                raise errors.Conflict("VM is not running")
+        self._set_strategy(vm, spec, running=False)
+        key = _key(vm)
+        if grace_seconds is not None:
+            self._grace_overrides[key] = grace_seconds
+        status = vm.setdefault("status", {})
+        status.pop("stateChangeRequests", None)
+        status.pop("startFailure", None)
+        next_phase = Phase.STOPPING if usage.holds_runtime(phase) else Phase.STOPPED
+        self._transition(txn, vm, next_phase, enforce=False)
+        self.record(txn, vm, "Normal", "StopRequested", "stop requested")
+
+    def request_restart(self, txn: Transaction, vm: Obj) -> None:
+        if not usage.holds_runtime(_runtime_phase(vm)) or deleting(vm):
+            raise errors.Conflict("VM is not running")
+        # The charge is kept from stop to start: a VM never counts against itself.
+        vm.setdefault("status", {})["stateChangeRequests"] = [{"action": "Stop"}, {"action": "Start"}]
+        self._transition(txn, vm, Phase.STOPPING, enforce=False)
+        self.record(txn, vm, "Normal", "RestartRequested", "restart requested")
+
+    def request_delete(self, txn: Transaction, vm: Obj) -> None:
+        """Mark for deletion; the worker stops the domain, removes it and the disks, then the object."""
+        if not deleting(vm):
+            vm["metadata"]["deletionTimestamp"] = objects.now()
+            phase = _runtime_phase(vm)
+            vm.setdefault("status", {}).pop("stateChangeRequests", None)
+            self._transition(txn, vm, Phase.STOPPING if usage.holds_runtime(phase) else phase, enforce=False)
+            self.record(txn, vm, "Normal", "Deleting", "deletion requested")
+
+    def _set_strategy(self, vm: Obj, spec: VMSpec, *, running: bool) -> None:
+        """start/stop change the strategy as KubeVirt's subresources do; Manual stays Manual."""
+        if spec.uses_running_field:
+            vm["spec"]["running"] = running
+        elif running and spec.run_strategy is RunStrategy.HALTED:
+            vm["spec"]["runStrategy"] = RunStrategy.ALWAYS.value
+        elif not running and spec.run_strategy in (RunStrategy.ALWAYS, RunStrategy.RERUN_ON_FAILURE, RunStrategy.ONCE):
+            vm["spec"]["runStrategy"] = RunStrategy.HALTED.value
+
+    # -- the one place a VM changes phase --------------------------------------------------------
+
+    def _transition(self, txn: Transaction, vm: Obj, phase: Phase, *, spec: VMSpec | None = None,
+                    enforce: bool, reason: str = "", message: str = "") -> None:
+        """Set the phase, charge what that phase costs (admitted if `enforce` and it rises), queue the VM.
+
+        The caller writes the VM, in the same transaction.
+        """
+        ns, name = _key(vm)
+        spec = spec or vmspec.read(vm)
+        accounting.set_charge(txn, ns, name, usage.charge(spec, phase, self.overhead),
+                              enforce=enforce, subject=subject(ns, name))
+        status = vm.setdefault("status", {})
+        previous = status.get("phase")
+        status["phase"] = phase.value
+        kept = [c for c in status.get("conditions") or [] if c.get("type") == "DataVolumesReady"]
+        status.update(vmstatus.render(phase, reason=reason, message=message, timestamp=objects.now()))
+        status["conditions"] += kept
+        if deleting(vm):
+            status["printableStatus"] = "Terminating"
+        if phase is not Phase.STOPPING:
+            self._stop_deadlines.pop((ns, name), None)
+        if phase is Phase.RUNNING and previous != Phase.RUNNING.value:
+            status["runningSince"] = self.clock()
+        txn.after_commit(lambda: self.queue.add((ns, name)))
+
+    def record(self, txn: Transaction, vm: Obj, type_: str, reason: str, message: str) -> None:
+        """A Kubernetes Event about `vm`, in the same transaction as the change it reports."""
+        ns, name = _key(vm)
+        stamp = objects.now()
+        txn.create(objects.EVENT, {
+            "metadata": {"name": f"{name}.{objects.new_uid()[:13].replace('-', '')}", "namespace": ns},
+            "involvedObject": {"apiVersion": VM.api_version, "kind": VM.kind, "namespace": ns, "name": name,
+                               "uid": vm["metadata"].get("uid", "")},
+            "reason": reason, "message": message, "type": type_, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "vmquota"}, "reportingComponent": "vmquota",
+        })
+
+    # -- reconcile: worker threads ---------------------------------------------------------------
+
+    def reconcile(self, key: Key) -> None:
+        ns, name = key
+        vm = self.store.reader().get(VM, ns, name)
+        if vm is None:
+            return
+        uid = vm["metadata"]["uid"]
+        observed = self.hypervisor.observe(ns, name)
+        up = observed.up and observed.uid == uid
+        phase = _runtime_phase(vm)
+        spec = vmspec.read(vm)
+
+        if phase is Phase.STOPPING or (deleting(vm) and up):
+            self._reconcile_stopping(key, vm, spec, up)
+        elif deleting(vm):
+            self._finalize(key, vm)
+        elif phase is Phase.STARTING:
+            self._reconcile_starting(key, vm, spec, observed, up)
+        elif phase in (Phase.RUNNING, Phase.PAUSED):
+            self._reconcile_running(key, vm, spec, observed, up)
+        else:
+            self._reconcile_stopped(key, vm, spec, observed, up)
+
+    def _reconcile_starting(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
+        if not up:
+            try:
+                self._ensure_disks(vm, spec)
+                self.hypervisor.start(*key, vm["metadata"]["uid"], self._domain_xml(vm, spec))
+            except errors.HypervisorUnavailable:
+                raise
+            except errors.HypervisorError as e:
+                message = str(e)
+                self._update(key, lambda txn, vm: self._start_failed(txn, vm, message))
+                return
+            observed = self.hypervisor.observe(*key)
+            if not observed.up:
+                self.queue.add(key, after=0.5)  # the event will come; look again soon in case it does not
+                return
+        paused = observed.state.value == "paused"
+        self._update(key, lambda txn, vm: self._started(txn, vm, Phase.PAUSED if paused else Phase.RUNNING)
+                     if _runtime_phase(vm) is Phase.STARTING else None)
+
+    def _started(self, txn: Transaction, vm: Obj, phase: Phase) -> None:
+        self._transition(txn, vm, phase, enforce=False)
+        self.record(txn, vm, "Normal", "Started", "the domain is running")
+
+    def _start_failed(self, txn: Transaction, vm: Obj, message: str) -> None:
+        if _runtime_phase(vm) is not Phase.STARTING:
+            return
+        self._transition(txn, vm, Phase.STOPPED, enforce=False, reason="FailedCreate", message=message)
+        self.record(txn, vm, "Warning", "FailedCreate", message)
+
+    def _reconcile_stopping(self, key: Key, vm: Obj, spec: VMSpec, up: bool) -> None:
+        uid = vm["metadata"]["uid"]
+        if up:
+            now = time.monotonic()
+            deadline = self._stop_deadlines.get(key)
+            grace = self._grace_overrides.pop(key, spec.grace_seconds)
+            if deadline is None and grace > 0:
+                self.hypervisor.shutdown(*key, uid)
+                self._stop_deadlines[key] = now + grace
+                self.queue.add(key, after=grace)
+            elif deadline is None or now >= deadline:
+                self.hypervisor.destroy(*key, uid)
+            else:
+                self.queue.add(key, after=deadline - now)
+            return
+
+        def confirm_off(txn: Transaction, vm: Obj) -> None:
+            if _runtime_phase(vm) is not Phase.STOPPING:
+                return
+            status = vm.setdefault("status", {})
+            restart = {"action": "Start"} in status.pop("stateChangeRequests", []) and not deleting(vm)
+            if restart:
+                self._transition(txn, vm, Phase.STARTING, enforce=True)  # same charge unless the spec grew
+            else:
+                self._transition(txn, vm, Phase.STOPPED, enforce=False)
+                self.record(txn, vm, "Normal", "Stopped", "the domain is off")
+
+        self._update(key, confirm_off)
+
+    def _reconcile_running(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
+        if up:
+            phase = Phase.PAUSED if observed.state.value == "paused" else Phase.RUNNING
+            if phase is not _runtime_phase(vm):
+                self._update(key, lambda txn, vm: self._transition(txn, vm, phase, enforce=False))
+            elif spec.run_strategy is RunStrategy.HALTED:  # strategy edited to Halted: stop it
+                self._update(key, lambda txn, vm: self._transition(txn, vm, Phase.STOPPING, enforce=False))
+            return
+        cause = observed.cause if observed.uid == vm["metadata"]["uid"] else ExitCause.DESTROYED
+
+        def went_off(txn: Transaction, vm: Obj) -> None:
+            if _runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
+                return
+            status = vm.setdefault("status", {})
+            status["lastExit"] = cause.value if cause is not ExitCause.NONE else ExitCause.FAILED.value
+            ran_for = self.clock() - float(status.get("runningSince", 0) or 0)
+            failure = cause is not ExitCause.GUEST_SHUTDOWN
+            self._transition(txn, vm, Phase.STOPPED, enforce=False)
+            self.record(txn, vm, "Warning" if failure else "Normal", "Stopped" if not failure else "Crashed",
+                        f"the domain went off without a stop request ({status['lastExit']})")
+            if not wants_running(vmspec.read(vm), vm):
+                return
+            failures = status.get("startFailure", {}).get("consecutiveFailCount", 0)
+            failures = 1 if ran_for >= CRASH_RESET_SECONDS else failures + 1
+            if failures > 1:
+                backoff = min(MAX_BACKOFF_SECONDS, 5.0 * 2 ** (failures - 2))
+                status["startFailure"] = {"consecutiveFailCount": failures,
+                                          "retryAfterTimestamp": self.clock() + backoff}
+                self._transition(txn, vm, Phase.CRASH_LOOP, enforce=False, reason="CrashLoopBackOff",
+                                 message=f"restarting in {backoff:.0f}s after {failures} failures")
+                txn.after_commit(lambda: self.queue.add(key, after=backoff))
+            else:
+                status["startFailure"] = {"consecutiveFailCount": failures, "retryAfterTimestamp": 0}
+                self._try_start(txn, vm)
+
+        self._update(key, went_off)
+
+    def _reconcile_stopped(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
+        try:
+            self._ensure_disks(vm, spec)
+        except errors.HypervisorError as e:
+            message = str(e)
+            self._update(key, lambda txn, vm: self.record(txn, vm, "Warning", "DiskError", message))
+            self.queue.add(key, after=UNSCHEDULABLE_RETRY_SECONDS * 6)
+            return
+        if up:  # started behind vmquota's back: it runs, so it charges, whatever the quota says
+            def found_running(txn: Transaction, vm: Obj) -> None:
+                self._transition(txn, vm, Phase.RUNNING, enforce=False)
+                self.record(txn, vm, "Warning", "StartedOutsideVmquota",
+                            "the domain was found running; charged as it is")
+            self._update(key, found_running)
+            return
+        if not wants_running(spec, vm):
+            return
+        retry_at = float((vm.get("status") or {}).get("startFailure", {}).get("retryAfterTimestamp", 0) or 0)
+        if retry_at > self.clock():
+            self.queue.add(key, after=retry_at - self.clock())
+            return
+        self._update(key, self._try_start)
+
+    def _try_start(self, txn: Transaction, vm: Obj) -> None:
+        """An automatic start (run strategy): admitted like any other; refused, it waits and retries."""
+        try:
+            self._transition(txn, vm, Phase.STARTING, enforce=True)  # a refusal raises before any write
+        except errors.QuotaExceeded as e:
+            status = vm.setdefault("status", {})
+            already = status.get("phase") == Phase.UNSCHEDULABLE.value
+            self._transition(txn, vm, Phase.UNSCHEDULABLE, enforce=False, reason="QuotaExceeded", message=e.message)
+            if not already:
+                self.record(txn, vm, "Warning", "FailedCreate", e.message)
+            txn.after_commit(lambda: self.queue.add(_key(vm), after=UNSCHEDULABLE_RETRY_SECONDS))
+
+    def _finalize(self, key: Key, vm: Obj) -> None:
+        uid = vm["metadata"]["uid"]
+        self.hypervisor.undefine(*key, uid)
+        self.disks.remove_vm(key[0], uid)
+
+        def remove(txn: Transaction, vm: Obj) -> None:
+            accounting.set_charge(txn, *key, None, enforce=False, subject=subject(*key))
+            txn.delete(VM, *key)
+            self.record(txn, vm, "Normal", "Deleted", "the VM, its domain and its disks are gone")
+
+        self._update(key, remove, expect_uid=uid)
+        self._stop_deadlines.pop(key, None)
+
+    def _update(self, key: Key, change: Callable[[Transaction, Obj], None], *, expect_uid: str | None = None) -> None:
+        """Re-read the VM inside a transaction and apply `change`, so decisions use the latest state.
+
+        The VM is written back only if `change` altered it and did not delete it.
+        """
+        with self.store.transaction() as txn:
+            vm = txn.get(VM, *key)
+            if vm is None or (expect_uid and vm["metadata"]["uid"] != expect_uid):
+                return
+            before = copy.deepcopy(vm)
+            change(txn, vm)
+            if vm != before and txn.get(VM, *key) is not None:
+                txn.update(VM, vm)
+
+    # -- disks and domains ---------------------------------------------------------------------
+
+    def _ensure_disks(self, vm: Obj, spec: VMSpec) -> None:
+        """Create missing disks (copying them for a clone), grow resized ones, then say DataVolumesReady."""
+        ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
+        source = objects.meta(vm).get("annotations", {}).get(CLONE_SOURCE_ANNOTATION)
+        missing = [d for d in spec.disks if not self.disks.path(ns, uid, d.name).exists()]
+        if missing and source:
+            self._copy_from_source(vm, source, missing)
+        for disk in spec.disks:
+            self.disks.ensure(self.disks.path(ns, uid, disk.name), disk.size)
+        conditions = (vm.get("status") or {}).get("conditions") or []
+        if not any(c.get("type") == "DataVolumesReady" and c.get("status") == "True" for c in conditions):
+            self._update(_key(vm), _volumes_ready, expect_uid=uid)
+
+    def _copy_from_source(self, vm: Obj, source: str, missing: list[vmspec.Disk]) -> None:
+        src_ns, src_name, src_uid = source.split("/")
+        clone_of = {d: s for d, s in (vm["metadata"].get("annotations", {})
+                                      .get("vmquota.io/clone-disks", "") and
+                                      (pair.split("=") for pair in
+                                       vm["metadata"]["annotations"]["vmquota.io/clone-disks"].split(","))
+                                      or [])}
+        ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
+        copies = {}
+        for disk in missing:
+            if disk.name in clone_of:
+                copies[disk.name] = (self.disks.path(src_ns, src_uid, clone_of[disk.name]),
+                                     self.disks.path(ns, uid, disk.name))
+        if not copies:
+            return
+        source_vm = self.store.reader().get(VM, src_ns, src_name)
+        if source_vm is None or source_vm["metadata"]["uid"] != src_uid:
+            raise errors.HypervisorError(f"the clone source {src_ns}/{src_name} is gone")
+        if self.hypervisor.observe(src_ns, src_name).up:
+            targets = self._attached_targets(vmspec.read(source_vm))
+            live = {targets[src]: dst.with_suffix(".partial") for src, dst in
+                    ((clone_of[d], p[1]) for d, p in copies.items()) if src in targets}
+            for dst in live.values():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.unlink(missing_ok=True)
+            if live and self.hypervisor.live_disk_copy(src_ns, src_name, src_uid, live):
+                deadline = time.monotonic() + LIVE_COPY_TIMEOUT_SECONDS
+                while self.hypervisor.job_active(src_ns, src_name):
+                    if time.monotonic() > deadline:
+                        raise errors.HypervisorError(f"copying the disks of {src_ns}/{src_name} timed out")
+                    time.sleep(0.1)
+                for dst in live.values():
+                    dst.rename(dst.with_suffix(".qcow2"))
+        for src, dst in copies.values():
+            if not dst.exists():
+                self.disks.copy(src, dst)
+
+    @staticmethod
+    def _attached_targets(spec: VMSpec) -> dict[str, str]:
+        return dict(zip(spec.attached, domainxml.disk_targets(len(spec.attached)), strict=True))
+
+    def _domain_xml(self, vm: Obj, spec: VMSpec) -> str:
+        ns, name, uid = vm["metadata"]["namespace"], vm["metadata"]["name"], vm["metadata"]["uid"]
+        disks = [domainxml.DomainDisk(self.disks.path(ns, uid, disk), target)
+                 for disk, target in self._attached_targets(spec).items()]
+        return domainxml.build(namespace=ns, name=name, uid=uid, instance=self.store.instance_id, spec=spec,
+                               disks=disks, domain_type=self.hypervisor.domain_type)
+
+    # -- the periodic recount --------------------------------------------------------------------
+
+    def resync(self) -> list[str]:
+        """Compare every VM with the hypervisor's truth, queue those that differ, collect garbage, recount.
+
+        Returns the quotas whose used had drifted from the ledger (normally none).
+        """
+        observed = self.hypervisor.observe_all()
+        reader = self.store.reader()
+        known: dict[Key, str] = {}
+        for vm in reader.list(VM):
+            key, uid = _key(vm), vm["metadata"]["uid"]
+            known[key] = uid
+            seen = observed.get(key, ABSENT)
+            up = seen.up and seen.uid == uid
+            phase = _runtime_phase(vm)
+            settled = (phase in (Phase.RUNNING, Phase.PAUSED, Phase.STOPPED, Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)
+                       and not deleting(vm) and up == usage.holds_runtime(phase)
+                       and (phase is Phase.STOPPED and not wants_running(vmspec.read(vm), vm)
+                            or phase is not Phase.STOPPED))
+            if not settled or (up and seen.state.value != ("paused" if phase is Phase.PAUSED else "running")):
+                self.queue.add(key)
+        for key, seen in observed.items():
+            if seen.uid and known.get(key) != seen.uid and self.hypervisor.owner(*key) == seen.uid:
+                log.warning("removing domain %s/%s: vmquota made it for a VM that no longer exists", *key)
+                self.hypervisor.remove_orphan(*key, seen.uid)
+        uids = set(known.values())
+        for ns, uid in self.disks.vm_dirs():
+            if uid not in uids:
+                log.warning("removing the disks of a deleted VM: %s/%s", ns, uid)
+                self.disks.remove_vm(ns, uid)
+        with self.store.transaction() as txn:
+            drifted = accounting.recount(txn)
+        for quota in drifted:
+            log.warning("recount corrected the used of %s", quota)
+        return drifted
+
+
+def _volumes_ready(txn: Transaction, vm: Obj) -> None:
+    conditions = vm.setdefault("status", {}).setdefault("conditions", [])
+    conditions[:] = [c for c in conditions if c.get("type") != "DataVolumesReady"]
+    conditions.append({"type": "DataVolumesReady", "status": "True", "lastTransitionTime": objects.now(),
+                       "reason": "AllDVsReady", "message": "all of the VM's disks exist"})
+
+
+def _key(vm: Obj) -> Key:
+    return vm["metadata"]["namespace"], vm["metadata"]["name"]

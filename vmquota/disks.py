@@ -1,0 +1,94 @@
+"""Persistent disks: qcow2 files under `<data-dir>/disks/<namespace>/<vm-uid>/<disk>.qcow2`.
+
+Bottom layer. Every path is built from checked parts (DNS-1123 names, a UUID) and
+checked again to lie inside the disk root before qemu-img or the file system sees
+it, so no name can reach a path outside the data directory. Only files under that
+root are ever created or removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+from vmquota import errors
+
+_SAFE_PART = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+QEMU_IMG_TIMEOUT = 600
+
+
+class Disks:
+    def __init__(self, root: Path, *, qemu_img: str = "qemu-img") -> None:
+        self.root = root.resolve()
+        self.qemu_img = qemu_img
+
+    def vm_dir(self, namespace: str, uid: str) -> Path:
+        if not _SAFE_PART.match(namespace):
+            raise errors.HypervisorError(f"unsafe namespace for a disk path: {namespace!r}")
+        uuid.UUID(uid)  # raises ValueError for anything but a UUID
+        return self._inside(self.root / namespace / uid)
+
+    def path(self, namespace: str, uid: str, disk: str) -> Path:
+        if not _SAFE_PART.match(disk):
+            raise errors.HypervisorError(f"unsafe disk name for a disk path: {disk!r}")
+        return self._inside(self.vm_dir(namespace, uid) / f"{disk}.qcow2")
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise errors.HypervisorError(f"disk path {path} leaves the disk root {self.root}")
+        return resolved
+
+    def ensure(self, path: Path, size: Decimal) -> None:
+        """Create the qcow2 file, or grow it to `size`; never shrink."""
+        if path.exists():
+            if self.virtual_size(path) < size:
+                self._run(["resize", "-f", "qcow2", str(path), str(int(size))], path)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        self._run(["create", "-q", "-f", "qcow2", str(partial), str(int(size))], path)
+        partial.rename(path)  # a crash mid-create leaves a .partial, never a half-made disk
+
+    def copy(self, source: Path, target: Path) -> None:
+        """A full, independent copy of a disk that no running domain writes to."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        self._run(["convert", "-q", "-f", "qcow2", "-O", "qcow2", str(source), str(partial)], target)
+        partial.rename(target)
+
+    def virtual_size(self, path: Path) -> Decimal:
+        out = self._run(["info", "--output=json", "-U", str(path)], path)
+        return Decimal(json.loads(out)["virtual-size"])
+
+    def remove_vm(self, namespace: str, uid: str) -> None:
+        folder = self.vm_dir(namespace, uid)
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # only when no other VM of the namespace has disks
+
+    def vm_dirs(self) -> list[tuple[str, str]]:
+        """(namespace, uid) of every VM folder on disk, for garbage collection."""
+        found = []
+        if self.root.is_dir():
+            for ns_dir in self.root.iterdir():
+                if ns_dir.is_dir() and _SAFE_PART.match(ns_dir.name):
+                    found.extend((ns_dir.name, d.name) for d in ns_dir.iterdir() if d.is_dir())
+        return found
+
+    def _run(self, args: list[str], path: Path) -> str:
+        try:
+            done = subprocess.run([self.qemu_img, *args], capture_output=True, text=True,
+                                  timeout=QEMU_IMG_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise errors.HypervisorError(f"qemu-img {args[0]} {path.name}: {e}") from e
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise errors.HypervisorError(f"qemu-img {args[0]} {path.name} failed: {detail[-1] if detail else done.returncode}")
+        return done.stdout

@@ -1,0 +1,86 @@
+"""The libvirt domain XML for a VM, built with ElementTree so nothing a user wrote can become markup.
+
+Bottom layer, pure. Only validated values reach the document: DNS-1123 names, the
+VM's uid, whole numbers and disk paths that `disks.py` has already placed inside
+the data directory. Labels and annotations never go into the domain.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmquota.vmspec import VMSpec
+
+METADATA_URI = "https://vmquota.io/xmlns/domain/1"
+METADATA_KEY = "vmquota"
+DOMAIN_PREFIX = "vmquota_"
+
+
+def domain_name(namespace: str, name: str) -> str:
+    """`vmquota_<ns>_<name>`: '_' never occurs in a DNS-1123 label, so the parts cannot run together."""
+    return f"{DOMAIN_PREFIX}{namespace}_{name}"
+
+
+def parse_domain_name(domain: str) -> tuple[str, str] | None:
+    """(namespace, name) for a name `domain_name` could have made; None otherwise."""
+    if not domain.startswith(DOMAIN_PREFIX):
+        return None
+    parts = domain[len(DOMAIN_PREFIX):].split("_")
+    if len(parts) != 2 or not all(parts):
+        return None
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    path: Path
+    target: str  # vda, vdb, ...
+
+
+def build(*, namespace: str, name: str, uid: str, instance: str, spec: VMSpec, disks: list[DomainDisk],
+          domain_type: str) -> str:
+    """The domain of one VM; `instance` names the vmquota installation that owns it."""
+    domain = ET.Element("domain", {"type": domain_type})
+    ET.SubElement(domain, "name").text = domain_name(namespace, name)
+    ET.SubElement(domain, "uuid").text = uid
+    ET.SubElement(domain, "title").text = f"{namespace}/{name}"
+    metadata = ET.SubElement(domain, "metadata")
+    ET.SubElement(metadata, f"{{{METADATA_URI}}}vm",
+                  {"namespace": namespace, "name": name, "uid": uid, "instance": instance})
+    memory_kib = str(int(spec.guest_memory) // 1024)
+    ET.SubElement(domain, "memory", {"unit": "KiB"}).text = memory_kib
+    ET.SubElement(domain, "currentMemory", {"unit": "KiB"}).text = memory_kib
+    ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
+    cpu = ET.SubElement(domain, "cpu")
+    if domain_type == "kvm":
+        cpu.set("mode", "host-passthrough")
+    ET.SubElement(cpu, "topology", {"sockets": str(spec.sockets), "dies": "1", "cores": str(spec.cores),
+                                    "threads": str(spec.threads)})
+    os_element = ET.SubElement(domain, "os")
+    ET.SubElement(os_element, "type", {"arch": "x86_64"} if domain_type != "test" else {}).text = "hvm"
+    ET.SubElement(os_element, "boot", {"dev": "hd"})
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")  # lets a stop ask the guest to shut down before forcing it off
+    ET.SubElement(domain, "on_poweroff").text = "destroy"
+    ET.SubElement(domain, "on_reboot").text = "restart"
+    ET.SubElement(domain, "on_crash").text = "destroy"
+    devices = ET.SubElement(domain, "devices")
+    for disk in disks:
+        element = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
+        ET.SubElement(element, "driver", {"name": "qemu", "type": "qcow2"})
+        ET.SubElement(element, "source", {"file": str(disk.path)})
+        ET.SubElement(element, "target", {"dev": disk.target, "bus": "virtio"})
+    if domain_type != "test":
+        ET.SubElement(devices, "serial", {"type": "pty"})
+        ET.SubElement(devices, "memballoon", {"model": "none"})
+    ET.register_namespace(METADATA_KEY, METADATA_URI)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def disk_targets(count: int) -> list[str]:
+    """vda, vdb, ... vdz: virtio names for the attached disks, in volume order."""
+    if count > 26:
+        raise ValueError("at most 26 disks can be attached")
+    return [f"vd{chr(ord('a') + i)}" for i in range(count)]

@@ -1,0 +1,96 @@
+"""Every error vmquota raises on purpose, and how each reaches a user.
+
+    VmquotaError
+     ├── ApiError                    a request is refused; becomes a Kubernetes Status
+     │    ├── BadRequest        400  the body is not JSON/YAML, the path is wrong
+     │    ├── Invalid           422  a field breaks a rule (names the field)
+     │    ├── QuotaExceeded     403  admission refused (names quota, resource, requested/used/limited)
+     │    ├── Forbidden         403  any other refusal
+     │    ├── NotFound          404
+     │    ├── MethodNotAllowed  405
+     │    ├── AlreadyExists     409
+     │    └── Conflict          409  stale resourceVersion, or a state that forbids the action
+     └── HypervisorError              libvirt or qemu-img failed (wraps the library error)
+          └── HypervisorUnavailable   temporary: the daemon does not answer; retry later
+
+Errors carry their context (the object, the quota) in the message, Kubernetes-style,
+and wrap the error they came from (`raise ... from e`).
+"""
+
+from __future__ import annotations
+
+
+class VmquotaError(Exception):
+    """Base of every error vmquota raises on purpose."""
+
+
+class ApiError(VmquotaError):
+    code = 500
+    reason = "InternalError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def status(self) -> dict[str, object]:
+        """The Kubernetes `Status` object an HTTP client receives."""
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+
+
+class BadRequest(ApiError):
+    code = 400
+    reason = "BadRequest"
+
+
+class Invalid(ApiError):
+    code = 422
+    reason = "Invalid"
+
+
+class Forbidden(ApiError):
+    code = 403
+    reason = "Forbidden"
+
+
+class QuotaExceeded(Forbidden):
+    """Admission refused; `quota` is the quota's name (`project/<name>` for a project)."""
+
+    def __init__(self, message: str, *, quota: str) -> None:
+        super().__init__(message)
+        self.quota = quota
+
+
+class NotFound(ApiError):
+    code = 404
+    reason = "NotFound"
+
+
+class MethodNotAllowed(ApiError):
+    code = 405
+    reason = "MethodNotAllowed"
+
+
+class AlreadyExists(ApiError):
+    code = 409
+    reason = "AlreadyExists"
+
+
+class Conflict(ApiError):
+    code = 409
+    reason = "Conflict"
+
+
+class HypervisorError(VmquotaError):
+    """libvirt or qemu-img failed; the message names the VM or file."""
+
+
+class HypervisorUnavailable(HypervisorError):
+    """The hypervisor does not answer now; the caller may retry later."""

@@ -1,0 +1,372 @@
+"""The hypervisor boundary: libvirt, for `qemu:///system` (real KVM or QEMU) and `test:///default`.
+
+Bottom layer. The controller asks for what it needs in its own words (observe,
+start, shutdown, destroy, undefine) and is told of lifecycle changes through one
+callback; it never sees libvirt objects. A domain is vmquota's only if its name is
+`vmquota_<ns>_<name>`, its UUID is the VM's uid and it carries vmquota's metadata
+element naming this installation (the store's instance id): every action that changes a domain checks that first, so domains vmquota
+did not create are never touched.
+
+libvirt's default event loop runs in one daemon thread for the whole process; a
+lost connection (libvirtd restarted) is reopened on the next call and reported
+through `on_reconnect`, so the controller can recount what it may have missed.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from vmquota import domainxml, errors
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, str], None]  # (namespace, name) of a VM whose domain changed
+
+
+class DomainState(enum.StrEnum):
+    RUNNING = "running"  # the guest runs (or is blocked, or being shut down: still up)
+    PAUSED = "paused"  # suspended; QEMU still holds its memory
+    OFF = "off"  # defined but not running
+    ABSENT = "absent"  # no domain of this VM
+
+
+class ExitCause(enum.StrEnum):
+    NONE = "none"  # it is not off, or has never run
+    GUEST_SHUTDOWN = "GuestShutdown"  # the guest powered itself off: a success for RerunOnFailure
+    DESTROYED = "Destroyed"  # forced off (by vmquota, or by someone else)
+    CRASHED = "Crashed"  # the guest or QEMU crashed
+    FAILED = "Failed"  # QEMU failed or was killed
+
+
+@dataclass(frozen=True)
+class Observed:
+    state: DomainState
+    uid: str | None = None
+    cause: ExitCause = ExitCause.NONE
+
+    @property
+    def up(self) -> bool:
+        return self.state in (DomainState.RUNNING, DomainState.PAUSED)
+
+
+ABSENT = Observed(DomainState.ABSENT)
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.RUNNING,  # shutting down: still holds its resources
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.OFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.OFF,
+    libvirt.VIR_DOMAIN_NOSTATE: DomainState.OFF,
+}
+_SHUTOFF_CAUSES = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: ExitCause.GUEST_SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: ExitCause.DESTROYED,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: ExitCause.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: ExitCause.FAILED,
+}
+
+_event_loop_started = False
+_event_loop_lock = threading.Lock()
+
+
+def _start_event_loop() -> None:
+    """libvirt's default event loop, once per process, in a daemon thread."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; vmquota reports them itself.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def _observed(state: int, reason: int, uid: str) -> Observed:
+    mapped = _STATES.get(state, DomainState.OFF)
+    cause = ExitCause.NONE
+    if mapped is DomainState.OFF:
+        cause = ExitCause.CRASHED if state == libvirt.VIR_DOMAIN_CRASHED else _SHUTOFF_CAUSES.get(reason, ExitCause.NONE)
+    return Observed(mapped, uid, cause)
+
+
+class Hypervisor:
+    def __init__(self, uri: str, *, instance: str) -> None:
+        self.uri = uri
+        self.instance = instance  # only domains whose metadata names this instance are ours
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._on_event: EventCallback | None = None
+        self._on_reconnect: Callable[[], None] | None = None
+        self._callback_id = -1
+        self.domain_type = "test"
+        _start_event_loop()
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connect(self, *, on_event: EventCallback | None = None,
+                on_reconnect: Callable[[], None] | None = None) -> None:
+        """Open the connection now, so `serve` can say at once when the hypervisor is not there."""
+        self._on_event, self._on_reconnect = on_event, on_reconnect
+        self._connection()
+
+    def _connection(self) -> Any:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                self._drop()
+                reconnected = True
+            else:
+                reconnected = False
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise errors.HypervisorUnavailable(
+                    f"cannot reach the hypervisor at {self.uri}: {e.get_error_message()}") from e
+            try:
+                conn.setKeepAlive(5, 3)  # notice a dead libvirtd within ~15 s even when idle
+            except libvirt.libvirtError:
+                pass  # in-process drivers (test:///) have no keepalive
+            self._callback_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                            self._lifecycle, None)
+            self.domain_type = self._domain_type(conn)
+            self._conn = conn
+        if reconnected and self._on_reconnect:
+            self._on_reconnect()
+        return conn
+
+    def _drop(self) -> None:
+        try:
+            self._conn.domainEventDeregisterAny(self._callback_id)
+        except libvirt.libvirtError:
+            pass  # the connection is already dead
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+        self._conn = None
+
+    def _domain_type(self, conn: Any) -> str:
+        if conn.getType().lower() == "test":
+            return "test"
+        try:
+            conn.getDomainCapabilities(None, None, None, "kvm")
+            return "kvm"
+        except libvirt.libvirtError:
+            return "qemu"  # no usable /dev/kvm: plain emulation
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._drop()
+
+    def _lifecycle(self, _conn: Any, dom: Any, _event: int, _detail: int, _opaque: Any) -> None:
+        parsed = domainxml.parse_domain_name(dom.name())
+        if parsed and self._on_event:
+            try:
+                self._on_event(*parsed)
+            except Exception:  # an event handler must never kill libvirt's event thread
+                log.exception("handling the lifecycle event of %s", dom.name())
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR,
+                                      libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_INTERNAL_ERROR) and not self._alive():
+                raise errors.HypervisorUnavailable(f"{what}: the hypervisor at {self.uri} does not answer: "
+                                                   f"{e.get_error_message()}") from e
+            raise errors.HypervisorError(f"{what}: {e.get_error_message()}") from e
+
+    def _alive(self) -> bool:
+        try:
+            return bool(self._conn is not None and self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    # -- looking --------------------------------------------------------------------------------
+
+    def _lookup(self, namespace: str, name: str) -> Any | None:
+        conn = self._connection()
+        try:
+            return conn.lookupByName(domainxml.domain_name(namespace, name))
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise errors.HypervisorError(f"looking up the domain of {namespace}/{name}: {e.get_error_message()}") from e
+
+    def observe(self, namespace: str, name: str) -> Observed:
+        dom = self._lookup(namespace, name)
+        if dom is None:
+            return ABSENT
+        try:
+            state, reason = dom.state()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return ABSENT  # undefined between the lookup and now
+            raise errors.HypervisorError(f"reading the state of {namespace}/{name}: {e.get_error_message()}") from e
+        return _observed(state, reason, dom.UUIDString())
+
+    def observe_all(self) -> dict[tuple[str, str], Observed]:
+        """Every domain with a vmquota name, in one call: the hypervisor's truth for a recount."""
+        conn = self._connection()
+        found: dict[tuple[str, str], Observed] = {}
+        stats = self._call("listing domains", lambda: conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE))
+        for dom, values in stats:
+            parsed = domainxml.parse_domain_name(dom.name())
+            if parsed:
+                found[parsed] = _observed(values["state.state"], values["state.reason"], dom.UUIDString())
+        return found
+
+    def owner(self, namespace: str, name: str) -> str | None:
+        """The uid in the domain's vmquota metadata, or None when vmquota did not make this domain."""
+        dom = self._lookup(namespace, name)
+        return None if dom is None else self._owner(dom)
+
+    def _owner(self, dom: Any) -> str | None:
+        try:
+            text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domainxml.METADATA_URI)
+        except libvirt.libvirtError:
+            return None
+        try:
+            element = ET.fromstring(text)
+        except ET.ParseError:
+            return None
+        parsed = domainxml.parse_domain_name(dom.name())
+        if parsed != (element.get("namespace"), element.get("name")) or element.get("instance") != self.instance:
+            return None
+        uid = element.get("uid")
+        return uid if uid and uid == dom.UUIDString() else None
+
+    def _own(self, namespace: str, name: str, uid: str) -> Any | None:
+        """The domain of this VM if it is ours; None if there is none; refuses a foreign one."""
+        dom = self._lookup(namespace, name)
+        if dom is None:
+            return None
+        owner = self._owner(dom)
+        if owner is None:
+            raise errors.HypervisorError(f"a domain named {dom.name()} exists that vmquota did not create; "
+                                         f"vmquota leaves it alone and cannot run {namespace}/{name}")
+        if owner != uid:
+            return _Stale(dom, owner)
+        return dom
+
+    # -- acting ---------------------------------------------------------------------------------
+
+    def start(self, namespace: str, name: str, uid: str, xml: str) -> None:
+        """Define (or redefine, to pick up spec changes) the domain and start it."""
+        dom = self._own(namespace, name, uid)
+        if isinstance(dom, _Stale):
+            self._remove_stale(dom)
+        conn = self._connection()
+        dom = self._call(f"defining the domain of {namespace}/{name}", lambda: conn.defineXML(xml))
+        self._call(f"starting {namespace}/{name}", dom.create)
+
+    def shutdown(self, namespace: str, name: str, uid: str) -> None:
+        """Ask the guest to power off (ACPI); it may ignore this."""
+        dom = self._own(namespace, name, uid)
+        if dom is not None and not isinstance(dom, _Stale):
+            self._call(f"shutting down {namespace}/{name}", lambda: _ignore_not_running(dom.shutdown))
+
+    def destroy(self, namespace: str, name: str, uid: str) -> None:
+        """Force the domain off now."""
+        dom = self._own(namespace, name, uid)
+        if dom is not None and not isinstance(dom, _Stale):
+            self._call(f"forcing off {namespace}/{name}", lambda: _ignore_not_running(dom.destroy))
+
+    def undefine(self, namespace: str, name: str, uid: str) -> None:
+        """Remove the domain's definition (forcing it off first); its disks are not ours to touch here."""
+        dom = self._own(namespace, name, uid)
+        if isinstance(dom, _Stale):
+            self._remove_stale(dom)
+        elif dom is not None:
+            self._call(f"forcing off {namespace}/{name}", lambda: _ignore_not_running(dom.destroy))
+            self._call(f"undefining {namespace}/{name}", lambda: _undefine(dom))
+
+    def remove_orphan(self, namespace: str, name: str, expected_uid: str) -> bool:
+        """Remove a domain vmquota made for a VM that no longer exists; False if it is not ours."""
+        dom = self._lookup(namespace, name)
+        if dom is None or self._owner(dom) != expected_uid:
+            return False
+        self._remove_stale(_Stale(dom, expected_uid))
+        return True
+
+    def _remove_stale(self, stale: _Stale) -> None:
+        self._call(f"removing the leftover domain {stale.dom.name()}", lambda: _ignore_not_running(stale.dom.destroy))
+        self._call(f"removing the leftover domain {stale.dom.name()}", lambda: _undefine(stale.dom))
+
+    def live_disk_copy(self, namespace: str, name: str, uid: str, copies: dict[str, Path]) -> bool:
+        """Point-in-time copies of a running domain's disks (target dev -> file) with libvirt's backup job.
+
+        Returns False where the hypervisor cannot do it (libvirt's test driver), so the caller copies the
+        files directly, which is safe there because no QEMU process writes to them.
+        """
+        dom = self._own(namespace, name, uid)
+        if dom is None or isinstance(dom, _Stale):
+            return False
+        backup = ET.Element("domainbackup")
+        disks = ET.SubElement(backup, "disks")
+        for target, path in copies.items():
+            disk = ET.SubElement(disks, "disk", {"name": target, "type": "file"})
+            ET.SubElement(disk, "target", {"file": str(path)})
+            ET.SubElement(disk, "driver", {"type": "qcow2"})
+        try:
+            dom.backupBegin(ET.tostring(backup, encoding="unicode"), None)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                return False
+            raise errors.HypervisorError(f"copying the disks of running {namespace}/{name}: "
+                                         f"{e.get_error_message()}") from e
+        return True
+
+    def job_active(self, namespace: str, name: str) -> bool:
+        dom = self._lookup(namespace, name)
+        if dom is None:
+            return False
+        info = self._call(f"reading the jobs of {namespace}/{name}", dom.jobInfo)
+        return bool(info[0] not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED))
+
+
+@dataclass(frozen=True)
+class _Stale:
+    """A domain vmquota made for an earlier VM of the same name (its uid differs)."""
+
+    dom: Any
+    uid: str
+
+
+def _ignore_not_running(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # "domain is not running"
+            raise
+
+
+def _undefine(dom: Any) -> None:
+    try:
+        dom.undefine()  # vmquota's domains have no NVRAM, snapshots or managed save to keep
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise

@@ -1,0 +1,124 @@
+"""The kinds vmquota serves and the Kubernetes conventions they share.
+
+Bottom layer, pure: the kind table (what `api.py` and `http.py` route on),
+metadata checks, and JSON merge patch. Per-kind spec rules live in
+`validation.py`; the VM spec itself in `vmspec.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from vmquota import errors
+
+Obj = dict[str, Any]
+
+PROJECT_LABEL = "vmquota.io/project"
+DEFAULT_QUOTA_NAME = "default"
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str
+    group: str  # "" for the core group
+    version: str
+    plural: str
+    namespaced: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def resource(self) -> str:
+        """The name Kubernetes uses in messages: `virtualmachines.kubevirt.io`, `resourcequotas`."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    @property
+    def qualified_kind(self) -> str:
+        """`VirtualMachine.kubevirt.io`, as in Kubernetes' "is invalid" messages."""
+        return f"{self.kind}.{self.group}" if self.group else self.kind
+
+
+PROJECT = Kind("Project", "vmquota.io", "v1", "projects", namespaced=False)
+NAMESPACE = Kind("Namespace", "", "v1", "namespaces", namespaced=False)
+RESOURCE_QUOTA = Kind("ResourceQuota", "", "v1", "resourcequotas", namespaced=True)
+VIRTUAL_MACHINE = Kind("VirtualMachine", "kubevirt.io", "v1", "virtualmachines", namespaced=True)
+VIRTUAL_MACHINE_CLONE = Kind("VirtualMachineClone", "clone.kubevirt.io", "v1beta1", "virtualmachineclones",
+                             namespaced=True)
+EVENT = Kind("Event", "", "v1", "events", namespaced=True)
+
+KINDS = (PROJECT, NAMESPACE, RESOURCE_QUOTA, VIRTUAL_MACHINE, VIRTUAL_MACHINE_CLONE, EVENT)
+BY_KIND = {k.kind: k for k in KINDS}
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` is not a DNS-1123 label, in Kubernetes' words; None when it is one."""
+    if not isinstance(name, str) or not name:
+        return "a lowercase RFC 1123 label must not be empty"
+    if len(name) > 63:
+        return "must be no more than 63 characters"
+    if not _DNS1123_LABEL.match(name):
+        return ("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+                "and must start and end with an alphanumeric character (e.g. 'my-name', or '123-abc', "
+                "regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')")
+    return None
+
+
+def check_name(kind: Kind, name: object) -> str:
+    """`name` when it is a valid object name; otherwise Invalid, quoting it."""
+    problem = name_problem(name)
+    if problem:
+        raise errors.Invalid(f"{kind.qualified_kind} {_quote(name)} is invalid: metadata.name: "
+                             f"Invalid value: {_quote(name)}: {problem}")
+    assert isinstance(name, str)
+    return name
+
+
+def _quote(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote(value: object) -> str:
+    return _quote(value)
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())
+
+
+def meta(obj: Obj) -> dict[str, Any]:
+    m = obj.get("metadata")
+    return m if isinstance(m, dict) else {}
+
+
+def labels(obj: Obj) -> dict[str, str]:
+    value = meta(obj).get("labels")
+    return value if isinstance(value, dict) else {}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: null deletes, objects merge, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result

@@ -1,0 +1,242 @@
+"""The embedded store: every object and every VM's charge, in one SQLite file (WAL).
+
+Bottom layer. All writes go through `transaction()`, which holds the one write
+lock of the process for its whole duration and commits everything it did at
+once or nothing: that lock is what makes admission atomic (`accounting.py`
+reads `used`, checks and writes inside it). Reads use their own per-thread
+connections and never wait for writers.
+
+Tables:
+    objects(kind, namespace, name, uid, rv, body)  -- body is the JSON object
+    charges(namespace, name, resources)            -- what each VM charges now (the ledger)
+    counters(name, value)                          -- the resourceVersion sequence
+    settings(name, value)                          -- this installation's instance id
+Cluster-scoped objects have namespace ''.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from vmquota import errors, objects
+from vmquota.objects import Kind, Obj
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    uid TEXT NOT NULL, rv INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS charges (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, resources TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+EVENTS_KEPT_PER_NAMESPACE = 500
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode survives a killed process (only an OS crash may lose the last commits).
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def encode_resources(resources: dict[str, Decimal]) -> str:
+    return json.dumps({k: str(v) for k, v in sorted(resources.items())}, separators=(",", ":"))
+
+
+def decode_resources(text: str) -> dict[str, Decimal]:
+    return {k: Decimal(v) for k, v in json.loads(text).items()}
+
+
+class Reader:
+    """Queries shared by read-only access and transactions."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
+        row = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
+                                 (kind.kind, namespace, name)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list(self, kind: Kind, namespace: str | None = None) -> list[Obj]:
+        if namespace is None:
+            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
+                                      (kind.kind,))
+        else:
+            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
+                                      (kind.kind, namespace))
+        return [json.loads(body) for (body,) in rows]
+
+    def names(self, kind: Kind, namespace: str | None = None) -> list[tuple[str, str]]:
+        """(namespace, name) of every object of a kind, without reading bodies."""
+        if namespace is None:
+            rows = self._conn.execute("SELECT namespace, name FROM objects WHERE kind=? ORDER BY namespace, name",
+                                      (kind.kind,))
+        else:
+            rows = self._conn.execute("SELECT namespace, name FROM objects WHERE kind=? AND namespace=? "
+                                      "ORDER BY name", (kind.kind, namespace))
+        return [(ns, name) for ns, name in rows]
+
+    def charge(self, namespace: str, name: str) -> dict[str, Decimal] | None:
+        row = self._conn.execute("SELECT resources FROM charges WHERE namespace=? AND name=?",
+                                 (namespace, name)).fetchone()
+        return decode_resources(row[0]) if row else None
+
+    def charges(self, namespace: str | None = None) -> Iterator[tuple[str, str, dict[str, Decimal]]]:
+        """(namespace, name, charge) of every charged VM, streamed."""
+        if namespace is None:
+            rows = self._conn.execute("SELECT namespace, name, resources FROM charges")
+        else:
+            rows = self._conn.execute("SELECT namespace, name, resources FROM charges WHERE namespace=?",
+                                      (namespace,))
+        for ns, name, text in rows:
+            yield ns, name, decode_resources(text)
+
+
+class Transaction(Reader):
+    """Writes inside one SQLite transaction; only `Store.transaction()` makes these."""
+
+    def __init__(self, conn: sqlite3.Connection, store: Store) -> None:
+        super().__init__(conn)
+        self._store = store
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this transaction has committed (never if it rolls back).
+
+        Work queued for other threads must wait for the commit, or they would read the old state.
+        """
+        self._store._after_commit.append(callback)
+
+    def _next_rv(self) -> str:
+        self._store._rv += 1
+        return str(self._store._rv)
+
+    def create(self, kind: Kind, obj: Obj) -> Obj:
+        """Insert a new object, filling uid, resourceVersion and creationTimestamp."""
+        metadata = obj.setdefault("metadata", {})
+        namespace = metadata.get("namespace", "") if kind.namespaced else ""
+        name = metadata["name"]
+        if self.get(kind, namespace, name) is not None:
+            raise errors.AlreadyExists(f'{kind.resource} "{name}" already exists')
+        metadata["uid"] = objects.new_uid()
+        metadata["creationTimestamp"] = objects.now()
+        metadata["resourceVersion"] = self._next_rv()
+        obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
+        self._conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",
+                           (kind.kind, namespace, name, metadata["uid"], int(metadata["resourceVersion"]),
+                            json.dumps(obj, separators=(",", ":"))))
+        if kind is objects.EVENT:
+            self._prune_events(namespace)
+        return obj
+
+    def update(self, kind: Kind, obj: Obj) -> Obj:
+        """Write a changed object back with a new resourceVersion; uid and creation stay."""
+        metadata = obj["metadata"]
+        namespace = metadata.get("namespace", "") if kind.namespaced else ""
+        metadata["resourceVersion"] = self._next_rv()
+        cursor = self._conn.execute("UPDATE objects SET rv=?, body=? WHERE kind=? AND namespace=? AND name=?",
+                                    (int(metadata["resourceVersion"]), json.dumps(obj, separators=(",", ":")),
+                                     kind.kind, namespace, metadata["name"]))
+        if cursor.rowcount != 1:
+            raise errors.NotFound(f'{kind.resource} "{metadata["name"]}" not found')
+        return obj
+
+    def delete(self, kind: Kind, namespace: str, name: str) -> None:
+        self._conn.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
+                           (kind.kind, namespace, name))
+
+    def set_charge(self, namespace: str, name: str, resources: dict[str, Decimal] | None) -> None:
+        if resources is None:
+            self._conn.execute("DELETE FROM charges WHERE namespace=? AND name=?", (namespace, name))
+        else:
+            self._conn.execute("INSERT OR REPLACE INTO charges(namespace, name, resources) VALUES (?,?,?)",
+                               (namespace, name, encode_resources(resources)))
+
+    def _prune_events(self, namespace: str) -> None:
+        if self._store._rv % 64:
+            return  # prune now and then, not on every event
+        self._conn.execute(
+            "DELETE FROM objects WHERE kind='Event' AND namespace=? AND rv <= "
+            "(SELECT rv FROM objects WHERE kind='Event' AND namespace=? ORDER BY rv DESC LIMIT 1 OFFSET ?)",
+            (namespace, namespace, EVENTS_KEPT_PER_NAMESPACE))
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._writer = _connect(path)
+        self._writer.executescript(_SCHEMA)
+        row = self._writer.execute("SELECT value FROM counters WHERE name='rv'").fetchone()
+        self._rv: int = row[0] if row else 0
+        self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
+                             (objects.new_uid(),))
+        # Marks this installation's domains: two vmquota servers on one host never touch each other's.
+        self.instance_id: str = self._writer.execute(
+            "SELECT value FROM settings WHERE name='instance'").fetchone()[0]
+        self._local = threading.local()
+        self._depth = 0
+        self._after_commit: list[Callable[[], None]] = []
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One atomic unit of writes under the process-wide write lock; nested calls join the outer one."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield Transaction(self._writer, self)
+                finally:
+                    self._depth -= 1
+                return
+            rv_before = self._rv
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield Transaction(self._writer, self)
+                if self._rv != rv_before:
+                    self._writer.execute("INSERT OR REPLACE INTO counters(name, value) VALUES ('rv', ?)",
+                                         (self._rv,))
+                self._writer.execute("COMMIT")
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                self._rv = rv_before
+                self._after_commit.clear()
+                raise
+            finally:
+                self._depth = 0
+            callbacks, self._after_commit = self._after_commit, []
+            for callback in callbacks:
+                callback()
+
+    def reader(self) -> Reader:
+        """A read-only view on this thread's own connection: never blocks on writers."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+        return Reader(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
