@@ -1,0 +1,147 @@
+"""Shared fixtures: a real vmquota server on libvirt's simulated host, and helpers to drive it.
+
+Every test gets its own data directory and namespace, so tests never see each other's VMs even though
+`test:///default` is one simulated host per process. The server runs in this process on a loopback port,
+with real SQLite and real qemu-img; only the hypervisor is simulated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from vmquota import domainxml
+from vmquota.app import App
+from vmquota.client import Client, action_path
+from vmquota.usage import OverheadModel
+
+_ns_counter = itertools.count()
+
+
+def vm_manifest(name: str, *, cores: int = 2, memory: str = "2Gi", disk: str | None = "5Gi",
+                strategy: str = "Halted", grace: int = 0, **extra_spec: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "runStrategy": strategy,
+        "template": {"spec": {
+            "terminationGracePeriodSeconds": grace,
+            "domain": {"cpu": {"cores": cores}, "memory": {"guest": memory},
+                       "devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}] if disk else []}},
+            "volumes": [{"name": "root", "dataVolume": {"name": f"{name}-root"}}] if disk else [],
+        }},
+    }
+    if disk:
+        spec["dataVolumeTemplates"] = [{"metadata": {"name": f"{name}-root"},
+                                        "spec": {"storage": {"resources": {"requests": {"storage": disk}}}}}]
+    spec.update(extra_spec)
+    return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name}, "spec": spec}
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Cluster:
+    """A running server plus the calls tests make against it, all through HTTP."""
+
+    def __init__(self, app: App, namespace: str) -> None:
+        self.app = app
+        self.client = Client(app.url)
+        self.ns = namespace
+
+    # objects
+    def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> Any:
+        return self.client.post("/api/v1/namespaces", {"metadata": {"name": name, "labels": labels or {}}})
+
+    def create_quota(self, hard: dict[str, str], *, name: str = "compute", namespace: str | None = None) -> Any:
+        return self.client.post(f"/api/v1/namespaces/{namespace or self.ns}/resourcequotas",
+                                {"metadata": {"name": name}, "spec": {"hard": hard}})
+
+    def quota(self, name: str = "compute", namespace: str | None = None) -> Any:
+        return self.client.get(f"/api/v1/namespaces/{namespace or self.ns}/resourcequotas/{name}")
+
+    def used(self, name: str = "compute", namespace: str | None = None) -> dict[str, str]:
+        return dict(self.quota(name, namespace)["status"]["used"])
+
+    def create_vm(self, manifest: dict[str, Any], namespace: str | None = None) -> Any:
+        return self.client.post(f"/apis/kubevirt.io/v1/namespaces/{namespace or self.ns}/virtualmachines", manifest)
+
+    def vm(self, name: str, namespace: str | None = None) -> Any:
+        return self.client.get(f"/apis/kubevirt.io/v1/namespaces/{namespace or self.ns}/virtualmachines/{name}")
+
+    def status(self, name: str, namespace: str | None = None) -> str:
+        return str(self.vm(name, namespace).get("status", {}).get("printableStatus"))
+
+    def action(self, name: str, action: str, namespace: str | None = None, body: Any = None) -> Any:
+        return self.client.put(action_path(namespace or self.ns, name, action), body)
+
+    def wait_status(self, name: str, wanted: str, namespace: str | None = None, timeout: float = 10.0) -> None:
+        wait_until(lambda: self.status(name, namespace) == wanted, timeout=timeout,
+                   what=f"{name} to be {wanted} (is {self.status(name, namespace)})")
+
+    def delete_vm(self, name: str, namespace: str | None = None, *, wait: bool = True) -> None:
+        ns = namespace or self.ns
+        self.client.delete(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines/{name}")
+        if wait:
+            wait_until(lambda: not any(v["metadata"]["name"] == name for v in self.client.get(
+                f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines")["items"]), what=f"{name} to be gone")
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Until the controller has nothing left to do."""
+        wait_until(self.app.controller.queue.idle, timeout=timeout, what="the controller to settle")
+
+    def domain(self, name: str, namespace: str | None = None) -> Any:
+        """The libvirt domain behind a VM, through a connection of the test's own (behind vmquota's back)."""
+        conn = libvirt.open(self.app.hypervisor.uri)
+        return conn.lookupByName(f"vmquota_{namespace or self.ns}_{name}")
+
+
+def open_app(data_dir: Path, **kwargs: Any) -> App:
+    app = App.open(data_dir=data_dir, hypervisor_uri="test:///default", host="127.0.0.1", port=0,
+                   resync_interval=kwargs.pop("resync_interval", 3600.0),
+                   overhead=kwargs.pop("overhead", OverheadModel.NONE), **kwargs)
+    app.serve_in_thread()
+    return app
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    app = open_app(tmp_path / "data")
+    namespace = f"t{next(_ns_counter)}-{int(time.time() * 1000) % 100000}"
+    c = Cluster(app, namespace)
+    c.create_namespace(namespace)
+    try:
+        yield c
+    finally:
+        _cleanup(c)
+        c.client.close()
+        app.close()
+
+
+def _cleanup(c: Cluster) -> None:
+    """Delete every VM the test left, so no simulated domain outlives its test."""
+    for vm in c.client.get("/apis/kubevirt.io/v1/virtualmachines")["items"]:
+        ns, name = vm["metadata"]["namespace"], vm["metadata"]["name"]
+        try:
+            c.delete_vm(name, ns)
+        except Exception:  # the test may have broken the VM on purpose; the domain is removed below
+            pass
+    conn = libvirt.open("test:///default")
+    for dom in conn.listAllDomains():
+        parsed = domainxml.parse_domain_name(dom.name())
+        if parsed and c.app.hypervisor.owner(*parsed) is not None:  # only this test's server's domains
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
