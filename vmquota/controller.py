@@ -318,8 +318,29 @@ class Controller:
     def _start_failed(self, txn: Transaction, vm: Obj, message: str) -> None:
         if _runtime_phase(vm) is not Phase.STARTING:
             return
-        self._transition(txn, vm, Phase.STOPPED, enforce=False, reason="FailedCreate", message=message)
         self.record(txn, vm, "Warning", "FailedCreate", message)
+        self._after_failure(txn, vm, reason="FailedCreate", message=message, retry_at_once=False)
+
+    def _after_failure(self, txn: Transaction, vm: Obj, *, reason: str, message: str, retry_at_once: bool) -> None:
+        """Stopped by a failure: restart if the strategy says so, backing off when it keeps failing."""
+        status = vm.setdefault("status", {})
+        if not wants_running(vmspec.read(vm), vm):
+            self._transition(txn, vm, Phase.STOPPED, enforce=False, reason=reason, message=message)
+            return
+        ran_for = self.clock() - float(status.get("runningSince", 0) or 0)
+        failures = status.get("startFailure", {}).get("consecutiveFailCount", 0)
+        failures = 1 if retry_at_once and ran_for >= CRASH_RESET_SECONDS else failures + 1
+        if retry_at_once and failures == 1:
+            status["startFailure"] = {"consecutiveFailCount": failures, "retryAfterTimestamp": 0}
+            self._transition(txn, vm, Phase.STOPPED, enforce=False)
+            self._try_start(txn, vm)
+            return
+        backoff = min(MAX_BACKOFF_SECONDS, 5.0 * 2 ** (failures - (2 if retry_at_once else 1)))
+        status["startFailure"] = {"consecutiveFailCount": failures, "retryAfterTimestamp": self.clock() + backoff}
+        self._transition(txn, vm, Phase.CRASH_LOOP, enforce=False, reason=reason,
+                         message=f"{message} (failed {failures} times; next try in {backoff:.0f}s)")
+        key = _key(vm)
+        txn.after_commit(lambda: self.queue.add(key, after=backoff))
 
     def _reconcile_stopping(self, key: Key, vm: Obj, spec: VMSpec, up: bool) -> None:
         uid = vm["metadata"]["uid"]
@@ -363,27 +384,17 @@ class Controller:
         def went_off(txn: Transaction, vm: Obj) -> None:
             if _runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
                 return
-            status = vm.setdefault("status", {})
-            status["lastExit"] = cause.value if cause is not ExitCause.NONE else ExitCause.FAILED.value
-            ran_for = self.clock() - float(status.get("runningSince", 0) or 0)
-            failure = cause is not ExitCause.GUEST_SHUTDOWN
-            self._transition(txn, vm, Phase.STOPPED, enforce=False)
-            self.record(txn, vm, "Warning" if failure else "Normal", "Stopped" if not failure else "Crashed",
-                        f"the domain went off without a stop request ({status['lastExit']})")
-            if not wants_running(vmspec.read(vm), vm):
-                return
-            failures = status.get("startFailure", {}).get("consecutiveFailCount", 0)
-            failures = 1 if ran_for >= CRASH_RESET_SECONDS else failures + 1
-            if failures > 1:
-                backoff = min(MAX_BACKOFF_SECONDS, 5.0 * 2 ** (failures - 2))
-                status["startFailure"] = {"consecutiveFailCount": failures,
-                                          "retryAfterTimestamp": self.clock() + backoff}
-                self._transition(txn, vm, Phase.CRASH_LOOP, enforce=False, reason="CrashLoopBackOff",
-                                 message=f"restarting in {backoff:.0f}s after {failures} failures")
-                txn.after_commit(lambda: self.queue.add(key, after=backoff))
+            exit_reason = cause if cause is not ExitCause.NONE else ExitCause.FAILED
+            vm.setdefault("status", {})["lastExit"] = exit_reason.value
+            failure = exit_reason is not ExitCause.GUEST_SHUTDOWN
+            message = f"the domain went off without a stop request ({exit_reason.value})"
+            self.record(txn, vm, "Warning" if failure else "Normal", "Crashed" if failure else "Stopped", message)
+            if failure:
+                self._after_failure(txn, vm, reason=exit_reason.value, message=message, retry_at_once=True)
             else:
-                status["startFailure"] = {"consecutiveFailCount": failures, "retryAfterTimestamp": 0}
-                self._try_start(txn, vm)
+                self._transition(txn, vm, Phase.STOPPED, enforce=False)
+                if wants_running(vmspec.read(vm), vm):
+                    self._try_start(txn, vm)
 
         self._update(key, went_off)
 

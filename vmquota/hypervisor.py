@@ -259,13 +259,15 @@ class Hypervisor:
         uid = element.get("uid")
         return uid if uid and uid == dom.UUIDString() else None
 
-    def _own(self, namespace: str, name: str, uid: str) -> Any | None:
-        """The domain of this VM if it is ours; None if there is none; refuses a foreign one."""
+    def _own(self, namespace: str, name: str, uid: str, *, refuse_foreign: bool = False) -> Any | None:
+        """The domain of this VM if it is ours; None if there is none or (unless refused) it is not ours."""
         dom = self._lookup(namespace, name)
         if dom is None:
             return None
         owner = self._owner(dom)
         if owner is None:
+            if not refuse_foreign:
+                return None  # someone else's domain: nothing of ours to stop or remove
             raise errors.HypervisorError(f"a domain named {dom.name()} exists that vmquota did not create; "
                                          f"vmquota leaves it alone and cannot run {namespace}/{name}")
         if owner != uid:
@@ -276,7 +278,7 @@ class Hypervisor:
 
     def start(self, namespace: str, name: str, uid: str, xml: str) -> None:
         """Define (or redefine, to pick up spec changes) the domain and start it."""
-        dom = self._own(namespace, name, uid)
+        dom = self._own(namespace, name, uid, refuse_foreign=True)
         if isinstance(dom, _Stale):
             self._remove_stale(dom)
         conn = self._connection()

@@ -1,0 +1,232 @@
+"""A VM's lifecycle on the simulated host: usage follows every state change, whoever caused it."""
+
+from __future__ import annotations
+
+import libvirt
+import pytest
+
+from vmquota.client import ClientError
+
+from conftest import Cluster, vm_manifest, wait_until
+
+QUOTA = {"limits.cpu": "4", "limits.memory": "4Gi", "requests.storage": "20Gi",
+         "count/virtualmachines.kubevirt.io": "3", "requests.instances/vmi": "2"}
+ZERO_COMPUTE = {"limits.cpu": "0", "limits.memory": "0", "requests.instances/vmi": "0"}
+
+
+def compute(used: dict[str, str]) -> dict[str, str]:
+    return {k: used[k] for k in ("limits.cpu", "limits.memory", "requests.instances/vmi")}
+
+
+@pytest.fixture
+def quota(cluster: Cluster) -> Cluster:
+    cluster.create_quota(QUOTA)
+    return cluster
+
+
+def test_start_charges_compute_and_stop_releases_it(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1"))
+    assert compute(quota.used()) == ZERO_COMPUTE
+    quota.action("web-1", "start")
+    assert compute(quota.used()) == {"limits.cpu": "2", "limits.memory": "2Gi", "requests.instances/vmi": "1"}
+    quota.wait_status("web-1", "Running")
+    assert quota.vm("web-1")["status"]["ready"] is True
+    quota.action("web-1", "stop")
+    quota.wait_status("web-1", "Stopped")
+    assert compute(quota.used()) == ZERO_COMPUTE
+    assert quota.used()["requests.storage"] == "5Gi"
+
+
+def test_start_turns_halted_into_always_and_stop_back(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1"))
+    quota.action("web-1", "start")
+    assert quota.vm("web-1")["spec"]["runStrategy"] == "Always"
+    quota.wait_status("web-1", "Running")
+    quota.action("web-1", "stop")
+    assert quota.vm("web-1")["spec"]["runStrategy"] == "Halted"
+
+
+def test_spec_running_is_flipped_by_start_and_stop(quota: Cluster) -> None:
+    manifest = vm_manifest("web-1")
+    del manifest["spec"]["runStrategy"]
+    manifest["spec"]["running"] = False
+    quota.create_vm(manifest)
+    quota.action("web-1", "start")
+    assert quota.vm("web-1")["spec"]["running"] is True
+    quota.wait_status("web-1", "Running")
+    quota.action("web-1", "stop")
+    assert quota.vm("web-1")["spec"]["running"] is False
+
+
+def test_starting_a_running_vm_is_a_conflict_and_charges_nothing_more(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1"))
+    quota.action("web-1", "start")
+    before = quota.used()
+    with pytest.raises(ClientError) as refused:
+        quota.action("web-1", "start")
+    assert refused.value.code == 409 and "already running" in refused.value.message
+    assert quota.used() == before
+
+
+def test_stopping_a_stopped_vm_is_a_conflict(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1"))
+    with pytest.raises(ClientError) as refused:
+        quota.action("web-1", "stop")
+    assert refused.value.code == 409 and "not running" in refused.value.message
+
+
+def test_restart_keeps_the_charge_and_needs_no_room(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("a", cores=2, memory="2Gi"))
+    quota.create_vm(vm_manifest("b", cores=2, memory="2Gi"))
+    quota.action("a", "start")
+    quota.action("b", "start")
+    quota.wait_status("a", "Running")
+    full = quota.used()
+    assert full["limits.cpu"] == "4" and full["limits.memory"] == "4Gi"  # exactly full
+    quota.action("a", "restart")
+    quota.settle()
+    quota.wait_status("a", "Running")
+    assert quota.used() == full
+    events = [e["reason"] for e in quota.client.get(f"/api/v1/namespaces/{quota.ns}/events")["items"]
+              if e["involvedObject"]["name"] == "a"]
+    assert "RestartRequested" in events and "FailedCreate" not in events
+
+
+def test_restart_of_a_stopped_vm_is_a_conflict(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1"))
+    with pytest.raises(ClientError) as refused:
+        quota.action("web-1", "restart")
+    assert refused.value.code == 409
+
+
+def test_domain_destroyed_behind_vmquotas_back_is_released_at_once(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1", strategy="Manual"))
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    quota.domain("web-1").destroy()
+    wait_until(lambda: compute(quota.used()) == ZERO_COMPUTE, timeout=2, what="usage to drop")
+    vm = quota.vm("web-1")
+    assert vm["status"]["printableStatus"] == "Stopped"
+    assert vm["status"]["lastExit"] == "Destroyed"
+
+
+def test_always_restarts_a_killed_vm_and_admits_it_again(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1", strategy="Always"))
+    quota.wait_status("web-1", "Running")
+    quota.domain("web-1").destroy()
+    wait_until(lambda: quota.domain("web-1").isActive(), timeout=5, what="the VM to run again")
+    quota.wait_status("web-1", "Running")
+    assert compute(quota.used())["limits.cpu"] == "2"
+
+
+def test_rerun_on_failure_stays_off_after_a_guest_shutdown(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1", strategy="RerunOnFailure"))
+    quota.wait_status("web-1", "Running")
+    quota.domain("web-1").shutdown()  # the simulated guest powers itself off
+    quota.wait_status("web-1", "Stopped")
+    quota.settle()
+    assert quota.status("web-1") == "Stopped"
+    assert quota.vm("web-1")["status"]["lastExit"] == "GuestShutdown"
+    assert compute(quota.used()) == ZERO_COMPUTE
+
+
+def test_rerun_on_failure_restarts_after_a_failure(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1", strategy="RerunOnFailure"))
+    quota.wait_status("web-1", "Running")
+    quota.domain("web-1").destroy()
+    wait_until(lambda: quota.domain("web-1").isActive(), timeout=5, what="the VM to run again")
+
+
+def test_manual_never_restarts_by_itself(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1", strategy="Manual"))
+    quota.settle()
+    assert quota.status("web-1") == "Stopped"  # Manual does not start at creation
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    quota.domain("web-1").destroy()
+    quota.wait_status("web-1", "Stopped")
+    quota.settle()
+    assert quota.status("web-1") == "Stopped"
+    assert quota.vm("web-1")["spec"]["runStrategy"] == "Manual"
+
+
+def test_once_runs_once(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("job", strategy="Once"))
+    quota.wait_status("job", "Running")
+    quota.domain("job").shutdown()
+    quota.wait_status("job", "Stopped")
+    quota.settle()
+    assert quota.status("job") == "Stopped"
+
+
+def test_a_crash_loop_backs_off(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("flaky", strategy="Always"))
+    quota.wait_status("flaky", "Running")
+    quota.domain("flaky").destroy()  # first failure: restarted at once
+    wait_until(lambda: quota.domain("flaky").isActive() and quota.status("flaky") == "Running", timeout=5,
+               what="the first restart")
+    quota.domain("flaky").destroy()  # fails again within a minute: back-off
+    quota.wait_status("flaky", "CrashLoopBackOff")
+    vm = quota.vm("flaky")
+    assert vm["status"]["startFailure"]["consecutiveFailCount"] == 2
+    assert compute(quota.used()) == ZERO_COMPUTE  # waiting to restart holds no runtime
+
+
+def test_domain_started_behind_vmquotas_back_is_charged(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1", strategy="Manual"))
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    quota.action("web-1", "stop")
+    quota.wait_status("web-1", "Stopped")
+    quota.domain("web-1").create()  # someone starts the defined domain with virsh
+    wait_until(lambda: compute(quota.used())["limits.cpu"] == "2", timeout=2, what="usage to rise")
+    assert quota.status("web-1") == "Running"
+    reasons = [e["reason"] for e in quota.client.get(f"/api/v1/namespaces/{quota.ns}/events")["items"]]
+    assert "StartedOutsideVmquota" in reasons
+
+
+def test_delete_stops_the_vm_and_removes_domain_and_disks(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1"))
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    uid = quota.vm("web-1")["metadata"]["uid"]
+    disk_dir = quota.app.controller.disks.vm_dir(quota.ns, uid)
+    assert (disk_dir / "web-1-root.qcow2").exists()
+    quota.delete_vm("web-1")
+    assert quota.used() == {k: "0" for k in QUOTA}
+    assert not disk_dir.exists()
+    with pytest.raises(libvirt.libvirtError):
+        quota.domain("web-1")
+
+
+def test_stop_waits_for_the_guest_then_forces_it_off(quota: Cluster) -> None:
+    quota.create_vm(vm_manifest("web-1", grace=30))
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    quota.action("web-1", "stop")  # the simulated guest honours the ACPI shutdown at once
+    quota.wait_status("web-1", "Stopped")
+    assert quota.vm("web-1")["status"].get("lastExit") is None  # asked for: not an unexpected exit
+    assert compute(quota.used()) == ZERO_COMPUTE
+
+
+def test_foreign_domains_are_never_touched(quota: Cluster) -> None:
+    conn = libvirt.open("test:///default")
+    foreign_xml = ("<domain type='test'><name>vmquota_{ns}_intruder</name><memory>65536</memory>"
+                   "<vcpu>1</vcpu><os><type>hvm</type></os></domain>").format(ns=quota.ns)
+    foreign = conn.defineXML(foreign_xml)
+    foreign.create()
+    try:
+        quota.create_vm(vm_manifest("intruder"))
+        quota.action("intruder", "start")
+        quota.wait_status("intruder", "CrashLoopBackOff")  # Always: retried later, with a back-off
+        failure = [c for c in quota.vm("intruder")["status"]["conditions"] if c["type"] == "Failure"]
+        assert failure[0]["reason"] == "FailedCreate"
+        assert "vmquota did not create" in failure[0]["message"]
+        assert compute(quota.used()) == ZERO_COMPUTE
+        quota.app.controller.resync()
+        quota.delete_vm("intruder")
+        assert foreign.isActive()  # still running, still defined
+        assert conn.lookupByName("test").isActive()  # libvirt's own sample domain, untouched
+    finally:
+        foreign.destroy()
+        foreign.undefine()
