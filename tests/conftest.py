@@ -23,6 +23,11 @@ from vmquota.usage import OverheadModel
 
 _ns_counter = itertools.count()
 
+# The simulated host lives as long as some connection to it is open: this one keeps it alive across
+# server restarts inside a test, as a real host outlives vmquota. Tests also use it to act behind
+# vmquota's back.
+HOST = libvirt.open("test:///default")
+
 
 def vm_manifest(name: str, *, cores: int = 2, memory: str = "2Gi", disk: str | None = "5Gi",
                 strategy: str = "Halted", grace: int = 0, **extra_spec: Any) -> dict[str, Any]:
@@ -104,8 +109,7 @@ class Cluster:
 
     def domain(self, name: str, namespace: str | None = None) -> Any:
         """The libvirt domain behind a VM, through a connection of the test's own (behind vmquota's back)."""
-        conn = libvirt.open(self.app.hypervisor.uri)
-        return conn.lookupByName(f"vmquota_{namespace or self.ns}_{name}")
+        return HOST.lookupByName(f"vmquota_{namespace or self.ns}_{name}")
 
 
 def open_app(data_dir: Path, **kwargs: Any) -> App:
@@ -138,8 +142,7 @@ def _cleanup(c: Cluster) -> None:
             c.delete_vm(name, ns)
         except Exception:  # the test may have broken the VM on purpose; the domain is removed below
             pass
-    conn = libvirt.open("test:///default")
-    for dom in conn.listAllDomains():
+    for dom in HOST.listAllDomains():
         parsed = domainxml.parse_domain_name(dom.name())
         if parsed and c.app.hypervisor.owner(*parsed) is not None:  # only this test's server's domains
             if dom.isActive():

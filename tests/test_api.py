@@ -152,7 +152,9 @@ def test_create_sets_server_fields_and_get_returns_the_object(cluster: Cluster) 
 
 def test_put_with_stale_resource_version_is_a_conflict_and_changes_nothing(cluster: Cluster) -> None:
     path = f"{vms_path(cluster.ns)}/web-1"
-    created = cluster.create_vm(vm_manifest("web-1"))
+    cluster.create_vm(vm_manifest("web-1"))
+    cluster.settle()  # the controller writes status (its disks are ready) right after the create
+    created = cluster.vm("web-1")
     stale = copy.deepcopy(created)
     first = copy.deepcopy(created)
     first["metadata"]["labels"] = {"tier": "web"}

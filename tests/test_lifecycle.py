@@ -7,7 +7,7 @@ import pytest
 
 from vmquota.client import ClientError
 
-from conftest import Cluster, vm_manifest, wait_until
+from conftest import HOST, Cluster, vm_manifest, wait_until
 
 QUOTA = {"limits.cpu": "4", "limits.memory": "4Gi", "requests.storage": "20Gi",
          "count/virtualmachines.kubevirt.io": "3", "requests.instances/vmi": "2"}
@@ -210,7 +210,7 @@ def test_stop_waits_for_the_guest_then_forces_it_off(quota: Cluster) -> None:
 
 
 def test_foreign_domains_are_never_touched(quota: Cluster) -> None:
-    conn = libvirt.open("test:///default")
+    conn = HOST
     foreign_xml = ("<domain type='test'><name>vmquota_{ns}_intruder</name><memory>65536</memory>"
                    "<vcpu>1</vcpu><os><type>hvm</type></os></domain>").format(ns=quota.ns)
     foreign = conn.defineXML(foreign_xml)

@@ -77,7 +77,8 @@ class App:
         return f"http://{host}:{port}"
 
     def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="http",
+                                  daemon=True)
         thread.start()
         return thread
 

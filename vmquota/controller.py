@@ -40,6 +40,7 @@ Key = tuple[str, str]
 
 CLONE_SOURCE_ANNOTATION = "vmquota.io/clone-source"  # "<namespace>/<name>/<uid>" of the VM whose disks to copy
 UNSCHEDULABLE_RETRY_SECONDS = 5.0  # how soon a refused automatic start is tried again
+BACKOFF_BASE_SECONDS = 5.0  # the first back-off of a crash loop; it doubles with each failure
 CRASH_RESET_SECONDS = 60.0  # a VM that ran this long before failing starts a fresh back-off
 MAX_BACKOFF_SECONDS = 300.0
 LIVE_COPY_TIMEOUT_SECONDS = 3600.0
@@ -99,6 +100,9 @@ class Controller:
         self._stop_deadlines: dict[Key, float] = {}  # when a stop stops waiting for the guest
         self._grace_overrides: dict[Key, int] = {}  # gracePeriod given with a stop request
         self._stopping = threading.Event()
+        # How soon refused and failed automatic starts are tried again (tests shorten these).
+        self.unschedulable_retry_seconds = UNSCHEDULABLE_RETRY_SECONDS
+        self.backoff_base_seconds = BACKOFF_BASE_SECONDS
 
     # -- life of the controller -----------------------------------------------------------------
 
@@ -335,7 +339,7 @@ class Controller:
             self._transition(txn, vm, Phase.STOPPED, enforce=False)
             self._try_start(txn, vm)
             return
-        backoff = min(MAX_BACKOFF_SECONDS, 5.0 * 2 ** (failures - (2 if retry_at_once else 1)))
+        backoff = min(MAX_BACKOFF_SECONDS, self.backoff_base_seconds * 2 ** (failures - (2 if retry_at_once else 1)))
         status["startFailure"] = {"consecutiveFailCount": failures, "retryAfterTimestamp": self.clock() + backoff}
         self._transition(txn, vm, Phase.CRASH_LOOP, enforce=False, reason=reason,
                          message=f"{message} (failed {failures} times; next try in {backoff:.0f}s)")
@@ -404,7 +408,7 @@ class Controller:
         except errors.HypervisorError as e:
             message = str(e)
             self._update(key, lambda txn, vm: self.record(txn, vm, "Warning", "DiskError", message))
-            self.queue.add(key, after=UNSCHEDULABLE_RETRY_SECONDS * 6)
+            self.queue.add(key, after=self.unschedulable_retry_seconds * 6)
             return
         if up:  # started behind vmquota's back: it runs, so it charges, whatever the quota says
             def found_running(txn: Transaction, vm: Obj) -> None:
@@ -431,7 +435,8 @@ class Controller:
             self._transition(txn, vm, Phase.UNSCHEDULABLE, enforce=False, reason="QuotaExceeded", message=e.message)
             if not already:
                 self.record(txn, vm, "Warning", "FailedCreate", e.message)
-            txn.after_commit(lambda: self.queue.add(_key(vm), after=UNSCHEDULABLE_RETRY_SECONDS))
+            key = _key(vm)
+            txn.after_commit(lambda: self.queue.add(key, after=self.unschedulable_retry_seconds))
 
     def _finalize(self, key: Key, vm: Obj) -> None:
         uid = vm["metadata"]["uid"]

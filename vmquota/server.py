@@ -25,6 +25,8 @@ from vmquota.objects import Kind
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the connection is just closed
+DISCARD_TIMEOUT = 5.0
 _SEGMENT = re.compile(r"^[A-Za-z0-9.\-_]{1,253}$")
 _BY_GROUP_PLURAL = {(k.group, k.version, k.plural): k for k in objects.KINDS}
 SUBRESOURCES_GROUP = ("subresources.kubevirt.io", "v1")
@@ -105,6 +107,9 @@ def dispatch(api: Api, method: str, target: Route, body: Any) -> tuple[int, Any]
             api.restart(ns, name)
         return 202, None
     assert kind is not None
+    if kind is objects.EVENT and method != "GET":
+        # Refused before the body is read: an event's dotted name would otherwise fail validation first.
+        raise errors.MethodNotAllowed("events are written by vmquota only")
     namespace = ns or ""
     if name is None:
         if method == "GET":
@@ -170,8 +175,12 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                 length = -1
             if length < 0 or length > MAX_BODY_BYTES:
                 self.close_connection = True
-                self._send(413 if length > 0 else 400, json.dumps(errors.BadRequest(
-                    f"the body must be at most {MAX_BODY_BYTES} bytes with a valid Content-Length").status()).encode())
+                if length < 0:
+                    self._send(400, json.dumps(_status(400, "BadRequest", "the Content-Length is not valid")).encode())
+                    return
+                self._send(413, json.dumps(_status(413, "RequestEntityTooLarge", f"the body must be at most "
+                                                   f"{MAX_BODY_BYTES} bytes, got {length}")).encode())
+                self._discard(length)
                 return
             raw = self.rfile.read(length) if length else b""
             path = urlsplit(self.path).path
@@ -196,6 +205,20 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
             except Exception:
                 log.exception("%s %s", method, path)
                 self._send(500, json.dumps(_status(500, "InternalError", "internal error; see the server log")).encode())
+
+        def _discard(self, length: int) -> None:
+            """Read and drop a refused body: closing with it unread resets the connection, and a client that
+            sends its whole body before reading (most do) would see a broken pipe instead of the 413."""
+            left = min(length, MAX_DISCARD_BYTES)
+            try:
+                self.connection.settimeout(DISCARD_TIMEOUT)
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+            except OSError:
+                pass  # the client gave up or stalled; the connection is closed anyway
 
         def do_GET(self) -> None:  # noqa: N802 - the base class's naming
             self._handle("GET")
