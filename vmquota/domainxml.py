@@ -53,9 +53,8 @@ def build(*, namespace: str, name: str, uid: str, instance: str, spec: VMSpec, d
     ET.SubElement(domain, "memory", {"unit": "KiB"}).text = memory_kib
     ET.SubElement(domain, "currentMemory", {"unit": "KiB"}).text = memory_kib
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
+    # libvirt's default CPU model: host-passthrough fails on nested hosts that hide some MSRs.
     cpu = ET.SubElement(domain, "cpu")
-    if domain_type == "kvm":
-        cpu.set("mode", "host-passthrough")
     ET.SubElement(cpu, "topology", {"sockets": str(spec.sockets), "dies": "1", "cores": str(spec.cores),
                                     "threads": str(spec.threads)})
     os_element = ET.SubElement(domain, "os")
