@@ -21,6 +21,8 @@ from vmquota.app import App
 from vmquota.client import Client, action_path
 from vmquota.usage import OverheadModel
 
+pytest_plugins = ["kvm_harness"]  # the real-KVM fixtures: `server`, `kvm`
+
 _ns_counter = itertools.count()
 
 # The simulated host lives as long as some connection to it is open: this one keeps it alive across

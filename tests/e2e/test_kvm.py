@@ -1,168 +1,25 @@
 """End to end on real KVM: the issue's acceptance, through the CLI and HTTP API of a `vmquota serve` process.
 
-Each test runs its own server (a subprocess on a loopback port, qemu:///system, its own data directory)
-and its own namespace; it checks usage against what libvirt really runs, and removes every VM it made.
+Each test runs its own server and namespace (fixtures in e2e/conftest.py); it checks usage against what
+libvirt really runs.
 The guests have no operating system: QEMU boots into the BIOS and runs, which is all a quota needs.
 """
 
 from __future__ import annotations
 
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
-from typing import Any
 
-import libvirt
 import pytest
-import yaml
+from conftest import wait_until
+from kvm_harness import Kvm, apply_vm, quota_doc
 
 from vmquota import quantity
 from vmquota.client import Client, ClientError, action_path
 
-from conftest import vm_manifest, wait_until
-
 pytestmark = pytest.mark.kvm
-URI = "qemu:///system"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A `vmquota serve` process that can be killed and started again on the same data directory."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = data_dir.parent / "server.log"
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vmquota", "serve", "--hypervisor", URI, "--data-dir", str(self.data_dir),
-                 "--listen", f"127.0.0.1:{self.port}", "--resync-interval", "2"],
-                stdout=log, stderr=subprocess.STDOUT)
-        client = Client(self.url)
-        try:
-            wait_until(lambda: _answers(client), timeout=30, what="the server to answer")
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-
-def _answers(client: Client) -> bool:
-    try:
-        client.get("/api/v1/namespaces")
-        return True
-    except Exception:
-        client.close()
-        return False
-
-
-class Kvm:
-    def __init__(self, server: Server, namespace: str) -> None:
-        self.server = server
-        self.ns = namespace
-        self.client = Client(server.url)
-        self.conn = libvirt.open(URI)
-
-    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "vmquota", "--server", self.server.url, *args],
-                              capture_output=True, text=True, input=input, timeout=300, check=False)
-
-    def ok(self, *args: str, input: str | None = None) -> str:
-        done = self.cli(*args, input=input)
-        assert done.returncode == 0, f"vmquota {' '.join(args)}: {done.returncode}\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    def used(self, quota: str = "compute") -> dict[str, str]:
-        return dict(self.client.get(f"/api/v1/namespaces/{self.ns}/resourcequotas/{quota}")["status"]["used"])
-
-    def domain(self, name: str) -> Any:
-        return self.conn.lookupByName(f"vmquota_{self.ns}_{name}")
-
-    def running_domains(self) -> list[Any]:
-        prefix = f"vmquota_{self.ns}_"
-        return [d for d in self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-                if d.name().startswith(prefix)]
-
-    def truth(self) -> dict[str, Decimal]:
-        """What the namespace's quota must show, computed from libvirt and the VM list alone."""
-        cpus = sum(Decimal(d.info()[3]) for d in self.running_domains())
-        memory = sum(Decimal(d.info()[1]) * 1024 for d in self.running_domains())
-        vms = self.client.get(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines")["items"]
-        storage = sum(quantity.parse(t["spec"]["storage"]["resources"]["requests"]["storage"])
-                      for vm in vms for t in vm["spec"].get("dataVolumeTemplates", []))
-        return {"limits.cpu": cpus, "limits.memory": memory, "requests.storage": Decimal(storage),
-                "count/virtualmachines.kubevirt.io": Decimal(len(vms))}
-
-    def assert_used_is_truth(self) -> None:
-        used = {k: quantity.parse(v) for k, v in self.used().items()}
-        assert used == {k: v for k, v in self.truth().items() if k in used}
-
-    def close(self) -> None:
-        for vm in self.client.get(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines")["items"]:
-            self.cli("delete", "vm", vm["metadata"]["name"], "-n", self.ns)
-        wait_until(lambda: not self.running_domains(), timeout=60, what="every domain to be gone")
-        leftovers = [d.name() for d in self.conn.listAllDomains() if d.name().startswith(f"vmquota_{self.ns}_")]
-        assert leftovers == []
-        self.client.close()
-        self.conn.close()
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path / "data")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
-        disks = tmp_path / "data" / "disks"
-        assert not disks.exists() or not any(disks.rglob("*.qcow2")), "disk files left behind"
-
-
-@pytest.fixture
-def kvm(server: Server) -> Iterator[Kvm]:
-    k = Kvm(server, f"kvm-{uuid.uuid4().hex[:8]}")
-    k.ok("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
-                                                   "metadata": {"name": k.ns}}))
-    try:
-        yield k
-    finally:
-        k.close()
-
-
-def quota_doc(ns: str, hard: dict[str, str]) -> str:
-    return yaml.safe_dump({"apiVersion": "v1", "kind": "ResourceQuota",
-                           "metadata": {"name": "compute", "namespace": ns}, "spec": {"hard": hard}})
-
-
-def apply_vm(kvm: Kvm, name: str, **kwargs: Any) -> None:
-    manifest = vm_manifest(name, **kwargs)
-    manifest["metadata"]["namespace"] = kvm.ns
-    kvm.ok("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
 
 def test_acceptance_cycle_usage_follows_what_libvirt_runs(kvm: Kvm) -> None:
