@@ -7,11 +7,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from conftest import Cluster, open_app, vm_manifest, wait_until
 
 from vmquota import quantity
 from vmquota.client import Client, ClientError
-
-from conftest import Cluster, open_app, vm_manifest, wait_until
 
 
 def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothing(cluster: Cluster) -> None:
@@ -25,8 +24,9 @@ def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothin
         cluster.action("b", "start")
     assert refused.value.code == 403
     assert refused.value.reason == "Forbidden"
-    assert refused.value.message == ('virtualmachines.kubevirt.io "b" is forbidden: exceeded quota: compute, '
-                                     "requested: limits.memory=2Gi, used: limits.memory=2Gi, limited: limits.memory=3Gi")
+    assert refused.value.message == (
+        'virtualmachines.kubevirt.io "b" is forbidden: exceeded quota: compute, '
+        "requested: limits.memory=2Gi, used: limits.memory=2Gi, limited: limits.memory=3Gi")
     assert cluster.vm("b") == before_vm  # runStrategy, status and resourceVersion untouched
     assert cluster.quota() == before_quota
     assert len(cluster.client.get(f"/api/v1/namespaces/{cluster.ns}/events")["items"]) == events_before
@@ -143,7 +143,7 @@ def test_an_automatic_restart_without_room_waits_then_starts_when_room_frees(clu
     cluster.wait_status("auto", "CrashLoopBackOff")
     cluster.action("other", "start")  # ...so another VM may take the room
     cluster.wait_status("auto", "ErrorUnschedulable")
-    failure = [c for c in cluster.vm("auto")["status"]["conditions"] if c["type"] == "Failure"][0]
+    failure = next(c for c in cluster.vm("auto")["status"]["conditions"] if c["type"] == "Failure")
     assert failure["reason"] == "QuotaExceeded"
     assert "exceeded quota: compute, requested: limits.cpu=2, used: limits.cpu=2, limited: limits.cpu=2" in \
         failure["message"]

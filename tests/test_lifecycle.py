@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import libvirt
 import pytest
+from conftest import HOST, Cluster, vm_manifest, wait_until
 
 from vmquota.client import ClientError
-
-from conftest import HOST, Cluster, vm_manifest, wait_until
 
 QUOTA = {"limits.cpu": "4", "limits.memory": "4Gi", "requests.storage": "20Gi",
          "count/virtualmachines.kubevirt.io": "3", "requests.instances/vmi": "2"}
@@ -211,8 +210,8 @@ def test_stop_waits_for_the_guest_then_forces_it_off(quota: Cluster) -> None:
 
 def test_foreign_domains_are_never_touched(quota: Cluster) -> None:
     conn = HOST
-    foreign_xml = ("<domain type='test'><name>vmquota_{ns}_intruder</name><memory>65536</memory>"
-                   "<vcpu>1</vcpu><os><type>hvm</type></os></domain>").format(ns=quota.ns)
+    foreign_xml = (f"<domain type='test'><name>vmquota_{quota.ns}_intruder</name><memory>65536</memory>"
+                   "<vcpu>1</vcpu><os><type>hvm</type></os></domain>")
     foreign = conn.defineXML(foreign_xml)
     foreign.create()
     try:

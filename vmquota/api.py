@@ -499,7 +499,8 @@ class _CloneRules(_Rules):
                 raise invalid(VIRTUAL_MACHINE_CLONE, name, f"spec.{side}", "Required value")
             if ref.get("kind", "VirtualMachine") != "VirtualMachine":
                 raise invalid(VIRTUAL_MACHINE_CLONE, name, f"spec.{side}.kind",
-                              f'Unsupported value: {objects.quote(ref.get("kind"))}: supported values: "VirtualMachine"')
+                              f"Unsupported value: {objects.quote(ref.get('kind'))}: "
+                              'supported values: "VirtualMachine"')
             problem = objects.name_problem(ref.get("name"))
             if problem:
                 raise invalid(VIRTUAL_MACHINE_CLONE, name, f"spec.{side}.name",

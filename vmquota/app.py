@@ -74,7 +74,7 @@ class App:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="http",

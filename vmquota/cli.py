@@ -111,8 +111,8 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
     else:
         obj = client.get(collection_path(kind, namespace))
         items = obj["items"]
-        if kind is objects.EVENT:
-            items.sort(key=lambda e: int(e["metadata"].get("resourceVersion", 0)))
+        if kind is objects.EVENT:  # oldest first in the table; -o json/yaml keep the API's order
+            items = sorted(items, key=lambda e: int(e["metadata"].get("resourceVersion", 0)))
     if args.output in ("json", "yaml"):
         _output(obj, args.output)
     else:
@@ -149,22 +149,44 @@ def _documents(path: str) -> list[dict[str, Any]]:
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from e
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in _load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise UsageError(f"{path} is not valid YAML or JSON: {str(e).splitlines()[0]}") from e
     flat: list[dict[str, Any]] = []
     for doc in docs:
-        if not isinstance(doc, dict):
-            raise UsageError(f"{path}: every document must be an object with apiVersion and kind")
-        flat.extend(doc.get("items") or [] if str(doc.get("kind", "")).endswith("List") else [doc])
+        is_list = isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List")
+        items = (doc.get("items") or []) if is_list else [doc]
+        for item in items if isinstance(items, list) else [items]:  # a List's items are checked like documents
+            if not isinstance(item, dict):
+                raise UsageError(f"{path}: every document must be an object with apiVersion and kind")
+            if item.get("metadata") is None:
+                item["metadata"] = {}  # `metadata:` left empty in YAML
+            flat.append(item)
     return flat
+
+
+def _load_all(text: str) -> list[Any]:
+    """The documents of a YAML stream, or of a stream of JSON objects (which YAML stops reading at the second)."""
+    if text.lstrip().startswith("{"):
+        decoder = json.JSONDecoder()
+        docs: list[Any] = []
+        rest = text.strip()
+        try:
+            while rest:
+                doc, end = decoder.raw_decode(rest)
+                docs.append(doc)
+                rest = rest[end:].lstrip()
+            return docs
+        except ValueError:
+            pass  # YAML in flow style, or broken: YAML says which
+    return list(yaml.safe_load_all(text))
 
 
 def cmd_apply(client: Client, args: argparse.Namespace) -> int:
     docs = _documents(args.filename)
     by_kind = {(k.api_version, k.kind): k for k in objects.KINDS}
     for doc in docs:
-        kind = by_kind.get((doc.get("apiVersion"), doc.get("kind")))
+        kind = by_kind.get((str(doc.get("apiVersion")), str(doc.get("kind"))))
         if kind is None or kind is objects.EVENT:
             raise UsageError(f"cannot apply {doc.get('apiVersion')}/{doc.get('kind')}: unknown kind")
     failed = False
@@ -279,7 +301,8 @@ def cmd_clone(client: Client, args: argparse.Namespace) -> int:
         _wait(disks_ready, args.timeout, f"the disks of {args.target} to be copied")
         if args.start:
             wait_for_phase(client, args.namespace, args.target, "Running", args.timeout)
-    print(f"virtualmachine.kubevirt.io/{args.target} cloned from {args.source}" + (" and started" if args.start else ""))
+    started = " and started" if args.start else ""
+    print(f"virtualmachine.kubevirt.io/{args.target} cloned from {args.source}{started}")
     return EXIT_OK
 
 
@@ -341,6 +364,9 @@ def parser() -> argparse.ArgumentParser:
     clone.add_argument("--start", action="store_true")
     clone.add_argument("--wait", action="store_true")
     clone.add_argument("--timeout", type=float, default=600)
+    for name, command in sub.choices.items():  # like kubectl's global flags, --server may follow the command
+        if name != "serve":
+            command.add_argument("--server", default=argparse.SUPPRESS, help="the server URL")
     return top
 
 

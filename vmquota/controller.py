@@ -55,7 +55,7 @@ def phase_of(vm: Obj) -> Phase:
         return Phase((vm.get("status") or {}).get("printableStatus", Phase.STOPPED.value))
     except ValueError:
         return Phase.STOPPED  # "Terminating" is shown for deletion; the runtime phase is kept apart
-    
+
 
 def _runtime_phase(vm: Obj) -> Phase:
     value = (vm.get("status") or {}).get("phase")  # internal: printableStatus may say Terminating
@@ -193,9 +193,9 @@ class Controller:
     def request_stop(self, txn: Transaction, vm: Obj, grace_seconds: int | None = None) -> None:
         phase = _runtime_phase(vm)
         spec = vmspec.read(vm)
-        if not usage.holds_runtime(phase) and phase not in (Phase.UNSCHEDULABLE, Phase.CRASH_LOOP):
-            if not wants_running(spec, vm):
-                raise errors.Conflict("VM is not running")
+        waiting = phase in (Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)  # not running, but would be: stop it
+        if not usage.holds_runtime(phase) and not waiting and not wants_running(spec, vm):
+            raise errors.Conflict("VM is not running")
         self._set_strategy(vm, spec, running=False)
         key = _key(vm)
         if grace_seconds is not None:
@@ -482,10 +482,10 @@ class Controller:
 
     def _copy_from_source(self, vm: Obj, source: str, missing: list[vmspec.Disk]) -> None:
         src_ns, src_name, src_uid = source.split("/")
-        clone_of = {d: s for d, s in (vm["metadata"].get("annotations", {})
+        clone_of = {d: s for d, s in ((vm["metadata"].get("annotations", {})
                                       .get("vmquota.io/clone-disks", "") and
                                       (pair.split("=") for pair in
-                                       vm["metadata"]["annotations"]["vmquota.io/clone-disks"].split(","))
+                                       vm["metadata"]["annotations"]["vmquota.io/clone-disks"].split(",")))
                                       or [])}
         ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
         copies = {}
@@ -546,7 +546,7 @@ class Controller:
             phase = _runtime_phase(vm)
             settled = (phase in (Phase.RUNNING, Phase.PAUSED, Phase.STOPPED, Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)
                        and not deleting(vm) and up == usage.holds_runtime(phase)
-                       and (phase is Phase.STOPPED and not wants_running(vmspec.read(vm), vm)
+                       and ((phase is Phase.STOPPED and not wants_running(vmspec.read(vm), vm))
                             or phase is not Phase.STOPPED))
             if not settled or (up and seen.state.value != ("paused" if phase is Phase.PAUSED else "running")):
                 self.queue.add(key)

@@ -75,7 +75,7 @@ class Disks:
 
     def vm_dirs(self) -> list[tuple[str, str]]:
         """(namespace, uid) of every VM folder on disk, for garbage collection."""
-        found = []
+        found: list[tuple[str, str]] = []
         if self.root.is_dir():
             for ns_dir in self.root.iterdir():
                 if ns_dir.is_dir() and _SAFE_PART.match(ns_dir.name):
@@ -90,5 +90,6 @@ class Disks:
             raise errors.HypervisorError(f"qemu-img {args[0]} {path.name}: {e}") from e
         if done.returncode != 0:
             detail = (done.stderr or done.stdout).strip().splitlines()
-            raise errors.HypervisorError(f"qemu-img {args[0]} {path.name} failed: {detail[-1] if detail else done.returncode}")
+            reason = detail[-1] if detail else f"exit code {done.returncode}"
+            raise errors.HypervisorError(f"qemu-img {args[0]} {path.name} failed: {reason}")
         return done.stdout

@@ -4,8 +4,8 @@ Bottom layer. The controller asks for what it needs in its own words (observe,
 start, shutdown, destroy, undefine) and is told of lifecycle changes through one
 callback; it never sees libvirt objects. A domain is vmquota's only if its name is
 `vmquota_<ns>_<name>`, its UUID is the VM's uid and it carries vmquota's metadata
-element naming this installation (the store's instance id): every action that changes a domain checks that first, so domains vmquota
-did not create are never touched.
+element naming this installation (the store's instance id): every action that changes
+a domain checks that first, so domains vmquota did not create are never touched.
 
 libvirt's default event loop runs in one daemon thread for the whole process; a
 lost connection (libvirtd restarted) is reopened on the next call and reported
@@ -103,7 +103,8 @@ def _observed(state: int, reason: int, uid: str) -> Observed:
     mapped = _STATES.get(state, DomainState.OFF)
     cause = ExitCause.NONE
     if mapped is DomainState.OFF:
-        cause = ExitCause.CRASHED if state == libvirt.VIR_DOMAIN_CRASHED else _SHUTOFF_CAUSES.get(reason, ExitCause.NONE)
+        crashed = state == libvirt.VIR_DOMAIN_CRASHED
+        cause = ExitCause.CRASHED if crashed else _SHUTOFF_CAUSES.get(reason, ExitCause.NONE)
     return Observed(mapped, uid, cause)
 
 
@@ -114,7 +115,7 @@ class Hypervisor:
         self._conn: Any = None
         self._lock = threading.Lock()
         self._on_event: EventCallback | None = None
-        self._on_reconnect: Callable[[], None] | None = None
+        self._on_reconnect: Callable[[], object] | None = None
         self._callback_id = -1
         self.domain_type = "test"
         _start_event_loop()
@@ -122,7 +123,7 @@ class Hypervisor:
     # -- connection -------------------------------------------------------------------------
 
     def connect(self, *, on_event: EventCallback | None = None,
-                on_reconnect: Callable[[], None] | None = None) -> None:
+                on_reconnect: Callable[[], object] | None = None) -> None:
         """Open the connection now, so `serve` can say at once when the hypervisor is not there."""
         self._on_event, self._on_reconnect = on_event, on_reconnect
         self._connection()

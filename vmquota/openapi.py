@@ -128,7 +128,8 @@ def document() -> dict[str, Any]:
         "operationId": "readCharge", "parameters": [ns_param, name_param],
         "responses": _responses(200, {"type": "object"})}}
     paths["/apis/vmquota.io/v1/projects/{name}/usage"] = {"get": {
-        "operationId": "readProjectUsage", "parameters": [name_param], "responses": _responses(200, {"type": "object"})}}
+        "operationId": "readProjectUsage", "parameters": [name_param],
+        "responses": _responses(200, {"type": "object"})}}
     paths["/healthz"] = {"get": {"operationId": "health", "responses": {"200": {"description": "serving",
                                                                                 "content": {"text/plain": {}}}}}}
     return {"openapi": "3.0.3", "info": {"title": "vmquota", "version": "1"}, "paths": paths,

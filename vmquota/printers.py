@@ -63,8 +63,9 @@ def project_row(project: Obj) -> list[str]:
 
 
 def namespace_row(ns: Obj) -> list[str]:
-    return [_meta(ns).get("name", ""), (ns.get("status") or {}).get("phase", "Active"),
-            (_meta(ns).get("labels") or {}).get("vmquota.io/project", "<none>"), age(_meta(ns).get("creationTimestamp"))]
+    project = (_meta(ns).get("labels") or {}).get("vmquota.io/project", "<none>")
+    return [_meta(ns).get("name", ""), (ns.get("status") or {}).get("phase", "Active"), project,
+            age(_meta(ns).get("creationTimestamp"))]
 
 
 def event_row(event: Obj) -> list[str]:
@@ -101,9 +102,10 @@ def describe_vm(vm: Obj, charge: Obj, events: list[Obj]) -> str:
     lines = [f"Name:           {meta.get('name')}", f"Namespace:      {meta.get('namespace')}",
              f"UID:            {meta.get('uid')}", f"Created:        {meta.get('creationTimestamp')}",
              f"Run strategy:   {spec.get('runStrategy') or ('Always' if spec.get('running') else 'Halted')}",
-             f"Status:         {status.get('printableStatus', 'Stopped')}", f"Ready:          {status.get('ready', False)}"]
+             f"Status:         {status.get('printableStatus', 'Stopped')}",
+             f"Ready:          {status.get('ready', False)}"]
     for condition in status.get("conditions") or []:
-        if condition.get("status") == "True" and condition.get("type") != "Ready" or condition.get("message"):
+        if (condition.get("status") == "True" and condition.get("type") != "Ready") or condition.get("message"):
             lines.append(f"Condition:      {condition.get('type')}={condition.get('status')} "
                          f"{condition.get('reason', '')}: {condition.get('message', '')}".rstrip(": "))
     why = ("it holds a runtime (from an admitted start until the hypervisor confirms it is off)"
@@ -115,7 +117,7 @@ def describe_vm(vm: Obj, charge: Obj, events: list[Obj]) -> str:
     lines += [f"Memory overhead model: {charge.get('overheadModel')}"]
     lines += [f"  {part['part']}: {part['memory']}" for part in charge.get("overhead", [])]
     lines += [f"Counts against: {', '.join(charge.get('quotas', [])) or 'no quota'}"]
-    lines += ["", "Events:"] + _events(events)
+    lines += ["", "Events:", *_events(events)]
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ def parse(text: str | int | float) -> Decimal:
     return value.normalize() if value != 0 else Decimal(0)
 
 
-def format(value: Decimal) -> str:  # noqa: A001 - mirrors Kubernetes' Quantity.String()
+def format(value: Decimal) -> str:
     """The shortest exact Kubernetes form: binary suffixes for multiples of 1024, else decimal ones.
 
     Values finer than a nano are rounded up, as Kubernetes does.

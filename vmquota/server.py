@@ -12,6 +12,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -161,17 +162,35 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
         # (40 ms on Linux) on every request.
         disable_nagle_algorithm = True
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
         def _send(self, code: int, payload: bytes, content_type: str = "application/json") -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
+            if self.close_connection:
+                self.send_header("Connection", "close")  # so that the client closes too, ending a discard
             self.end_headers()
             self.wfile.write(payload)
 
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The base class's own errors (unknown method, malformed request line or headers) as a Status
+            too, instead of its HTML page."""
+            self.close_connection = True
+            status = HTTPStatus(code)
+            payload = json.dumps(_status(code, status.name.title().replace("_", ""), message or status.phrase))
+            self._send(code, b"" if self.command == "HEAD" else payload.encode())
+
         def _handle(self, method: str) -> None:
+            if "Transfer-Encoding" in self.headers:
+                # Bodies are read by Content-Length only: a chunked body left unread would be parsed as the
+                # next request on this connection.
+                self.close_connection = True
+                self._send(411, json.dumps(_status(411, "LengthRequired", "the body must be sent with a "
+                                                   "Content-Length, not chunked")).encode())
+                self._discard(MAX_DISCARD_BYTES)
+                return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
@@ -207,7 +226,8 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                 self._send(503, json.dumps(_status(503, "ServiceUnavailable", str(e))).encode())
             except Exception:
                 log.exception("%s %s", method, path)
-                self._send(500, json.dumps(_status(500, "InternalError", "internal error; see the server log")).encode())
+                failure = _status(500, "InternalError", "internal error; see the server log")
+                self._send(500, json.dumps(failure).encode())
 
         def _discard(self, length: int) -> None:
             """Read and drop a refused body: closing with it unread resets the connection, and a client that
@@ -223,19 +243,19 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 pass  # the client gave up or stalled; the connection is closed anyway
 
-        def do_GET(self) -> None:  # noqa: N802 - the base class's naming
+        def do_GET(self) -> None:
             self._handle("GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._handle("POST")
 
-        def do_PUT(self) -> None:  # noqa: N802
+        def do_PUT(self) -> None:
             self._handle("PUT")
 
-        def do_PATCH(self) -> None:  # noqa: N802
+        def do_PATCH(self) -> None:
             self._handle("PATCH")
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             self._handle("DELETE")
 
     return Handler

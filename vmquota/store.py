@@ -16,6 +16,7 @@ Cluster-scoped objects have namespace ''.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import sqlite3
@@ -82,7 +83,7 @@ class Reader:
                                       (kind.kind, namespace))
         return [json.loads(body) for (body,) in rows]
 
-    def names(self, kind: Kind, namespace: str | None = None) -> list[tuple[str, str]]:
+    def names(self, kind: Kind, namespace: str | None = None) -> builtins.list[tuple[str, str]]:
         """(namespace, name) of every object of a kind, without reading bodies."""
         if namespace is None:
             rows = self._conn.execute("SELECT namespace, name FROM objects WHERE kind=? ORDER BY namespace, name",

@@ -184,7 +184,8 @@ def _compute(raw: Any, path: str) -> dict[str, Decimal]:
         if name == "cpu":
             cpu = _quantity(value, f"{path}.cpu")
             if not Decimal("0.001") <= cpu <= MAX_VCPUS:
-                raise FieldError(f"{path}.cpu", f"Invalid value: {objects.quote(value)}: must be between 1m and {MAX_VCPUS}")
+                raise FieldError(f"{path}.cpu",
+                                 f"Invalid value: {objects.quote(value)}: must be between 1m and {MAX_VCPUS}")
             parsed["cpu"] = cpu
         elif name == "memory":
             parsed["memory"] = _size(value, f"{path}.memory", MIN_MEMORY, MAX_MEMORY)
@@ -233,9 +234,9 @@ def _attached(raw: Any, templates: set[str]) -> tuple[str, ...]:
             continue  # containerDisk, cloudInit...: kept, not provided by vmquota
         path = f"spec.template.spec.volumes[{i}].dataVolume.name"
         name = _mapping(volume["dataVolume"], f"spec.template.spec.volumes[{i}].dataVolume").get("name")
-        if name not in templates:
+        if not isinstance(name, str) or name not in templates:  # a list or object here is not a name either
             raise FieldError(path, f"Not found: {objects.quote(name)}: no dataVolumeTemplate has this name")
         if name in attached:
             raise FieldError(path, f"Duplicate value: {objects.quote(name)}")
-        attached.append(name)  # type: ignore[arg-type]
+        attached.append(name)
     return tuple(attached)
