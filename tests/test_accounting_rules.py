@@ -4,13 +4,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from conftest import vm_manifest
 
 from vmquota import accounting, objects, usage, vmspec
 from vmquota import resources as r
 from vmquota.usage import OverheadModel
 from vmquota.vmstatus import Phase
-
-from conftest import vm_manifest
 
 GI = Decimal(2**30)
 MI = Decimal(2**20)

@@ -6,10 +6,9 @@ import threading
 from typing import Any
 
 import pytest
+from conftest import Cluster, vm_manifest, wait_until
 
 from vmquota.client import Client, ClientError, action_path
-
-from conftest import Cluster, vm_manifest, wait_until
 
 PROJECTS = "/apis/vmquota.io/v1/projects"
 

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 import yaml
-
-from vmquota.client import Client, ClientError, action_path
-
 from conftest import wait_until
 from kvm_harness import Kvm, apply_vm
+
+from vmquota.client import Client, ClientError, action_path
 
 pytestmark = pytest.mark.kvm
 PROJECTS = "/apis/vmquota.io/v1/projects"
