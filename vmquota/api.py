@@ -14,7 +14,7 @@ from typing import Any
 
 from vmquota import accounting, errors, objects, quantity, usage, vmspec
 from vmquota import resources as r
-from vmquota.controller import CLONE_SOURCE_ANNOTATION, Controller, _runtime_phase
+from vmquota.controller import CLONE_DISKS_ANNOTATION, CLONE_SOURCE_ANNOTATION, Controller, runtime_phase
 from vmquota.objects import (
     EVENT,
     NAMESPACE,
@@ -27,7 +27,6 @@ from vmquota.objects import (
 )
 from vmquota.store import Reader, Store, Transaction
 
-CLONE_DISKS_ANNOTATION = "vmquota.io/clone-disks"  # "target-disk=source-disk,..." for a clone's copies
 MAX_LABELS = 64
 MAX_LABEL_LENGTH = 253
 
@@ -58,10 +57,7 @@ class Api:
     def list(self, kind: Kind, namespace: str | None) -> Obj:
         items = self.store.reader().list(kind, namespace)
         return {"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
-                "metadata": {"resourceVersion": str(self.store_rv())}, "items": items}
-
-    def store_rv(self) -> int:
-        return self.store._rv
+                "metadata": {"resourceVersion": str(self.store.revision)}, "items": items}
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj:
         obj = self.store.reader().get(kind, namespace, name)
@@ -211,7 +207,7 @@ class Api:
         vm = self.get(VIRTUAL_MACHINE, namespace, name)
         spec = vmspec.read(vm)
         model = self.controller.overhead
-        phase = _runtime_phase(vm)
+        phase = runtime_phase(vm)
         return {
             "kind": "Charge", "apiVersion": "vmquota.io/v1",
             "metadata": {"namespace": namespace, "name": name},

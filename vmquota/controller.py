@@ -21,11 +21,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vmquota import accounting, domainxml, errors, objects, usage, vmspec, vmstatus
 from vmquota.disks import Disks
-from vmquota.hypervisor import ABSENT, ExitCause, Hypervisor, Observed
+from vmquota.hypervisor import ABSENT, DomainState, ExitCause, Hypervisor, Observed
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.objects import Obj
 from vmquota.store import Store, Transaction
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 
 CLONE_SOURCE_ANNOTATION = "vmquota.io/clone-source"  # "<namespace>/<name>/<uid>" of the VM whose disks to copy
+CLONE_DISKS_ANNOTATION = "vmquota.io/clone-disks"  # "target-disk=source-disk,...": which disk each copy is of
 UNSCHEDULABLE_RETRY_SECONDS = 5.0  # how soon a refused automatic start is tried again
 BACKOFF_BASE_SECONDS = 5.0  # the first back-off of a crash loop; it doubles with each failure
 CRASH_RESET_SECONDS = 60.0  # a VM that ran this long before failing starts a fresh back-off
@@ -46,20 +48,14 @@ MAX_BACKOFF_SECONDS = 300.0
 LIVE_COPY_TIMEOUT_SECONDS = 3600.0
 
 
-def subject(namespace: str, name: str) -> str:
+def subject(name: str) -> str:
+    """How refusals name the VM: `virtualmachines.kubevirt.io "web-1"`."""
     return f'{VM.resource} "{name}"'
 
 
-def phase_of(vm: Obj) -> Phase:
-    try:
-        return Phase((vm.get("status") or {}).get("printableStatus", Phase.STOPPED.value))
-    except ValueError:
-        return Phase.STOPPED  # "Terminating" is shown for deletion; the runtime phase is kept apart
-
-
-def _runtime_phase(vm: Obj) -> Phase:
-    value = (vm.get("status") or {}).get("phase")  # internal: printableStatus may say Terminating
-    return Phase(value) if value else phase_of(vm)
+def runtime_phase(vm: Obj) -> Phase:
+    """The phase the controller acts on (printableStatus may say Terminating instead)."""
+    return Phase((vm.get("status") or {}).get("phase", Phase.STOPPED.value))
 
 
 def deleting(vm: Obj) -> bool:
@@ -151,7 +147,7 @@ class Controller:
 
     def charge_of(self, vm: Obj, spec: VMSpec | None = None, phase: Phase | None = None) -> dict[str, Any]:
         spec = spec or vmspec.read(vm)
-        return usage.charge(spec, phase or _runtime_phase(vm), self.overhead)
+        return usage.charge(spec, phase or runtime_phase(vm), self.overhead)
 
     def admit_new(self, txn: Transaction, vm: Obj) -> None:
         """A new VM: charge count and storage, and compute too when its strategy starts it."""
@@ -172,12 +168,12 @@ class Controller:
             raise errors.Invalid(f'{VM.qualified_kind} "{new["metadata"]["name"]}" is invalid: '
                                  f"spec.dataVolumeTemplates: Forbidden: disks cannot be removed: {', '.join(missing)}")
         ns, name = _key(new)
-        accounting.set_charge(txn, ns, name, usage.charge(spec, _runtime_phase(old), self.overhead),
-                              enforce=True, subject=subject(ns, name))
+        accounting.set_charge(txn, ns, name, usage.charge(spec, runtime_phase(old), self.overhead),
+                              enforce=True, subject=subject(name))
         txn.after_commit(lambda: self.queue.add((ns, name)))  # a strategy change may start or stop it
 
     def request_start(self, txn: Transaction, vm: Obj) -> None:
-        phase = _runtime_phase(vm)
+        phase = runtime_phase(vm)
         if deleting(vm):
             raise errors.Conflict("VM is being deleted")
         if usage.holds_runtime(phase):
@@ -191,7 +187,7 @@ class Controller:
         self.record(txn, vm, "Normal", "StartRequested", "start admitted")
 
     def request_stop(self, txn: Transaction, vm: Obj, grace_seconds: int | None = None) -> None:
-        phase = _runtime_phase(vm)
+        phase = runtime_phase(vm)
         spec = vmspec.read(vm)
         waiting = phase in (Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)  # not running, but would be: stop it
         if not usage.holds_runtime(phase) and not waiting and not wants_running(spec, vm):
@@ -208,7 +204,7 @@ class Controller:
         self.record(txn, vm, "Normal", "StopRequested", "stop requested")
 
     def request_restart(self, txn: Transaction, vm: Obj) -> None:
-        if not usage.holds_runtime(_runtime_phase(vm)) or deleting(vm):
+        if not usage.holds_runtime(runtime_phase(vm)) or deleting(vm):
             raise errors.Conflict("VM is not running")
         # The charge is kept from stop to start: a VM never counts against itself.
         vm.setdefault("status", {})["stateChangeRequests"] = [{"action": "Stop"}, {"action": "Start"}]
@@ -219,7 +215,7 @@ class Controller:
         """Mark for deletion; the worker stops the domain, removes it and the disks, then the object."""
         if not deleting(vm):
             vm["metadata"]["deletionTimestamp"] = objects.now()
-            phase = _runtime_phase(vm)
+            phase = runtime_phase(vm)
             vm.setdefault("status", {}).pop("stateChangeRequests", None)
             self._transition(txn, vm, Phase.STOPPING if usage.holds_runtime(phase) else phase, enforce=False)
             self.record(txn, vm, "Normal", "Deleting", "deletion requested")
@@ -244,7 +240,7 @@ class Controller:
         ns, name = _key(vm)
         spec = spec or vmspec.read(vm)
         accounting.set_charge(txn, ns, name, usage.charge(spec, phase, self.overhead),
-                              enforce=enforce, subject=subject(ns, name))
+                              enforce=enforce, subject=subject(name))
         status = vm.setdefault("status", {})
         previous = status.get("phase")
         status["phase"] = phase.value
@@ -282,7 +278,7 @@ class Controller:
         uid = vm["metadata"]["uid"]
         observed = self.hypervisor.observe(ns, name)
         up = observed.up and observed.uid == uid
-        phase = _runtime_phase(vm)
+        phase = runtime_phase(vm)
         spec = vmspec.read(vm)
 
         if phase is Phase.STOPPING or (deleting(vm) and up):
@@ -311,16 +307,16 @@ class Controller:
             if not observed.up:
                 self.queue.add(key, after=0.5)  # the event will come; look again soon in case it does not
                 return
-        paused = observed.state.value == "paused"
+        paused = observed.state is DomainState.PAUSED
         self._update(key, lambda txn, vm: self._started(txn, vm, Phase.PAUSED if paused else Phase.RUNNING)
-                     if _runtime_phase(vm) is Phase.STARTING else None)
+                     if runtime_phase(vm) is Phase.STARTING else None)
 
     def _started(self, txn: Transaction, vm: Obj, phase: Phase) -> None:
         self._transition(txn, vm, phase, enforce=False)
         self.record(txn, vm, "Normal", "Started", "the domain is running")
 
     def _start_failed(self, txn: Transaction, vm: Obj, message: str) -> None:
-        if _runtime_phase(vm) is not Phase.STARTING:
+        if runtime_phase(vm) is not Phase.STARTING:
             return
         self.record(txn, vm, "Warning", "FailedCreate", message)
         self._after_failure(txn, vm, reason="FailedCreate", message=message, retry_at_once=False)
@@ -363,7 +359,7 @@ class Controller:
             return
 
         def confirm_off(txn: Transaction, vm: Obj) -> None:
-            if _runtime_phase(vm) is not Phase.STOPPING:
+            if runtime_phase(vm) is not Phase.STOPPING:
                 return
             status = vm.setdefault("status", {})
             restart = {"action": "Start"} in status.pop("stateChangeRequests", []) and not deleting(vm)
@@ -377,8 +373,8 @@ class Controller:
 
     def _reconcile_running(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
         if up:
-            phase = Phase.PAUSED if observed.state.value == "paused" else Phase.RUNNING
-            if phase is not _runtime_phase(vm):
+            phase = Phase.PAUSED if observed.state is DomainState.PAUSED else Phase.RUNNING
+            if phase is not runtime_phase(vm):
                 self._update(key, lambda txn, vm: self._transition(txn, vm, phase, enforce=False))
             elif spec.run_strategy is RunStrategy.HALTED:  # strategy edited to Halted: stop it
                 self._update(key, lambda txn, vm: self._transition(txn, vm, Phase.STOPPING, enforce=False))
@@ -386,7 +382,7 @@ class Controller:
         cause = observed.cause if observed.uid == vm["metadata"]["uid"] else ExitCause.DESTROYED
 
         def went_off(txn: Transaction, vm: Obj) -> None:
-            if _runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
+            if runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
                 return
             exit_reason = cause if cause is not ExitCause.NONE else ExitCause.FAILED
             vm.setdefault("status", {})["lastExit"] = exit_reason.value
@@ -444,7 +440,7 @@ class Controller:
         self.disks.remove_vm(key[0], uid)
 
         def remove(txn: Transaction, vm: Obj) -> None:
-            accounting.set_charge(txn, *key, None, enforce=False, subject=subject(*key))
+            accounting.set_charge(txn, *key, None, enforce=False, subject=subject(key[1]))
             txn.delete(VM, *key)
             self.record(txn, vm, "Normal", "Deleted", "the VM, its domain and its disks are gone")
 
@@ -481,41 +477,38 @@ class Controller:
             self._update(_key(vm), _volumes_ready, expect_uid=uid)
 
     def _copy_from_source(self, vm: Obj, source: str, missing: list[vmspec.Disk]) -> None:
+        """Copy a clone's disks from its source VM: live (point in time) if the source runs."""
         src_ns, src_name, src_uid = source.split("/")
-        clone_of = {d: s for d, s in ((vm["metadata"].get("annotations", {})
-                                      .get("vmquota.io/clone-disks", "") and
-                                      (pair.split("=") for pair in
-                                       vm["metadata"]["annotations"]["vmquota.io/clone-disks"].split(",")))
-                                      or [])}
+        from_disk = clone_disks(vm)
         ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
-        copies = {}
-        for disk in missing:
-            if disk.name in clone_of:
-                copies[disk.name] = (self.disks.path(src_ns, src_uid, clone_of[disk.name]),
-                                     self.disks.path(ns, uid, disk.name))
+        copies = {from_disk[d.name]: self.disks.path(ns, uid, d.name) for d in missing if d.name in from_disk}
         if not copies:
             return
         source_vm = self.store.reader().get(VM, src_ns, src_name)
         if source_vm is None or source_vm["metadata"]["uid"] != src_uid:
             raise errors.HypervisorError(f"the clone source {src_ns}/{src_name} is gone")
         if self.hypervisor.observe(src_ns, src_name).up:
-            targets = self._attached_targets(vmspec.read(source_vm))
-            live = {targets[src]: dst.with_suffix(".partial") for src, dst in
-                    ((clone_of[d], p[1]) for d, p in copies.items()) if src in targets}
-            for dst in live.values():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.unlink(missing_ok=True)
-            if live and self.hypervisor.live_disk_copy(src_ns, src_name, src_uid, live):
-                deadline = time.monotonic() + LIVE_COPY_TIMEOUT_SECONDS
-                while self.hypervisor.job_active(src_ns, src_name):
-                    if time.monotonic() > deadline:
-                        raise errors.HypervisorError(f"copying the disks of {src_ns}/{src_name} timed out")
-                    time.sleep(0.1)
-                for dst in live.values():
-                    dst.rename(dst.with_suffix(".qcow2"))
-        for src, dst in copies.values():
-            if not dst.exists():
-                self.disks.copy(src, dst)
+            self._copy_live(src_ns, src_name, src_uid, vmspec.read(source_vm), copies)
+        for src_disk, target in copies.items():
+            if not target.exists():  # a stopped source, or a disk the running guest does not attach
+                self.disks.copy(self.disks.path(src_ns, src_uid, src_disk), target)
+
+    def _copy_live(self, ns: str, name: str, uid: str, spec: VMSpec, copies: dict[str, Path]) -> None:
+        """libvirt's backup job: QEMU copies the attached disks as they are at one instant (crash-consistent)."""
+        devices = self._attached_targets(spec)
+        partial = {devices[disk]: target.with_suffix(".partial") for disk, target in copies.items() if disk in devices}
+        for path in partial.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+        if not partial or not self.hypervisor.live_disk_copy(ns, name, uid, partial):
+            return  # the simulated host has no backup jobs; its files are not in use, a plain copy is safe
+        deadline = time.monotonic() + LIVE_COPY_TIMEOUT_SECONDS
+        while self.hypervisor.job_active(ns, name):
+            if time.monotonic() > deadline:
+                raise errors.HypervisorError(f"copying the disks of {ns}/{name} timed out")
+            time.sleep(0.1)
+        for path in partial.values():
+            path.rename(path.with_suffix(".qcow2"))
 
     @staticmethod
     def _attached_targets(spec: VMSpec) -> dict[str, str]:
@@ -535,27 +528,22 @@ class Controller:
 
         Returns the quotas whose used had drifted from the ledger (normally none).
         """
+        # Look at the hypervisor and the disks before the VMs: anything made after this look belongs to a
+        # VM the list below already holds, so garbage collection never takes a new VM's domain or disks.
         observed = self.hypervisor.observe_all()
-        reader = self.store.reader()
+        disk_dirs = self.disks.vm_dirs()
         known: dict[Key, str] = {}
-        for vm in reader.list(VM):
-            key, uid = _key(vm), vm["metadata"]["uid"]
-            known[key] = uid
-            seen = observed.get(key, ABSENT)
-            up = seen.up and seen.uid == uid
-            phase = _runtime_phase(vm)
-            settled = (phase in (Phase.RUNNING, Phase.PAUSED, Phase.STOPPED, Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)
-                       and not deleting(vm) and up == usage.holds_runtime(phase)
-                       and ((phase is Phase.STOPPED and not wants_running(vmspec.read(vm), vm))
-                            or phase is not Phase.STOPPED))
-            if not settled or (up and seen.state.value != ("paused" if phase is Phase.PAUSED else "running")):
+        for vm in self.store.reader().list(VM):
+            key = _key(vm)
+            known[key] = vm["metadata"]["uid"]
+            if needs_reconcile(vm, observed.get(key, ABSENT)):
                 self.queue.add(key)
         for key, seen in observed.items():
             if seen.uid and known.get(key) != seen.uid and self.hypervisor.owner(*key) == seen.uid:
                 log.warning("removing domain %s/%s: vmquota made it for a VM that no longer exists", *key)
                 self.hypervisor.remove_orphan(*key, seen.uid)
         uids = set(known.values())
-        for ns, uid in self.disks.vm_dirs():
+        for ns, uid in disk_dirs:
             if uid not in uids:
                 log.warning("removing the disks of a deleted VM: %s/%s", ns, uid)
                 self.disks.remove_vm(ns, uid)
@@ -564,6 +552,25 @@ class Controller:
         for quota in drifted:
             log.warning("recount corrected the used of %s", quota)
         return drifted
+
+
+def clone_disks(vm: Obj) -> dict[str, str]:
+    """For a clone: target disk name -> the source disk it is copied from."""
+    text = (objects.meta(vm).get("annotations") or {}).get(CLONE_DISKS_ANNOTATION, "")
+    return dict(pair.split("=", 1) for pair in text.split(",") if "=" in pair)
+
+
+def needs_reconcile(vm: Obj, seen: Observed) -> bool:
+    """Whether a VM's phase disagrees with what the hypervisor shows, or still has somewhere to go."""
+    phase = runtime_phase(vm)
+    if deleting(vm) or phase in (Phase.STARTING, Phase.STOPPING, Phase.UNSCHEDULABLE, Phase.CRASH_LOOP):
+        return True  # in flight, or waiting for a retry whose timer a restarted server no longer has
+    up = seen.up and seen.uid == vm["metadata"]["uid"]
+    if up != usage.holds_runtime(phase):
+        return True
+    if up:
+        return (seen.state is DomainState.PAUSED) != (phase is Phase.PAUSED)
+    return wants_running(vmspec.read(vm), vm)
 
 
 def _volumes_ready(txn: Transaction, vm: Obj) -> None:

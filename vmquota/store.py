@@ -226,6 +226,11 @@ class Store:
             for callback in callbacks:
                 callback()
 
+    @property
+    def revision(self) -> int:
+        """The newest resourceVersion handed out; lists report it, as Kubernetes does."""
+        return self._rv
+
     def reader(self) -> Reader:
         """A read-only view on this thread's own connection: never blocks on writers."""
         conn = getattr(self._local, "conn", None)
