@@ -130,6 +130,8 @@ def document() -> dict[str, Any]:
     paths["/apis/vmquota.io/v1/projects/{name}/usage"] = {"get": {
         "operationId": "readProjectUsage", "parameters": [name_param],
         "responses": _responses(200, {"type": "object"})}}
+    paths["/openapi.json"] = {"get": {"operationId": "openapi", "responses": {
+        "200": {"description": "this document", "content": {"application/json": {}}}}}}
     paths["/healthz"] = {"get": {"operationId": "health", "responses": {"200": {"description": "serving",
                                                                                 "content": {"text/plain": {}}}}}}
     return {"openapi": "3.0.3", "info": {"title": "vmquota", "version": "1"}, "paths": paths,
