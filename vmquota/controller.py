@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from vmquota import accounting, domainxml, errors, objects, usage, vmspec, vmstatus
 from vmquota.disks import Disks
@@ -144,10 +143,6 @@ class Controller:
                 log.exception("recount failed")
 
     # -- requests: run inside the caller's transaction ------------------------------------------
-
-    def charge_of(self, vm: Obj, spec: VMSpec | None = None, phase: Phase | None = None) -> dict[str, Any]:
-        spec = spec or vmspec.read(vm)
-        return usage.charge(spec, phase or runtime_phase(vm), self.overhead)
 
     def admit_new(self, txn: Transaction, vm: Obj) -> None:
         """A new VM: charge count and storage, and compute too when its strategy starts it."""
