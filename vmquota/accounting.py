@@ -130,10 +130,10 @@ def namespace_usage(reader: Reader, namespace: str) -> r.ResourceList:
 def all_usage(reader: Reader) -> dict[str, r.ResourceList]:
     """Per namespace, the sum of every charge in it: one pass over the ledger."""
     totals: dict[str, dict[str, Decimal]] = defaultdict(dict)
-    for namespace, _, charge in reader.charges():
+    for namespace, charge, count in reader.charge_groups():  # n equal charges: one decode, one exact product
         total = totals[namespace]
         for resource, value in charge.items():
-            total[resource] = total.get(resource, Decimal(0)) + value
+            total[resource] = total.get(resource, Decimal(0)) + value * count
     return totals
 
 
@@ -142,13 +142,11 @@ def members(reader: Reader, project: str) -> list[str]:
             if objects.labels(ns).get(objects.PROJECT_LABEL) == project]
 
 
-def project_usage(reader: Reader, project: str,
-                  usage: Mapping[str, r.ResourceList] | None = None) -> r.ResourceList:
-    """The sum over the project's namespaces; `usage` (from `all_usage`) saves re-reading the ledger."""
+def project_usage(reader: Reader, project: str) -> r.ResourceList:
+    """The sum over the project's namespaces, from the ledger."""
     total: r.ResourceList = {}
     for namespace in members(reader, project):
-        part = usage.get(namespace, {}) if usage is not None else namespace_usage(reader, namespace)
-        total = r.add(total, part)
+        total = r.add(total, namespace_usage(reader, namespace))
     return total
 
 
@@ -172,9 +170,17 @@ def recount(txn: Transaction) -> list[str]:
         quota = quota_of(objects.RESOURCE_QUOTA, quota_obj)
         if _write_used(txn, quota, usage.get(quota_obj["metadata"]["namespace"], {})):
             drifted.append(f"{quota_obj['metadata']['namespace']}/{quota.display}")
+    namespaces_of: dict[str, list[str]] = defaultdict(list)  # one pass over the namespaces, not one per project
+    for ns in txn.list(objects.NAMESPACE):
+        project = objects.labels(ns).get(objects.PROJECT_LABEL)
+        if project:
+            namespaces_of[project].append(ns["metadata"]["name"])
     for project_obj in txn.list(objects.PROJECT):
         quota = quota_of(objects.PROJECT, project_obj)
-        if _write_used(txn, quota, project_usage(txn, quota.obj["metadata"]["name"], usage)):
+        total: r.ResourceList = {}
+        for namespace in namespaces_of.get(quota.obj["metadata"]["name"], []):
+            total = r.add(total, usage.get(namespace, {}))
+        if _write_used(txn, quota, total):
             drifted.append(quota.display)
     return drifted
 
