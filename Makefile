@@ -32,5 +32,15 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks $(ARGS)
 
+## make reliability: the reliability suite's long run (tests/reliability, VMQUOTA_RELIABILITY=long): model-based
+## sequences, a concurrency storm, SIGKILL rounds and hypervisor faults on real KVM (libvirtd is killed and
+## restarted), fuzzing; what it did goes to reliability-results/figures.jsonl, summed up at the end.
+## `make test` runs the same tests with a fast sample.
+reliability: setup
+	@mkdir -p reliability-results && rm -f reliability-results/figures.jsonl
+	VMQUOTA_RELIABILITY=long VMQUOTA_RELIABILITY_FIGURES=reliability-results/figures.jsonl \
+		$(PYTEST) -q tests/reliability $(ARGS)
+	@$(BIN)/python tests/reliability/summary.py reliability-results/figures.jsonl
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results reliability-results

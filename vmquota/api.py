@@ -361,7 +361,11 @@ class _NamespaceRules(_Rules):
         if project is not None and txn.get(PROJECT, "", project) is None:
             raise invalid(NAMESPACE, name, f"metadata.labels[{objects.PROJECT_LABEL}]",
                           f"Not found: project {objects.quote(project)} does not exist")
-        obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+        if obj.get("spec") is None:
+            obj["spec"] = {}
+        if not isinstance(obj["spec"], dict):
+            raise invalid(NAMESPACE, name, "spec", "Invalid value: must be an object")
+        obj["spec"].setdefault("finalizers", ["kubernetes"])
         obj.setdefault("status", {})["phase"] = "Active"
 
     def after_write(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:

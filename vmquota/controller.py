@@ -17,6 +17,7 @@ Middle layer, between the API (`api.py`, above) and the store, hypervisor and di
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
@@ -65,10 +66,10 @@ def last_exit(vm: Obj) -> str | None:
     return (vm.get("status") or {}).get("lastExit")
 
 
-def wants_running(spec: VMSpec, vm: Obj) -> bool:
+def wants_running(strategy: RunStrategy, vm: Obj) -> bool:
     """Whether the run strategy asks for a runtime now (KubeVirt's meaning of each strategy)."""
     exit_reason = last_exit(vm)
-    match spec.run_strategy:
+    match strategy:
         case RunStrategy.ALWAYS:
             return True
         case RunStrategy.RERUN_ON_FAILURE:
@@ -95,6 +96,7 @@ class Controller:
         self._stop_deadlines: dict[Key, float] = {}  # when a stop stops waiting for the guest
         self._grace_overrides: dict[Key, int] = {}  # gracePeriod given with a stop request
         self._stopping = threading.Event()
+        self._unreachable: set[Key] = set()  # VMs told that their work waits for the hypervisor
         # How soon refused and failed automatic starts are tried again (tests shorten these).
         self.unschedulable_retry_seconds = UNSCHEDULABLE_RETRY_SECONDS
         self.backoff_base_seconds = BACKOFF_BASE_SECONDS
@@ -124,14 +126,34 @@ class Controller:
         while (key := self.queue.get()) is not None:
             try:
                 self.reconcile(key)
+                if key in self._unreachable:
+                    self._unreachable.discard(key)
+                    self._update(key, self._hypervisor_back)
             except errors.HypervisorUnavailable as e:
                 log.warning("%s/%s: %s; trying again later", *key, e)
+                self._update(key, functools.partial(self._hypervisor_away, message=str(e)))
                 self.queue.add(key, after=2.0)
             except Exception:
                 log.exception("reconciling %s/%s", *key)
                 self.queue.add(key, after=5.0)
             finally:
                 self.queue.done(key)
+
+    def _hypervisor_away(self, txn: Transaction, vm: Obj, message: str) -> None:
+        """Say on a VM whose work waits for the hypervisor why it waits: a condition, and one event per outage."""
+        key = _key(vm)
+        conditions = vm.setdefault("status", {}).setdefault("conditions", [])
+        if not any(c.get("reason") == "HypervisorUnavailable" for c in conditions):
+            conditions.append({"type": "Failure", "status": "True", "lastTransitionTime": objects.now(),
+                               "reason": "HypervisorUnavailable", "message": f"{message}; trying again"})
+        if key not in self._unreachable:
+            self._unreachable.add(key)
+            self.record(txn, vm, "Warning", "HypervisorUnavailable", f"{message}; trying again")
+
+    def _hypervisor_back(self, txn: Transaction, vm: Obj) -> None:
+        status = vm.setdefault("status", {})
+        status["conditions"] = [c for c in status.get("conditions") or [] if c.get("reason") != "HypervisorUnavailable"]
+        self.record(txn, vm, "Normal", "HypervisorAvailable", "the hypervisor answers again")
 
     def _resync_loop(self) -> None:
         while not self._stopping.wait(self.resync_interval):
@@ -147,7 +169,7 @@ class Controller:
     def admit_new(self, txn: Transaction, vm: Obj) -> None:
         """A new VM: charge count and storage, and compute too when its strategy starts it."""
         spec = vmspec.read(vm)
-        phase = Phase.STARTING if wants_running(spec, vm) else Phase.STOPPED
+        phase = Phase.STARTING if wants_running(spec.run_strategy, vm) else Phase.STOPPED
         self._transition(txn, vm, phase, spec=spec, enforce=True)
 
     def admit_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
@@ -178,14 +200,15 @@ class Controller:
         status = vm.setdefault("status", {})
         status.pop("lastExit", None)
         status.pop("startFailure", None)
-        self._transition(txn, vm, Phase.STARTING, enforce=True)
+        # `spec` is still right for the charge (only the strategy changed): no second read of the spec.
+        self._transition(txn, vm, Phase.STARTING, spec=spec, enforce=True)
         self.record(txn, vm, "Normal", "StartRequested", "start admitted")
 
     def request_stop(self, txn: Transaction, vm: Obj, grace_seconds: int | None = None) -> None:
         phase = runtime_phase(vm)
         spec = vmspec.read(vm)
         waiting = phase in (Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)  # not running, but would be: stop it
-        if not usage.holds_runtime(phase) and not waiting and not wants_running(spec, vm):
+        if not usage.holds_runtime(phase) and not waiting and not wants_running(spec.run_strategy, vm):
             raise errors.Conflict("VM is not running")
         self._set_strategy(vm, spec, running=False)
         key = _key(vm)
@@ -195,7 +218,7 @@ class Controller:
         status.pop("stateChangeRequests", None)
         status.pop("startFailure", None)
         next_phase = Phase.STOPPING if usage.holds_runtime(phase) else Phase.STOPPED
-        self._transition(txn, vm, next_phase, enforce=False)
+        self._transition(txn, vm, next_phase, spec=spec, enforce=False)  # as in request_start
         self.record(txn, vm, "Normal", "StopRequested", "stop requested")
 
     def request_restart(self, txn: Transaction, vm: Obj) -> None:
@@ -319,7 +342,7 @@ class Controller:
     def _after_failure(self, txn: Transaction, vm: Obj, *, reason: str, message: str, retry_at_once: bool) -> None:
         """Stopped by a failure: restart if the strategy says so, backing off when it keeps failing."""
         status = vm.setdefault("status", {})
-        if not wants_running(vmspec.read(vm), vm):
+        if not wants_running(vmspec.run_strategy(vm), vm):
             self._transition(txn, vm, Phase.STOPPED, enforce=False, reason=reason, message=message)
             return
         ran_for = self.clock() - float(status.get("runningSince", 0) or 0)
@@ -388,17 +411,20 @@ class Controller:
                 self._after_failure(txn, vm, reason=exit_reason.value, message=message, retry_at_once=True)
             else:
                 self._transition(txn, vm, Phase.STOPPED, enforce=False)
-                if wants_running(vmspec.read(vm), vm):
+                if wants_running(vmspec.run_strategy(vm), vm):
                     self._try_start(txn, vm)
 
         self._update(key, went_off)
 
     def _reconcile_stopped(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
         try:
-            self._ensure_disks(vm, spec)
+            if not volumes_ready(vm):  # made once; a resized disk is grown when the VM next starts
+                self._ensure_disks(vm, spec)
+        except errors.HypervisorUnavailable:
+            raise
         except errors.HypervisorError as e:
             message = str(e)
-            self._update(key, lambda txn, vm: self.record(txn, vm, "Warning", "DiskError", message))
+            self._update(key, lambda txn, vm: self._disks_failed(txn, vm, message))
             self.queue.add(key, after=self.unschedulable_retry_seconds * 6)
             return
         if up:  # started behind vmquota's back: it runs, so it charges, whatever the quota says
@@ -408,13 +434,21 @@ class Controller:
                             "the domain was found running; charged as it is")
             self._update(key, found_running)
             return
-        if not wants_running(spec, vm):
+        if not wants_running(spec.run_strategy, vm):
             return
         retry_at = float((vm.get("status") or {}).get("startFailure", {}).get("retryAfterTimestamp", 0) or 0)
         if retry_at > self.clock():
             self.queue.add(key, after=retry_at - self.clock())
             return
         self._update(key, self._try_start)
+
+    def _disks_failed(self, txn: Transaction, vm: Obj, message: str) -> None:
+        """Say why the disks cannot be made on the VM itself (DataVolumesReady False), and in an event."""
+        conditions = vm.setdefault("status", {}).setdefault("conditions", [])
+        conditions[:] = [c for c in conditions if c.get("type") != "DataVolumesReady"]
+        conditions.append({"type": "DataVolumesReady", "status": "False", "lastTransitionTime": objects.now(),
+                           "reason": "DiskError", "message": message})
+        self.record(txn, vm, "Warning", "DiskError", message)
 
     def _try_start(self, txn: Transaction, vm: Obj) -> None:
         """An automatic start (run strategy): admitted like any other; refused, it waits and retries."""
@@ -432,6 +466,10 @@ class Controller:
     def _finalize(self, key: Key, vm: Obj) -> None:
         uid = vm["metadata"]["uid"]
         self.hypervisor.undefine(*key, uid)
+        if self._clones_to_copy(key[0], key[1], uid):  # they copy their disks from ours: keep (or make) ours
+            self._ensure_disks(vm, vmspec.read(vm))
+            self.queue.add(key, after=1.0)
+            return
         self.disks.remove_vm(key[0], uid)
 
         def remove(txn: Transaction, vm: Obj) -> None:
@@ -441,6 +479,17 @@ class Controller:
 
         self._update(key, remove, expect_uid=uid)
         self._stop_deadlines.pop(key, None)
+
+    def _clones_to_copy(self, namespace: str, name: str, uid: str) -> list[str]:
+        """The clones of this VM whose disks are not copied yet, found through the VirtualMachineClones of its
+        namespace (far fewer than its VMs). A clone being deleted still counts: it may be the source of clones of
+        its own, and goes soon otherwise."""
+        reader = self.store.reader()
+        targets = {c["spec"]["target"]["name"] for c in reader.list(objects.VIRTUAL_MACHINE_CLONE, namespace)
+                   if c["spec"]["source"]["name"] == name}
+        clones = [reader.get(VM, namespace, target) for target in sorted(targets)]
+        return [vm["metadata"]["name"] for vm in clones if vm is not None and not volumes_ready(vm)
+                and objects.meta(vm).get("annotations", {}).get(CLONE_SOURCE_ANNOTATION) == f"{namespace}/{name}/{uid}"]
 
     def _update(self, key: Key, change: Callable[[Transaction, Obj], None], *, expect_uid: str | None = None) -> None:
         """Re-read the VM inside a transaction and apply `change`, so decisions use the latest state.
@@ -467,9 +516,10 @@ class Controller:
             self._copy_from_source(vm, source, missing)
         for disk in spec.disks:
             self.disks.ensure(self.disks.path(ns, uid, disk.name), disk.size)
-        conditions = (vm.get("status") or {}).get("conditions") or []
-        if not any(c.get("type") == "DataVolumesReady" and c.get("status") == "True" for c in conditions):
+        if not volumes_ready(vm):
             self._update(_key(vm), _volumes_ready, expect_uid=uid)
+            for clone in self._clones_to_copy(ns, vm["metadata"]["name"], uid):  # they may have found no disk to copy
+                self.queue.add((ns, clone))
 
     def _copy_from_source(self, vm: Obj, source: str, missing: list[vmspec.Disk]) -> None:
         """Copy a clone's disks from its source VM: live (point in time) if the source runs."""
@@ -528,7 +578,7 @@ class Controller:
         observed = self.hypervisor.observe_all()
         disk_dirs = self.disks.vm_dirs()
         known: dict[Key, str] = {}
-        for vm in self.store.reader().list(VM):
+        for vm in self.store.reader().each(VM):  # streamed: 100,000 parsed VMs at once would take gigabytes
             key = _key(vm)
             known[key] = vm["metadata"]["uid"]
             if needs_reconcile(vm, observed.get(key, ABSENT)):
@@ -560,12 +610,19 @@ def needs_reconcile(vm: Obj, seen: Observed) -> bool:
     phase = runtime_phase(vm)
     if deleting(vm) or phase in (Phase.STARTING, Phase.STOPPING, Phase.UNSCHEDULABLE, Phase.CRASH_LOOP):
         return True  # in flight, or waiting for a retry whose timer a restarted server no longer has
+    if not volumes_ready(vm):
+        return True  # its disks are not made yet: the server may have died between the create and the disks
     up = seen.up and seen.uid == vm["metadata"]["uid"]
     if up != usage.holds_runtime(phase):
         return True
     if up:
         return (seen.state is DomainState.PAUSED) != (phase is Phase.PAUSED)
-    return wants_running(vmspec.read(vm), vm)
+    return wants_running(vmspec.run_strategy(vm), vm)
+
+
+def volumes_ready(vm: Obj) -> bool:
+    conditions = (vm.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "DataVolumesReady" and c.get("status") == "True" for c in conditions)
 
 
 def _volumes_ready(txn: Transaction, vm: Obj) -> None:

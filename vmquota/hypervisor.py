@@ -194,11 +194,15 @@ class Hypervisor:
         try:
             return fn()
         except libvirt.libvirtError as e:
-            if e.get_error_code() in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR,
-                                      libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_INTERNAL_ERROR) and not self._alive():
-                raise errors.HypervisorUnavailable(f"{what}: the hypervisor at {self.uri} does not answer: "
-                                                   f"{e.get_error_message()}") from e
-            raise errors.HypervisorError(f"{what}: {e.get_error_message()}") from e
+            raise self._failure(what, e) from e
+
+    def _failure(self, what: str, e: libvirt.libvirtError) -> errors.HypervisorError:
+        """HypervisorUnavailable when the connection died (libvirtd went away): the caller retries, not fails."""
+        if e.get_error_code() in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR,
+                                  libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_INTERNAL_ERROR) and not self._alive():
+            return errors.HypervisorUnavailable(f"{what}: the hypervisor at {self.uri} does not answer: "
+                                                f"{e.get_error_message()}")
+        return errors.HypervisorError(f"{what}: {e.get_error_message()}")
 
     def _alive(self) -> bool:
         try:
@@ -215,7 +219,7 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
-            raise errors.HypervisorError(f"looking up the domain of {namespace}/{name}: {e.get_error_message()}") from e
+            raise self._failure(f"looking up the domain of {namespace}/{name}", e) from e
 
     def observe(self, namespace: str, name: str) -> Observed:
         dom = self._lookup(namespace, name)
@@ -226,7 +230,7 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return ABSENT  # undefined between the lookup and now
-            raise errors.HypervisorError(f"reading the state of {namespace}/{name}: {e.get_error_message()}") from e
+            raise self._failure(f"reading the state of {namespace}/{name}", e) from e
         return _observed(state, reason, dom.UUIDString())
 
     def observe_all(self) -> dict[tuple[str, str], Observed]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the connection is just closed
 DISCARD_TIMEOUT = 5.0
+MAX_DEPTH = 100  # objects nest about a dozen levels; far deeper bodies only exhaust recursive code
+MAX_VALUES = MAX_BODY_BYTES  # more than a JSON body of MAX_BODY_BYTES can hold: only YAML aliases expand past it
 _SEGMENT = re.compile(r"^[A-Za-z0-9.\-_]{1,253}$")
 _BY_GROUP_PLURAL = {(k.group, k.version, k.plural): k for k in objects.KINDS}
 SUBRESOURCES_GROUP = ("subresources.kubevirt.io", "v1")
@@ -145,11 +148,51 @@ def parse_body(raw: bytes, content_type: str) -> Any:
         raise errors.BadRequest("the body is not UTF-8") from e
     try:
         if "yaml" in content_type:
-            return yaml.safe_load(text)
-        return json.loads(text)
+            body = yaml.safe_load(text)
+        else:
+            body = json.loads(text, parse_constant=_not_json)
+    except RecursionError as e:
+        raise errors.BadRequest("the body is nested too deeply") from e
     except (ValueError, yaml.YAMLError) as e:
         raise errors.BadRequest(f"the body is not valid {'YAML' if 'yaml' in content_type else 'JSON'}: "
                                 f"{str(e).splitlines()[0][:200]}") from e
+    _check_plain(body)
+    return body
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _check_plain(body: Any) -> None:
+    """Refuse what parsed but is no plain JSON document, before any code relies on it being one: YAML dates,
+    binary, sets and non-string keys, NaN and infinities, strings that are not Unicode, nesting deeper than
+    MAX_DEPTH, and YAML aliases that expand to more than MAX_VALUES values (a "billion laughs")."""
+    stack, count = [(body, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            raise errors.BadRequest(f"the body holds more than {MAX_VALUES} values" if count > MAX_VALUES
+                                    else f"the body is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise errors.BadRequest(f"object keys must be strings, not {type(key).__name__} "
+                                            f"{str(key)[:40]!r}: quote it")
+                stack += [(key, depth + 1), (item, depth + 1)]
+        elif isinstance(value, list):
+            stack += [(item, depth + 1) for item in value]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise errors.BadRequest("strings must be valid Unicode (no lone surrogates)") from e
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise errors.BadRequest(f"{value} is not a JSON value")
+        elif value is not None and not isinstance(value, bool | int | float):
+            raise errors.BadRequest(f"the body holds a {type(value).__name__} value, which JSON cannot represent: "
+                                    f"quote it")
 
 
 def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
@@ -178,6 +221,8 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
             """The base class's own errors (unknown method, malformed request line or headers) as a Status
             too, instead of its HTML page."""
             self.close_connection = True
+            if code == HTTPStatus.NOT_IMPLEMENTED:  # a method no handler has: the client's error, as in Kubernetes
+                code = HTTPStatus.METHOD_NOT_ALLOWED
             status = HTTPStatus(code)
             payload = json.dumps(_status(code, status.name.title().replace("_", ""), message or status.phrase))
             self._send(code, b"" if self.command == "HEAD" else payload.encode())
