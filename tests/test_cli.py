@@ -390,7 +390,11 @@ def test_unreadable_or_unknown_apply_input_exits_2(cluster: Cluster, tmp_path: P
     scalar.write_text("--- just text\n")
     odd_list = tmp_path / "list.yaml"
     odd_list.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [vm_manifest("web-1"), 7]}))
-    for path in (str(tmp_path / "missing.yaml"), str(bad_kind), str(broken), str(scalar), str(odd_list)):
+    dated = tmp_path / "dated.yaml"  # an unquoted date is a YAML date, which JSON cannot carry
+    dated.write_text("apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: web-1, annotations: "
+                     "{when: 2026-11-27}}\nspec: {}\n")
+    for path in (str(tmp_path / "missing.yaml"), str(bad_kind), str(broken), str(scalar), str(odd_list),
+                 str(dated)):
         result = vmquota(cluster, "apply", "-f", path, "-n", cluster.ns)
         assert result.returncode == 2, path
         assert result.stderr.startswith("error: "), result.stderr

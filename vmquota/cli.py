@@ -161,6 +161,10 @@ def _documents(path: str) -> list[dict[str, Any]]:
                 raise UsageError(f"{path}: every document must be an object with apiVersion and kind")
             if item.get("metadata") is None:
                 item["metadata"] = {}  # `metadata:` left empty in YAML
+            try:
+                json.dumps(item, allow_nan=False)
+            except (TypeError, ValueError) as e:  # YAML dates, binary, sets, NaN: the API takes JSON only
+                raise UsageError(f"{path}: {e}; quote the value to send it as a string") from e
             flat.append(item)
     return flat
 
