@@ -8,6 +8,7 @@ with real SQLite and real qemu-img; only the hypervisor is simulated.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from vmquota import domainxml
 from vmquota.app import App
-from vmquota.client import Client, action_path
+from vmquota.client import Client, ClientError, action_path
 from vmquota.usage import OverheadModel
 
 pytest_plugins = ["kvm_harness"]  # the real-KVM fixtures: `server`, `kvm`
@@ -150,3 +151,54 @@ def _cleanup(c: Cluster) -> None:
             if dom.isActive():
                 dom.destroy()
             dom.undefine()
+
+
+def start_all_at_once(url: str, targets: list[tuple[str, str]]) -> list[int]:
+    """One start request per (namespace, name), each from its own thread and connection, all released
+    together by a barrier: the HTTP codes, sorted."""
+    barrier = threading.Barrier(len(targets))
+    codes: list[int] = []
+
+    def start(namespace: str, name: str) -> None:
+        client = Client(url)
+        barrier.wait()
+        try:
+            client.put(action_path(namespace, name, "start"))
+            codes.append(202)
+        except ClientError as e:
+            codes.append(e.code)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=start, args=target) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(codes)
+
+
+class Sampler:
+    """Reads one value over HTTP again and again on a thread, for as long as the `with` block runs."""
+
+    def __init__(self, url: str, read: Callable[[Client], Any]) -> None:
+        self.samples: list[Any] = []
+        self._url, self._read = url, read
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        client = Client(self._url)
+        try:
+            while not self._done.is_set():
+                self.samples.append(self._read(client))
+        finally:
+            client.close()
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()

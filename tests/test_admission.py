@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import Cluster, open_app, vm_manifest, wait_until
+from conftest import Cluster, Sampler, open_app, start_all_at_once, vm_manifest, wait_until
 
 from vmquota import quantity
-from vmquota.client import Client, ClientError
+from vmquota.client import ClientError
 
 
 def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothing(cluster: Cluster) -> None:
@@ -158,41 +156,12 @@ def test_concurrent_starts_never_push_used_above_hard(cluster: Cluster) -> None:
     names = [f"vm-{i}" for i in range(16)]
     for name in names:
         cluster.create_vm(vm_manifest(name, cores=1, disk=None))
-    samples: list[Decimal] = []
-    stop_sampling = threading.Event()
-
-    def sample() -> None:
-        client = Client(cluster.app.url)
-        while not stop_sampling.is_set():
-            samples.append(quantity.parse(client.get(
-                f"/api/v1/namespaces/{cluster.ns}/resourcequotas/compute")["status"]["used"]["limits.cpu"]))
-        client.close()
-
-    outcomes: list[int] = []
-    barrier = threading.Barrier(len(names))
-
-    def start(name: str) -> None:
-        client = Client(cluster.app.url)
-        barrier.wait()
-        try:
-            client.put(f"/apis/subresources.kubevirt.io/v1/namespaces/{cluster.ns}/virtualmachines/{name}/start")
-            outcomes.append(202)
-        except ClientError as e:
-            outcomes.append(e.code)
-        finally:
-            client.close()
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    threads = [threading.Thread(target=start, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    cluster.settle()
-    stop_sampling.set()
-    sampler.join()
-    assert sorted(outcomes) == [202] * 3 + [403] * 13
+    used_cpu = f"/api/v1/namespaces/{cluster.ns}/resourcequotas/compute"
+    with Sampler(cluster.app.url, lambda c: quantity.parse(c.get(used_cpu)["status"]["used"]["limits.cpu"])) as sampler:
+        outcomes = start_all_at_once(cluster.app.url, [(cluster.ns, name) for name in names])
+        cluster.settle()
+    samples = sampler.samples
+    assert outcomes == [202] * 3 + [403] * 13
     assert max(samples) <= 3
     assert cluster.used() == {"limits.cpu": "3", "requests.instances/vmi": "3"}
     running = [n for n in names if cluster.status(n) == "Running"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
-from conftest import Cluster, vm_manifest, wait_until
+from conftest import Cluster, Sampler, start_all_at_once, vm_manifest, wait_until
 
-from vmquota.client import Client, ClientError, action_path
+from vmquota.client import ClientError
 
 PROJECTS = "/apis/vmquota.io/v1/projects"
 
@@ -194,38 +193,11 @@ def test_concurrent_starts_across_namespaces_never_exceed_the_project(cluster: C
         cluster.create_namespace(ns, labels={"vmquota.io/project": project})
         for i in range(4):
             cluster.create_vm(vm_manifest(f"vm-{i}", cores=1, disk=None), namespace=ns)
-    barrier = threading.Barrier(12)
-    results: list[int] = []
-    samples: list[str] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        client = Client(cluster.app.url)
-        while not done.is_set():
-            samples.append(client.get(f"{PROJECTS}/{project}")["status"]["used"]["limits.cpu"])
-        client.close()
-
-    def start(ns: str, name: str) -> None:
-        client = Client(cluster.app.url)
-        barrier.wait()
-        try:
-            client.put(action_path(ns, name, "start"))
-            results.append(202)
-        except ClientError as e:
-            results.append(e.code)
-        finally:
-            client.close()
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    threads = [threading.Thread(target=start, args=(ns, f"vm-{i}")) for ns in namespaces for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    cluster.settle()
-    done.set()
-    sampler.join()
-    assert sorted(results) == [202] * 3 + [403] * 9
+    read_used = lambda client: client.get(f"{PROJECTS}/{project}")["status"]["used"]["limits.cpu"]  # noqa: E731
+    with Sampler(cluster.app.url, read_used) as sampler:
+        results = start_all_at_once(cluster.app.url, [(ns, f"vm-{i}") for ns in namespaces for i in range(4)])
+        cluster.settle()
+    samples = sampler.samples
+    assert results == [202] * 3 + [403] * 9
     assert set(samples) <= {"0", "1", "2", "3"}
     wait_until(lambda: project_used(cluster, project) == {"limits.cpu": "3"}, what="used to settle")

@@ -8,16 +8,13 @@ The guests have no operating system: QEMU boots into the BIOS and runs, which is
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
-from decimal import Decimal
 
 import pytest
-from conftest import wait_until
+from conftest import Sampler, start_all_at_once, wait_until
 from kvm_harness import Kvm, apply_vm, quota_doc
 
 from vmquota import quantity
-from vmquota.client import Client, ClientError, action_path
 
 pytestmark = pytest.mark.kvm
 
@@ -118,42 +115,13 @@ def test_concurrent_starts_for_the_last_bit_of_quota_never_exceed_hard(kvm: Kvm)
     names = [f"c{i}" for i in range(8)]
     for name in names:
         apply_vm(kvm, name, cores=1, memory="128Mi", disk=None)
-    samples: list[Decimal] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        client = Client(kvm.server.url)
-        while not done.is_set():
-            samples.append(quantity.parse(client.get(
-                f"/api/v1/namespaces/{kvm.ns}/resourcequotas/compute")["status"]["used"]["limits.cpu"]))
-        client.close()
-
-    results: list[int] = []
-    barrier = threading.Barrier(len(names))
-
-    def start(name: str) -> None:
-        client = Client(kvm.server.url)
-        barrier.wait()
-        try:
-            client.put(action_path(kvm.ns, name, "start"))
-            results.append(202)
-        except ClientError as e:
-            results.append(e.code)
-        finally:
-            client.close()
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    threads = [threading.Thread(target=start, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wait_until(lambda: len(kvm.running_domains()) == 3, timeout=30, what="three domains to run")
-    time.sleep(1)  # let anything wrongly admitted show up in libvirt, too
-    done.set()
-    sampler.join()
-    assert sorted(results) == [202] * 3 + [403] * 5
+    used_cpu = f"/api/v1/namespaces/{kvm.ns}/resourcequotas/compute"
+    with Sampler(kvm.server.url, lambda c: quantity.parse(c.get(used_cpu)["status"]["used"]["limits.cpu"])) as sampler:
+        results = start_all_at_once(kvm.server.url, [(kvm.ns, name) for name in names])
+        wait_until(lambda: len(kvm.running_domains()) == 3, timeout=30, what="three domains to run")
+        time.sleep(1)  # let anything wrongly admitted show up in libvirt, too
+    samples = sampler.samples
+    assert results == [202] * 3 + [403] * 5
     assert max(samples) <= 3
     assert len(kvm.running_domains()) == 3
     assert kvm.used() == {"limits.cpu": "3"}

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
 import yaml
-from conftest import wait_until
+from conftest import start_all_at_once, wait_until
 from kvm_harness import Kvm, apply_vm
-
-from vmquota.client import Client, ClientError, action_path
 
 pytestmark = pytest.mark.kvm
 PROJECTS = "/apis/vmquota.io/v1/projects"
@@ -119,26 +116,8 @@ def test_concurrent_starts_across_two_namespaces_never_exceed_the_project(kvm: K
                             "terminationGracePeriodSeconds": 0,
                             "domain": {"cpu": {"cores": 1}, "memory": {"guest": "128Mi"}}}}}})
             targets.append((ns, f"r{i}"))
-    barrier = threading.Barrier(len(targets))
-    results: list[int] = []
-
-    def start(ns: str, name: str) -> None:
-        client = Client(kvm.server.url)
-        barrier.wait()
-        try:
-            client.put(action_path(ns, name, "start"))
-            results.append(202)
-        except ClientError as e:
-            results.append(e.code)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=start, args=t) for t in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == [202] * 2 + [403] * 4  # 2500m of cpu: two 1-vCPU VMs fit, a third does not
+    results = start_all_at_once(kvm.server.url, targets)
+    assert results == [202] * 2 + [403] * 4  # 2500m of cpu: two 1-vCPU VMs fit, a third does not
     wait_until(lambda: len(kvm.conn.listAllDomains(1)) >= 2 and used(kvm, project)["limits.cpu"] == "2",
                timeout=30, what="two VMs to run")
     running = [d for d in kvm.conn.listAllDomains(1) if d.name().startswith(f"vmquota_{kvm.ns}")]
