@@ -455,10 +455,12 @@ class Controller:
         try:
             self._transition(txn, vm, Phase.STARTING, enforce=True)  # a refusal raises before any write
         except errors.QuotaExceeded as e:
-            status = vm.setdefault("status", {})
-            already = status.get("phase") == Phase.UNSCHEDULABLE.value
-            self._transition(txn, vm, Phase.UNSCHEDULABLE, enforce=False, reason="QuotaExceeded", message=e.message)
-            if not already:
+            conditions = vm.setdefault("status", {}).get("conditions") or []
+            # Refused again for the same reason: nothing to write, so retries do not churn the VM and its events.
+            same = runtime_phase(vm) is Phase.UNSCHEDULABLE and any(c.get("message") == e.message for c in conditions)
+            if not same:
+                self._transition(txn, vm, Phase.UNSCHEDULABLE, enforce=False, reason="QuotaExceeded",
+                                 message=e.message)
                 self.record(txn, vm, "Warning", "FailedCreate", e.message)
             key = _key(vm)
             txn.after_commit(lambda: self.queue.add(key, after=self.unschedulable_retry_seconds))
