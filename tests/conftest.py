@@ -17,9 +17,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from vmquota import domainxml
+from vmquota import domainxml, objects
 from vmquota.app import App
-from vmquota.client import Client, ClientError, action_path
+from vmquota.client import Client, ClientError, action_path, collection_path
 from vmquota.usage import OverheadModel
 
 pytest_plugins = ["kvm_harness"]  # the real-KVM fixtures: `server`, `kvm`
@@ -48,6 +48,22 @@ def vm_manifest(name: str, *, cores: int = 2, memory: str = "2Gi", disk: str | N
                                         "spec": {"storage": {"resources": {"requests": {"storage": disk}}}}}]
     spec.update(extra_spec)
     return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name}, "spec": spec}
+
+
+def vms_path(ns: str) -> str:
+    return collection_path(objects.VIRTUAL_MACHINE, ns)
+
+
+def quotas_path(ns: str) -> str:
+    return collection_path(objects.RESOURCE_QUOTA, ns)
+
+
+def clones_path(ns: str) -> str:
+    return collection_path(objects.VIRTUAL_MACHINE_CLONE, ns)
+
+
+def events_path(ns: str) -> str:
+    return collection_path(objects.EVENT, ns)
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import Cluster, vm_manifest
+from conftest import Cluster, clones_path, events_path, quotas_path, vm_manifest, vms_path
 
 from vmquota.client import ClientError
 
@@ -25,22 +25,6 @@ PROJECTS = "/apis/vmquota.io/v1/projects"
 NAMESPACES = "/api/v1/namespaces"
 ALL_VMS = "/apis/kubevirt.io/v1/virtualmachines"
 ALL_QUOTAS = "/api/v1/resourcequotas"
-
-
-def vms_path(ns: str) -> str:
-    return f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines"
-
-
-def quotas_path(ns: str) -> str:
-    return f"/api/v1/namespaces/{ns}/resourcequotas"
-
-
-def events_path(ns: str) -> str:
-    return f"/api/v1/namespaces/{ns}/events"
-
-
-def clones_path(ns: str) -> str:
-    return f"/apis/clone.kubevirt.io/v1beta1/namespaces/{ns}/virtualmachineclones"
 
 
 def raw(cluster: Cluster, method: str, path: str, body: bytes | None = None,

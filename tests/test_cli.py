@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import Cluster, vm_manifest
+from conftest import Cluster, vm_manifest, vms_path
 
 from vmquota.client import ClientError
 
@@ -42,10 +42,6 @@ def header(output: str) -> list[str]:
 def rows(output: str) -> dict[str, list[str]]:
     """Table rows by their first cell."""
     return {line.split()[0]: line.split() for line in output.splitlines()[1:]}
-
-
-def vms_path(ns: str) -> str:
-    return f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines"
 
 
 def quota_doc(ns: str, hard: dict[str, str], name: str = "compute") -> dict[str, Any]:

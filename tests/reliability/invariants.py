@@ -19,6 +19,12 @@ from typing import Any
 
 import libvirt
 
+# The API paths, defined once in conftest; `as` marks them re-exported for the reliability tests.
+from conftest import clones_path as clones_path
+from conftest import events_path as events_path
+from conftest import quotas_path as quotas_path
+from conftest import vms_path as vms_path
+
 from vmquota import quantity
 from vmquota.client import Client
 
@@ -38,22 +44,6 @@ Resources = dict[str, Decimal]
 
 def q(value: Any) -> Decimal:
     return quantity.parse(value)
-
-
-def vms_path(ns: str) -> str:
-    return f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines"
-
-
-def quotas_path(ns: str) -> str:
-    return f"/api/v1/namespaces/{ns}/resourcequotas"
-
-
-def clones_path(ns: str) -> str:
-    return f"/apis/clone.kubevirt.io/v1beta1/namespaces/{ns}/virtualmachineclones"
-
-
-def events_path(ns: str) -> str:
-    return f"/api/v1/namespaces/{ns}/events"
 
 
 # -- what a VM charges, from its spec alone ------------------------------------------------------------
