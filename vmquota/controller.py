@@ -444,10 +444,7 @@ class Controller:
 
     def _disks_failed(self, txn: Transaction, vm: Obj, message: str) -> None:
         """Say why the disks cannot be made on the VM itself (DataVolumesReady False), and in an event."""
-        conditions = vm.setdefault("status", {}).setdefault("conditions", [])
-        conditions[:] = [c for c in conditions if c.get("type") != "DataVolumesReady"]
-        conditions.append({"type": "DataVolumesReady", "status": "False", "lastTransitionTime": objects.now(),
-                           "reason": "DiskError", "message": message})
+        set_volumes_condition(vm, ready=False, reason="DiskError", message=message)
         self.record(txn, vm, "Warning", "DiskError", message)
 
     def _try_start(self, txn: Transaction, vm: Obj) -> None:
@@ -627,11 +624,16 @@ def volumes_ready(vm: Obj) -> bool:
     return any(c.get("type") == "DataVolumesReady" and c.get("status") == "True" for c in conditions)
 
 
-def _volumes_ready(txn: Transaction, vm: Obj) -> None:
+def set_volumes_condition(vm: Obj, *, ready: bool, reason: str, message: str) -> None:
+    """KubeVirt's DataVolumesReady condition: whether every disk of the VM exists, and why not."""
     conditions = vm.setdefault("status", {}).setdefault("conditions", [])
     conditions[:] = [c for c in conditions if c.get("type") != "DataVolumesReady"]
-    conditions.append({"type": "DataVolumesReady", "status": "True", "lastTransitionTime": objects.now(),
-                       "reason": "AllDVsReady", "message": "all of the VM's disks exist"})
+    conditions.append({"type": "DataVolumesReady", "status": "True" if ready else "False",
+                       "lastTransitionTime": objects.now(), "reason": reason, "message": message})
+
+
+def _volumes_ready(txn: Transaction, vm: Obj) -> None:
+    set_volumes_condition(vm, ready=True, reason="AllDVsReady", message="all of the VM's disks exist")
 
 
 def _key(vm: Obj) -> Key:
