@@ -137,9 +137,18 @@ def all_usage(reader: Reader) -> dict[str, r.ResourceList]:
     return totals
 
 
+def membership(reader: Reader) -> dict[str, list[str]]:
+    """Every project's namespaces, in one pass over the namespaces."""
+    namespaces_of: dict[str, list[str]] = defaultdict(list)
+    for ns in reader.list(objects.NAMESPACE):
+        project = objects.labels(ns).get(objects.PROJECT_LABEL)
+        if project:
+            namespaces_of[project].append(ns["metadata"]["name"])
+    return namespaces_of
+
+
 def members(reader: Reader, project: str) -> list[str]:
-    return [ns["metadata"]["name"] for ns in reader.list(objects.NAMESPACE)
-            if objects.labels(ns).get(objects.PROJECT_LABEL) == project]
+    return membership(reader).get(project, [])
 
 
 def project_usage(reader: Reader, project: str) -> r.ResourceList:
@@ -170,11 +179,7 @@ def recount(txn: Transaction) -> list[str]:
         quota = quota_of(objects.RESOURCE_QUOTA, quota_obj)
         if _write_used(txn, quota, usage.get(quota_obj["metadata"]["namespace"], {})):
             drifted.append(f"{quota_obj['metadata']['namespace']}/{quota.display}")
-    namespaces_of: dict[str, list[str]] = defaultdict(list)  # one pass over the namespaces, not one per project
-    for ns in txn.list(objects.NAMESPACE):
-        project = objects.labels(ns).get(objects.PROJECT_LABEL)
-        if project:
-            namespaces_of[project].append(ns["metadata"]["name"])
+    namespaces_of = membership(txn)  # one pass over the namespaces, not one per project
     for project_obj in txn.list(objects.PROJECT):
         quota = quota_of(objects.PROJECT, project_obj)
         total: r.ResourceList = {}
