@@ -76,11 +76,9 @@ class Reader:
 
     def list(self, kind: Kind, namespace: str | None = None) -> list[Obj]:
         if namespace is None:
-            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
-                                      (kind.kind,))
-        else:
-            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
-                                      (kind.kind, namespace))
+            return builtins.list(self.each(kind))
+        rows = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
+                                  (kind.kind, namespace))
         return [json.loads(body) for (body,) in rows]
 
     def each(self, kind: Kind) -> Iterator[Obj]:
