@@ -66,6 +66,15 @@ def events_path(ns: str) -> str:
     return collection_path(objects.EVENT, ns)
 
 
+def vm_state_row(vm: dict[str, Any]) -> tuple[Any, ...]:
+    """The row `Reader.vm_states` must give for a VM, worked out here from its body."""
+    meta, spec, status = vm["metadata"], vm["spec"], vm.get("status") or {}
+    running = spec.get("running")
+    ready = any(c.get("type") == "DataVolumesReady" and c.get("status") == "True" for c in status.get("conditions", []))
+    return (meta["namespace"], meta["name"], meta["uid"], status.get("phase"), int("deletionTimestamp" in meta),
+            spec.get("runStrategy"), None if running is None else int(running), status.get("lastExit"), int(ready))
+
+
 def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

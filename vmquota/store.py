@@ -11,7 +11,9 @@ Tables:
     charges(namespace, name, resources)            -- what each VM charges now (the ledger)
     counters(name, value)                          -- the resourceVersion sequence
     settings(name, value)                          -- this installation's instance id
-Cluster-scoped objects have namespace ''.
+    vm_states(namespace, name, uid, phase, ...)    -- the few fields of every VM a recount compares
+Cluster-scoped objects have namespace ''. Triggers keep `vm_states` equal to what the VM
+bodies say, in the same transaction: it is an index, never written directly.
 """
 
 from __future__ import annotations
@@ -41,7 +43,38 @@ CREATE TABLE IF NOT EXISTS charges (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vm_states (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
+    phase TEXT, deleting INTEGER NOT NULL, run_strategy TEXT, running INTEGER, last_exit TEXT,
+    volumes_ready INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name)
+) WITHOUT ROWID;
 """
+
+# What `vm_states` holds of a VM, read out of its JSON body by SQLite when the body is written. The recount
+# compares every VM with the hypervisor; reading these from 100,000 whole bodies took it 0.7 to 1.4 s.
+_VM_STATE = """{body}->>'$.status.phase', {body}->>'$.metadata.deletionTimestamp' IS NOT NULL,
+    {body}->>'$.spec.runStrategy', {body}->>'$.spec.running', {body}->>'$.status.lastExit',
+    EXISTS (SELECT 1 FROM json_each({body}, '$.status.conditions') AS c
+            WHERE c.value->>'$.type' = 'DataVolumesReady' AND c.value->>'$.status' = 'True')"""
+_VM = "'VirtualMachine'"
+_VM_STATE_TRIGGERS = f"""
+DROP TRIGGER IF EXISTS vm_states_insert;
+DROP TRIGGER IF EXISTS vm_states_update;
+DROP TRIGGER IF EXISTS vm_states_delete;
+CREATE TRIGGER vm_states_insert AFTER INSERT ON objects WHEN NEW.kind = {_VM} BEGIN
+    INSERT OR REPLACE INTO vm_states VALUES (NEW.namespace, NEW.name, NEW.uid, {_VM_STATE.format(body="NEW.body")});
+END;
+CREATE TRIGGER vm_states_update AFTER UPDATE ON objects WHEN NEW.kind = {_VM} BEGIN
+    INSERT OR REPLACE INTO vm_states VALUES (NEW.namespace, NEW.name, NEW.uid, {_VM_STATE.format(body="NEW.body")});
+END;
+CREATE TRIGGER vm_states_delete AFTER DELETE ON objects WHEN OLD.kind = {_VM} BEGIN
+    DELETE FROM vm_states WHERE namespace = OLD.namespace AND name = OLD.name;
+END;
+DELETE FROM vm_states;
+INSERT INTO vm_states SELECT namespace, name, uid, {_VM_STATE.format(body="body")} FROM objects WHERE kind = {_VM};
+"""
+SCHEMA_VERSION = 1  # raise it when _VM_STATE_TRIGGERS change: opening an older file rebuilds vm_states
 
 EVENTS_KEPT_PER_NAMESPACE = 500
 
@@ -90,6 +123,15 @@ class Reader:
         for (body,) in self._conn.execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
                                           (kind.kind,)):
             yield json.loads(body)
+
+    def vm_states(self) -> Iterator[tuple[str, str, str, str | None, int, str | None, int | None, str | None, int]]:
+        """(namespace, name, uid, status.phase, deleting, spec.runStrategy, spec.running, status.lastExit,
+        DataVolumesReady) of every VM, in namespace and name order, without reading a body.
+
+        Flags are 0 or 1; a missing field is None (spec.running is 1 or 0 when set).
+        """
+        yield from self._conn.execute("SELECT namespace, name, uid, phase, deleting, run_strategy, running, last_exit, "
+                                      "volumes_ready FROM vm_states ORDER BY namespace, name")
 
     def names(self, kind: Kind, namespace: str | None = None) -> builtins.list[tuple[str, str]]:
         """(namespace, name) of every object of a kind, without reading bodies."""
@@ -201,6 +243,9 @@ class Store:
         self._lock = threading.RLock()
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA)
+        if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} PRAGMA user_version={SCHEMA_VERSION}; "
+                                       "COMMIT;")
         row = self._writer.execute("SELECT value FROM counters WHERE name='rv'").fetchone()
         self._rv: int = row[0] if row else 0
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
