@@ -7,6 +7,7 @@ import pytest
 from conftest import HOST, Cluster, vm_manifest, wait_until
 
 from vmquota.client import ClientError
+from vmquota.objects import VIRTUAL_MACHINE
 
 QUOTA = {"limits.cpu": "4", "limits.memory": "4Gi", "requests.storage": "20Gi",
          "count/virtualmachines.kubevirt.io": "3", "requests.instances/vmi": "2"}
@@ -228,4 +229,61 @@ def test_foreign_domains_are_never_touched(quota: Cluster) -> None:
         assert conn.lookupByName("test").isActive()  # libvirt's own sample domain, untouched
     finally:
         foreign.destroy()
+        foreign.undefine()
+
+
+def queued_by_a_recount(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """The VMs one full recount queues for the controller to look at."""
+    queued: list[tuple[str, str]] = []
+    add = cluster.app.controller.queue.add
+    with monkeypatch.context() as patch:
+        patch.setattr(cluster.app.controller.queue, "add", lambda key, **kw: (queued.append(key), add(key, **kw)))
+        assert cluster.app.controller.resync() == []
+    return queued
+
+
+def test_a_recount_of_settled_vms_queues_nothing(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster.create_vm(vm_manifest("web-1", strategy="Always"))
+    cluster.create_vm(vm_manifest("web-2", strategy="Manual"))
+    cluster.create_vm(vm_manifest("job", strategy="RerunOnFailure"))
+    cluster.action("web-2", "start")
+    for name in ("web-1", "web-2", "job"):
+        cluster.wait_status(name, "Running")
+    cluster.action("web-2", "stop")
+    cluster.domain("job").shutdown()  # a guest shutdown: RerunOnFailure leaves it off
+    cluster.wait_status("web-2", "Stopped")
+    cluster.wait_status("job", "Stopped")
+    cluster.settle()
+    assert queued_by_a_recount(cluster, monkeypatch) == []
+    with monkeypatch.context() as patch:  # started behind vmquota's back, and libvirt's event is lost
+        patch.setattr(cluster.app.controller.hypervisor, "_on_event", None)
+        cluster.domain("web-2").create()
+        assert cluster.status("web-2") == "Stopped"
+        assert queued_by_a_recount(cluster, monkeypatch) == [(cluster.ns, "web-2")]  # the recount notices
+    cluster.wait_status("web-2", "Running")
+
+
+def test_a_recount_removes_what_vmquota_made_for_vms_that_are_gone(quota: Cluster) -> None:
+    for name in ("up", "off"):
+        quota.create_vm(vm_manifest(name, strategy="Manual"))
+        quota.action(name, "start")
+        quota.wait_status(name, "Running")
+    quota.action("off", "stop")
+    quota.wait_status("off", "Stopped")
+    disks = {name: quota.app.controller.disks.vm_dir(quota.ns, quota.vm(name)["metadata"]["uid"])
+             for name in ("up", "off")}
+    assert all(folder.exists() for folder in disks.values())
+    with quota.app.store.transaction() as txn:  # both VMs vanish from the store, as if lost behind vmquota's back
+        for name in ("up", "off"):
+            txn.delete(VIRTUAL_MACHINE, quota.ns, name)
+            txn.set_charge(quota.ns, name, None)
+    foreign = HOST.defineXML(f"<domain type='test'><name>vmquota_{quota.ns}_stranger</name><memory>65536</memory>"
+                             "<vcpu>1</vcpu><os><type>hvm</type></os></domain>")
+    try:
+        quota.app.controller.resync()
+        names = {d.name() for d in HOST.listAllDomains()}
+        assert f"vmquota_{quota.ns}_up" not in names and f"vmquota_{quota.ns}_off" not in names
+        assert not any(folder.exists() for folder in disks.values())
+        assert f"vmquota_{quota.ns}_stranger" in names  # a domain vmquota did not make is never touched
+    finally:
         foreign.undefine()

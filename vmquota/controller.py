@@ -16,6 +16,7 @@ Middle layer, between the API (`api.py`, above) and the store, hypervisor and di
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import functools
 import logging
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from vmquota import accounting, domainxml, errors, objects, usage, vmspec, vmstatus
 from vmquota.disks import Disks
@@ -66,9 +68,9 @@ def last_exit(vm: Obj) -> str | None:
     return (vm.get("status") or {}).get("lastExit")
 
 
-def wants_running(strategy: RunStrategy, vm: Obj) -> bool:
-    """Whether the run strategy asks for a runtime now (KubeVirt's meaning of each strategy)."""
-    exit_reason = last_exit(vm)
+def wants_running(strategy: RunStrategy, exit_reason: str | None) -> bool:
+    """Whether the run strategy asks for a runtime now (KubeVirt's meaning of each strategy), given how
+    the VM last went off (`status.lastExit`)."""
     match strategy:
         case RunStrategy.ALWAYS:
             return True
@@ -169,7 +171,7 @@ class Controller:
     def admit_new(self, txn: Transaction, vm: Obj) -> None:
         """A new VM: charge count and storage, and compute too when its strategy starts it."""
         spec = vmspec.read(vm)
-        phase = Phase.STARTING if wants_running(spec.run_strategy, vm) else Phase.STOPPED
+        phase = Phase.STARTING if wants_running(spec.run_strategy, last_exit(vm)) else Phase.STOPPED
         self._transition(txn, vm, phase, spec=spec, enforce=True)
 
     def admit_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
@@ -208,7 +210,7 @@ class Controller:
         phase = runtime_phase(vm)
         spec = vmspec.read(vm)
         waiting = phase in (Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)  # not running, but would be: stop it
-        if not usage.holds_runtime(phase) and not waiting and not wants_running(spec.run_strategy, vm):
+        if not usage.holds_runtime(phase) and not waiting and not wants_running(spec.run_strategy, last_exit(vm)):
             raise errors.Conflict("VM is not running")
         self._set_strategy(vm, spec, running=False)
         key = _key(vm)
@@ -342,7 +344,7 @@ class Controller:
     def _after_failure(self, txn: Transaction, vm: Obj, *, reason: str, message: str, retry_at_once: bool) -> None:
         """Stopped by a failure: restart if the strategy says so, backing off when it keeps failing."""
         status = vm.setdefault("status", {})
-        if not wants_running(vmspec.run_strategy(vm), vm):
+        if not wants_running(vmspec.run_strategy(vm), last_exit(vm)):
             self._transition(txn, vm, Phase.STOPPED, enforce=False, reason=reason, message=message)
             return
         ran_for = self.clock() - float(status.get("runningSince", 0) or 0)
@@ -411,7 +413,7 @@ class Controller:
                 self._after_failure(txn, vm, reason=exit_reason.value, message=message, retry_at_once=True)
             else:
                 self._transition(txn, vm, Phase.STOPPED, enforce=False)
-                if wants_running(vmspec.run_strategy(vm), vm):
+                if wants_running(vmspec.run_strategy(vm), last_exit(vm)):
                     self._try_start(txn, vm)
 
         self._update(key, went_off)
@@ -434,7 +436,7 @@ class Controller:
                             "the domain was found running; charged as it is")
             self._update(key, found_running)
             return
-        if not wants_running(spec.run_strategy, vm):
+        if not wants_running(spec.run_strategy, last_exit(vm)):
             return
         retry_at = float((vm.get("status") or {}).get("startFailure", {}).get("retryAfterTimestamp", 0) or 0)
         if retry_at > self.clock():
@@ -572,30 +574,46 @@ class Controller:
 
         Returns the quotas whose used had drifted from the ledger (normally none).
         """
-        # Look at the hypervisor and the disks before the VMs: anything made after this look belongs to a
-        # VM the list below already holds, so garbage collection never takes a new VM's domain or disks.
-        observed = self.hypervisor.observe_all()
-        disk_dirs = self.disks.vm_dirs()
-        known: dict[Key, str] = {}
-        for vm in self.store.reader().each(VM):  # streamed: 100,000 parsed VMs at once would take gigabytes
-            key = _key(vm)
-            known[key] = vm["metadata"]["uid"]
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="resync") as pool:
+            # The ledger is summed while libvirt lists the domains and the disk folders are listed: those
+            # two wait mostly outside Python's lock, so the three take little more than the longest.
+            domains, folders = pool.submit(self.hypervisor.observe_all), pool.submit(self.disks.vm_dirs)
+            with self.store.transaction() as txn:
+                drifted = accounting.recount(txn)
+            # Look at the hypervisor and the disks before the VMs: anything made after this look belongs to
+            # a VM the list below already holds, so garbage collection never takes a new VM's domain or disks.
+            observed, disk_dirs = domains.result(), folders.result()
+        known: dict[Key, str] = {}  # every VM's uid
+        for row in self.store.reader().vm_states():  # only the fields the comparison needs, streamed
+            vm = StoredVM.from_row(row)
+            key = (vm.namespace, vm.name)
+            known[key] = vm.uid
             if needs_reconcile(vm, observed.get(key, ABSENT)):
                 self.queue.add(key)
+        self._collect_garbage(known, observed, disk_dirs)
+        for quota in drifted:
+            log.warning("recount corrected the used of %s", quota)
+        return drifted
+
+    def _collect_garbage(self, known: dict[Key, str], observed: dict[Key, Observed],
+                         disk_dirs: list[tuple[str, str]]) -> None:
+        """Remove the domains and disk folders vmquota made for VMs that no longer exist."""
         for key, seen in observed.items():
-            if seen.uid and known.get(key) != seen.uid and self.hypervisor.owner(*key) == seen.uid:
-                log.warning("removing domain %s/%s: vmquota made it for a VM that no longer exists", *key)
-                self.hypervisor.remove_orphan(*key, seen.uid)
+            uid = known.get(key)
+            # A domain without a VM, or a running one made for an earlier VM of the same name. (An off domain
+            # of an earlier VM is replaced when the new VM starts, or removed with it.)
+            if uid is not None and (seen.uid is None or seen.uid == uid):
+                continue
+            owner = self.hypervisor.owner(*key)
+            if owner is None or owner == uid:
+                continue
+            log.warning("removing domain %s/%s: vmquota made it for a VM that no longer exists", *key)
+            self.hypervisor.remove_orphan(*key, owner)
         uids = set(known.values())
         for ns, uid in disk_dirs:
             if uid not in uids:
                 log.warning("removing the disks of a deleted VM: %s/%s", ns, uid)
                 self.disks.remove_vm(ns, uid)
-        with self.store.transaction() as txn:
-            drifted = accounting.recount(txn)
-        for quota in drifted:
-            log.warning("recount corrected the used of %s", quota)
-        return drifted
 
 
 def clone_disks(vm: Obj) -> dict[str, str]:
@@ -604,19 +622,41 @@ def clone_disks(vm: Obj) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in text.split(",") if "=" in pair)
 
 
-def needs_reconcile(vm: Obj, seen: Observed) -> bool:
+class StoredVM(NamedTuple):
+    """What the recount compares with the hypervisor for one VM: a row of `Reader.vm_states`."""
+
+    namespace: str
+    name: str
+    uid: str
+    phase: Phase  # status.phase, the phase the controller acts on
+    deleting: bool  # metadata.deletionTimestamp is set
+    volumes_ready: bool  # the DataVolumesReady condition is True
+    run_strategy: str | None  # spec.runStrategy
+    running: int | None  # spec.running, 1 or 0 when set
+    last_exit: str | None  # status.lastExit
+
+    @staticmethod
+    def from_row(row: tuple[str, str, str, str | None, int, str | None, int | None, str | None, int]) -> StoredVM:
+        namespace, name, uid, phase, deleting, run_strategy, running, exit_reason, volumes_ready = row
+        return StoredVM(namespace, name, uid, _PHASES[phase or Phase.STOPPED.value], bool(deleting),
+                        bool(volumes_ready), run_strategy, running, exit_reason)
+
+
+_PHASES = {phase.value: phase for phase in Phase}
+
+
+def needs_reconcile(vm: StoredVM, seen: Observed) -> bool:
     """Whether a VM's phase disagrees with what the hypervisor shows, or still has somewhere to go."""
-    phase = runtime_phase(vm)
-    if deleting(vm) or phase in (Phase.STARTING, Phase.STOPPING, Phase.UNSCHEDULABLE, Phase.CRASH_LOOP):
+    if vm.deleting or vm.phase in (Phase.STARTING, Phase.STOPPING, Phase.UNSCHEDULABLE, Phase.CRASH_LOOP):
         return True  # in flight, or waiting for a retry whose timer a restarted server no longer has
-    if not volumes_ready(vm):
+    if not vm.volumes_ready:
         return True  # its disks are not made yet: the server may have died between the create and the disks
-    up = seen.up and seen.uid == vm["metadata"]["uid"]
-    if up != usage.holds_runtime(phase):
+    up = seen.up and seen.uid == vm.uid
+    if up != usage.holds_runtime(vm.phase):
         return True
     if up:
-        return (seen.state is DomainState.PAUSED) != (phase is Phase.PAUSED)
-    return wants_running(vmspec.run_strategy(vm), vm)
+        return (seen.state is DomainState.PAUSED) != (vm.phase is Phase.PAUSED)
+    return wants_running(vmspec.stored_run_strategy(vm.run_strategy, vm.running), vm.last_exit)
 
 
 def volumes_ready(vm: Obj) -> bool:

@@ -27,10 +27,10 @@ def parse_domain_name(domain: str) -> tuple[str, str] | None:
     """(namespace, name) for a name `domain_name` could have made; None otherwise."""
     if not domain.startswith(DOMAIN_PREFIX):
         return None
-    parts = domain[len(DOMAIN_PREFIX):].split("_")
-    if len(parts) != 2 or not all(parts):
+    namespace, _, name = domain[len(DOMAIN_PREFIX):].partition("_")
+    if not namespace or not name or "_" in name:
         return None
-    return parts[0], parts[1]
+    return namespace, name
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class ExitCause(enum.StrEnum):
     FAILED = "Failed"  # QEMU failed or was killed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a recount holds one per domain
 class Observed:
     state: DomainState
     uid: str | None = None
@@ -59,6 +59,7 @@ class Observed:
 
 
 ABSENT = Observed(DomainState.ABSENT)
+OFF = Observed(DomainState.OFF)  # a domain that is off, as a recount sees it: its UUID is not asked for
 
 _STATES = {
     libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
@@ -234,11 +235,23 @@ class Hypervisor:
         return _observed(state, reason, dom.UUIDString())
 
     def observe_all(self) -> dict[tuple[str, str], Observed]:
-        """Every domain with a vmquota name, in one call: the hypervisor's truth for a recount."""
+        """Every domain with a vmquota name: the hypervisor's truth for a recount.
+
+        Domains that are off come by name only (OFF, uid None), which is all a recount needs of them; the
+        running ones with their state and UUID. That halves the Python work per domain at 100,000 domains.
+        The off ones are listed first, so a domain started in between is seen running, not off; one that
+        stops in between is missed, which only queues its VM for a look (the controller looks again).
+        """
         conn = self._connection()
+        off = self._call("listing defined domains", conn.listDefinedDomains)
+        up = self._call("listing running domains", lambda: conn.getAllDomainStats(
+            libvirt.VIR_DOMAIN_STATS_STATE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE))
         found: dict[tuple[str, str], Observed] = {}
-        stats = self._call("listing domains", lambda: conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE))
-        for dom, values in stats:
+        for domain in off:
+            parsed = domainxml.parse_domain_name(domain)
+            if parsed:
+                found[parsed] = OFF
+        for dom, values in up:
             parsed = domainxml.parse_domain_name(dom.name())
             if parsed:
                 found[parsed] = _observed(values["state.state"], values["state.reason"], dom.UUIDString())
