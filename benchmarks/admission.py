@@ -188,7 +188,7 @@ def durable_admission(vms: int, batches: int) -> SectionResult:
     """
     with tempfile.TemporaryDirectory(prefix="vmquota-bench-durable-") as tmp:
         bed = Bed(Path(tmp) / "store", vms)
-        raw = _connect(Path(tmp) / "raw.db")  # the store's own connection settings: WAL, synchronous=NORMAL
+        raw = _connect(Path(tmp) / "raw.db")  # the store's own connection settings: WAL, synchronous=FULL
         settings = {p: raw.execute(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "synchronous")}
         raw.execute("CREATE TABLE bench (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
         raw.execute("INSERT INTO bench VALUES (1, 0)")

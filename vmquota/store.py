@@ -82,8 +82,10 @@ EVENTS_KEPT_PER_NAMESPACE = 500
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode survives a killed process (only an OS crash may lose the last commits).
-    conn.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit reaches the disk before it returns, so what the API acknowledged (a VM created, a start
+    # admitted) survives an OS crash or a power cut too, as etcd's writes do for Kubernetes. NORMAL would
+    # only survive a killed process, for about 0.25 ms less per write transaction on this machine's disk.
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
