@@ -29,6 +29,8 @@ class QuantityError(ValueError):
 
 def parse(text: str | int | float) -> Decimal:
     """Parse a quantity; ints and floats (as YAML gives them) are accepted as plain numbers."""
+    if type(text) is str:  # nearly always: stored quantities are strings
+        return _parse_text(text)
     if isinstance(text, bool):
         raise QuantityError(f"quantities must be a number or a string like '2Gi', not {text!r}")
     if isinstance(text, int | float):
