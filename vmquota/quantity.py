@@ -41,7 +41,7 @@ def parse(text: str | int | float) -> Decimal:
 
 
 # Admission parses and renders every covering quota's hard and used on each start and stop, and they take
-# few distinct values: remembering them took a third off an admitted start. Equal decimals always render
+# few distinct values: remembering them took a quarter off an admitted start. Equal decimals always render
 # alike (2 and 2.0 both as "2"), so a cached rendering is never the wrong spelling.
 @functools.lru_cache(maxsize=4096)
 def _parse_text(text: str) -> Decimal:
