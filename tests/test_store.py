@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
-from conftest import vm_manifest, vm_state_row
+from conftest import vm_manifest, vm_state_row, wait_until
 
-from vmquota import objects
+from vmquota import errors, objects
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.store import Store
 
@@ -95,3 +96,102 @@ def test_opening_a_store_made_before_vm_states_builds_them(tmp_path: Path) -> No
     new_vm(store, "ns2", "c", runStrategy="Manual")  # and it is kept from then on
     assert states(store) == bodies(store)
     store.close()
+
+
+class Group:
+    """Two writers that land in one group commit: `first` ends its transaction while `second` waits for the
+    write lock, so the group stays open for `second`, which commits both (or fails both)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.results: dict[str, BaseException | None] = {}
+
+    def run(self, first: Any, second: Any) -> dict[str, BaseException | None]:
+        inside = threading.Event()
+
+        def one() -> None:
+            with self.store.transaction() as txn:
+                inside.set()
+                wait_until(lambda: self.store._waiting == 1, timeout=5, what="the second writer to wait")
+                first(txn)
+
+        def two() -> None:
+            inside.wait(5)
+            with self.store.transaction() as txn:
+                second(txn)
+
+        threads = [threading.Thread(target=self._record, args=(name, fn)) for name, fn in (("one", one), ("two", two))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        return self.results
+
+    def _record(self, name: str, fn: Any) -> None:
+        try:
+            fn()
+            self.results[name] = None
+        except BaseException as e:  # the test looks at what each writer saw
+            self.results[name] = e
+
+
+def create_namespace(name: str) -> Any:
+    return lambda txn: txn.create(objects.NAMESPACE, {"metadata": {"name": name}})
+
+
+def namespaces(store: Store) -> list[str]:
+    return [name for _, name in store.reader().names(objects.NAMESPACE)]
+
+
+def test_writers_that_wait_for_each_other_commit_together_and_each_sees_its_writes_durable(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.db")
+    writer = store._writer = WatchedWriter(store._writer)  # type: ignore[assignment]
+    results = Group(store).run(create_namespace("a"), create_namespace("b"))
+    assert results == {"one": None, "two": None}
+    assert writer.commits == 1  # one fsync for both
+    assert namespaces(store) == ["a", "b"]  # a fresh reader sees both: each returned after the commit
+    store.close()
+    assert namespaces(Store(tmp_path / "store.db")) == ["a", "b"]
+
+
+def test_a_failed_writer_in_a_group_undoes_only_its_own_writes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.db")
+    revision = store.revision
+
+    def fails(txn: Any) -> None:
+        create_namespace("b")(txn)
+        raise RuntimeError("refused")
+
+    results = Group(store).run(create_namespace("a"), fails)
+    assert results["one"] is None and isinstance(results["two"], RuntimeError)
+    assert namespaces(store) == ["a"]
+    assert store.revision == revision + 1  # b's resourceVersion was handed back
+
+
+class WatchedWriter:
+    """The writer connection, counting its COMMITs; with `fail`, the first one fails, as on a full disk."""
+
+    def __init__(self, conn: sqlite3.Connection, *, fail: bool = False) -> None:
+        self.conn, self.fail, self.commits = conn, fail, 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            self.commits += 1
+            if self.fail and self.commits == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_a_commit_that_fails_fails_every_writer_of_the_group_and_keeps_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.db")
+    revision = store.revision
+    store._writer = WatchedWriter(store._writer, fail=True)  # type: ignore[assignment]
+    results = Group(store).run(create_namespace("a"), create_namespace("b"))
+    assert all(isinstance(e, errors.StoreError) and "disk is full" in str(e) for e in results.values()), results
+    assert namespaces(store) == [] and store.revision == revision
+    with store.transaction() as txn:  # and the store goes on
+        create_namespace("c")(txn)
+    assert namespaces(store) == ["c"]

@@ -88,6 +88,10 @@ class Conflict(ApiError):
     reason = "Conflict"
 
 
+class StoreError(VmquotaError):
+    """The store could not commit (its disk is full or failing): nothing of the request was kept."""
+
+
 class HypervisorError(VmquotaError):
     """libvirt or qemu-img failed; the message names the VM or file."""
 

@@ -242,7 +242,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA)
         if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
@@ -256,39 +256,83 @@ class Store:
         self.instance_id: str = self._writer.execute(
             "SELECT value FROM settings WHERE name='instance'").fetchone()[0]
         self._local = threading.local()
+        self._owner: int | None = None  # the thread in a transaction now
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
+        self._group: _Group | None = None  # the SQLite transaction that ended transactions wait to commit
+        self._waiting = 0  # threads waiting for the write lock: the group stays open for them
+        self._waiting_lock = threading.Lock()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """One atomic unit of writes under the process-wide write lock; nested calls join the outer one."""
-        with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield Transaction(self._writer, self)
-                finally:
-                    self._depth -= 1
-                return
-            rv_before = self._rv
-            self._writer.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+        """One atomic unit of writes under the process-wide write lock; nested calls join the outer one.
+
+        Group commit: a transaction that ends while others wait for the lock leaves SQLite's transaction
+        open, as a released savepoint, and the last of the group commits them all with one fsync. Each
+        still returns only once its writes are on the disk, and a failed one undoes only its own writes.
+        Under concurrent writers that saves an fsync (0.15 ms here, under the lock) per transaction.
+        """
+        if self._owner == threading.get_ident():  # nested: part of this thread's open transaction
+            self._depth += 1
             try:
                 yield Transaction(self._writer, self)
-                if self._rv != rv_before:
-                    self._writer.execute("INSERT OR REPLACE INTO counters(name, value) VALUES ('rv', ?)",
-                                         (self._rv,))
-                self._writer.execute("COMMIT")
+            finally:
+                self._depth -= 1
+            return
+        with self._waiting_lock:
+            self._waiting += 1
+        with self._lock:
+            with self._waiting_lock:
+                self._waiting -= 1
+            self._owner, self._depth = threading.get_ident(), 1
+            if self._group is None:
+                self._writer.execute("BEGIN IMMEDIATE")
+                self._group = _Group(self._rv)
+            group, rv_before = self._group, self._rv
+            self._writer.execute("SAVEPOINT txn")
+            try:
+                yield Transaction(self._writer, self)
+                self._writer.execute("RELEASE txn")
             except BaseException:
-                self._writer.execute("ROLLBACK")
+                try:
+                    self._writer.execute("ROLLBACK TO txn")
+                    self._writer.execute("RELEASE txn")
+                except sqlite3.Error:
+                    pass  # SQLite rolled the whole group back itself (a full disk): its commit fails for all
                 self._rv = rv_before
                 self._after_commit.clear()
+                self._end_turn()
                 raise
-            finally:
-                self._depth = 0
             callbacks, self._after_commit = self._after_commit, []
-            for callback in callbacks:
-                callback()
+            self._end_turn()
+        group.committed.wait()
+        if group.error is not None:
+            raise errors.StoreError(group.error)
+        for callback in callbacks:
+            callback()
+
+    def _end_turn(self) -> None:
+        """Give up the write lock (the caller holds it); commit the group unless another writer will join it."""
+        self._owner, self._depth = None, 0
+        with self._waiting_lock:
+            others = self._waiting
+        if not others:
+            self._commit_group()
+
+    def _commit_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            if self._rv != group.rv_before:
+                self._writer.execute("INSERT OR REPLACE INTO counters(name, value) VALUES ('rv', ?)", (self._rv,))
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            self._rv = group.rv_before
+            group.error = f"the store could not commit: {e}"
+        group.committed.set()
 
     @property
     def revision(self) -> int:
@@ -305,7 +349,17 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._commit_group()
             self._writer.close()
+
+
+class _Group:
+    """Transactions that share one SQLite commit (one fsync); each waits for it before it returns."""
+
+    def __init__(self, rv_before: int) -> None:
+        self.rv_before = rv_before
+        self.committed = threading.Event()
+        self.error: str | None = None  # why the commit failed
 
 
 def dumps(obj: Any) -> str:
