@@ -13,6 +13,7 @@ import random
 import sqlite3
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from vmquota.store import Store, _connect, dumps, encode_resources
 from vmquota.vmstatus import Phase
 
 NS = "bench"
+WRITERS = 8  # concurrent writers for the group-commit figure of section 2
 PROJECT = "bench-project"
 
 
@@ -159,6 +161,7 @@ def _start_sql(store: Store, names: list[str], count: int) -> float:
     for i in range(count):
         name = names[i % len(names)]
         conn.execute("BEGIN IMMEDIATE")
+        conn.execute("SAVEPOINT txn")  # the store's transactions are savepoints, for its group commit
         conn.execute(get, ("VirtualMachine", NS, name)).fetchone()
         conn.execute("SELECT resources FROM charges WHERE namespace=? AND name=?", (NS, name)).fetchone()
         conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
@@ -173,12 +176,29 @@ def _start_sql(store: Store, names: list[str], count: int) -> float:
         conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",
                      ("Event", "bench-sql", f"e{i}", "-", rv, event_body))
         conn.execute(update, (rv, vm_bodies[name], "VirtualMachine", NS, name))
+        conn.execute("RELEASE txn")
         conn.execute("INSERT OR REPLACE INTO counters(name, value) VALUES ('rv', ?)", (rv,))
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - t0
     conn.execute("DELETE FROM objects WHERE kind='Event' AND namespace='bench-sql'")
     conn.close()
     return elapsed
+
+
+def _concurrent_starts(bed: Bed, names: list[str], writers: int) -> float:
+    """Admitted starts per second with `writers` threads starting distinct VMs at once, as a server's
+    request threads do; the store's group commit lets a commit carry the starts that waited for it."""
+    def start_all(chunk: list[str]) -> None:
+        for name in chunk:
+            bed.start(name)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(start_all, [names[i::writers] for i in range(writers)]))
+    rate = len(names) / (time.perf_counter() - t0)
+    for name in names:
+        bed.reset(name)
+    return rate
 
 
 def durable_admission(vms: int, batches: int) -> SectionResult:
@@ -195,8 +215,8 @@ def durable_admission(vms: int, batches: int) -> SectionResult:
         _raw_commits(raw, 1000)
         _timed_starts(bed, bed.names[:50])
         _start_sql(bed.store, bed.names, 200)
-        admitted, commits, sql = [], [], []
-        for _ in range(batches):  # alternate, so all three see the same machine
+        admitted, commits, sql, concurrent = [], [], [], []
+        for _ in range(batches):  # alternate, so all four see the same machine
             t0 = time.perf_counter()
             for name in bed.names:
                 bed.start(name)
@@ -205,9 +225,10 @@ def durable_admission(vms: int, batches: int) -> SectionResult:
                 bed.reset(name)
             commits.append(vms / _raw_commits(raw, vms))
             sql.append(vms / _start_sql(bed.store, bed.names, vms))
+            concurrent.append(_concurrent_starts(bed, bed.names, WRITERS))
         raw.close()
         bed.close()
-    rate, limit, floor = median(admitted), median(commits), median(sql)
+    rate, limit, floor, together = median(admitted), median(commits), median(sql), median(concurrent)
     ratio = rate / limit
     rows = [Row("2", "admitted starts/s through the store (median of batches)", f"{rate:,.0f}/s",
                 baseline=f"{limit:,.0f}/s one-row UPDATE commits", ratio=f"{ratio:.2f}", target=">= 0.3",
@@ -215,8 +236,12 @@ def durable_admission(vms: int, batches: int) -> SectionResult:
             Row("2", "  the SQL of one start replayed, without vmquota's Python", f"{floor:,.0f}/s",
                 baseline=f"{limit:,.0f}/s one-row UPDATE commits", ratio=f"{floor / limit:.2f}"),
             Row("2", "  admitted starts/s against that replay", f"{rate:,.0f}/s",
-                baseline=f"{floor:,.0f}/s start SQL replayed", ratio=f"{rate / floor:.2f}")]
+                baseline=f"{floor:,.0f}/s start SQL replayed", ratio=f"{rate / floor:.2f}"),
+            Row("2", f"  admitted starts/s, {WRITERS} writers at once (group commit)", f"{together:,.0f}/s",
+                baseline=f"{limit:,.0f}/s one-row UPDATE commits", ratio=f"{together / limit:.2f}")]
     return SectionResult(rows, {"admitted_per_s": admitted, "raw_commits_per_s": commits,
+                                f"admitted_per_s_{WRITERS}_writers": concurrent,
+                                "ratio_concurrent": together / limit,
                                 "start_sql_replayed_per_s": sql, "ratio": ratio,
                                 "ratio_start_sql_over_raw": floor / limit,
                                 "ratio_admitted_over_start_sql": rate / floor,
