@@ -284,13 +284,13 @@ class Store:
         with self._lock:
             with self._waiting_lock:
                 self._waiting -= 1
-            self._owner, self._depth = threading.get_ident(), 1
             if self._group is None:
-                self._writer.execute("BEGIN IMMEDIATE")
+                self._writer.execute("BEGIN IMMEDIATE")  # if this fails, nothing is open and nobody waits
                 self._group = _Group(self._rv)
             group, rv_before = self._group, self._rv
-            self._writer.execute("SAVEPOINT txn")
+            self._owner, self._depth = threading.get_ident(), 1
             try:
+                self._writer.execute("SAVEPOINT txn")
                 yield Transaction(self._writer, self)
                 self._writer.execute("RELEASE txn")
             except BaseException:
