@@ -31,7 +31,7 @@ from unittest import mock
 
 import libvirt
 import pytest
-from conftest import HOST, open_app, vm_manifest, vm_state_row
+from conftest import HOST, open_app, vm_manifest, vm_state_row, wait_until
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -475,10 +475,16 @@ class QuotaMachine(RuleBasedStateMachine):
         """A periodic full recount finds nothing to correct: event-driven accounting never drifted."""
         drifted = self.app.controller.resync()
         STATS["recount: done"] += 1
-        reader = self.app.store.reader()  # what the recount read of every VM is what the VM's body says
-        assert list(reader.vm_states()) == [vm_state_row(vm) for vm in reader.each(objects.VIRTUAL_MACHINE)]
         self.settle()
         assert drifted == [], f"the recount corrected {drifted}"
+        # What the recount reads of every VM is what the VM's body says (two reads: a late event may fall
+        # between them, so they must agree within a moment, not at once).
+        reader = self.app.store.reader()
+
+        def index_matches() -> bool:
+            return list(reader.vm_states()) == [vm_state_row(vm) for vm in reader.each(objects.VIRTUAL_MACHINE)]
+
+        wait_until(index_matches, timeout=5, what="vm_states to equal the VM bodies")
 
     @rule()
     def restart_server(self) -> None:
