@@ -1,4 +1,5 @@
-"""The store's `vm_states` index: what the recount reads of every VM must always equal what the VM's body says."""
+"""The store: its `vm_states` index (what the recount reads of every VM always equals what the VM's body says)
+and its group commit (writers that wait for each other share one commit, and fail or succeed as they should)."""
 
 from __future__ import annotations
 

@@ -119,8 +119,9 @@ class Reader:
     def each(self, kind: Kind) -> Iterator[Obj]:
         """Every object of a kind, like `list`, but parsed one at a time as the caller goes.
 
-        For the recount's pass over every VM: holding 100,000 parsed VMs at once costs gigabytes, and
-        building that list is slow too (the garbage collector walks it again and again as it grows).
+        For passes over every object of a kind: holding 100,000 parsed VMs at once costs gigabytes, and
+        building that list is slow too (the garbage collector walks it again and again as it grows). The
+        recount reads `vm_states` instead, and parses no body at all.
         """
         for (body,) in self._conn.execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
                                           (kind.kind,)):
