@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
+
 import libvirt
 import pytest
 from conftest import HOST, Cluster, vm_manifest, wait_until
@@ -287,3 +291,20 @@ def test_a_recount_removes_what_vmquota_made_for_vms_that_are_gone(quota: Cluste
         assert f"vmquota_{quota.ns}_stranger" in names  # a domain vmquota did not make is never touched
     finally:
         foreign.undefine()
+
+
+def test_a_recount_does_not_fail_when_a_namespace_folder_vanishes_while_it_looks(
+        quota: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting a namespace's last VM removes its disk folder; the recount lists the folders meanwhile."""
+    quota.create_vm(vm_manifest("web-1"))
+    disks = quota.app.controller.disks
+    namespace_folder = disks.vm_dir(quota.ns, quota.vm("web-1")["metadata"]["uid"]).parent
+    real_scandir = os.scandir
+
+    def scandir_after_a_delete(path: str) -> Iterator[os.DirEntry[str]]:
+        if path == str(namespace_folder):
+            shutil.rmtree(namespace_folder)  # the delete wins the race: the folder was listed, now it is gone
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_after_a_delete)
+    assert disks.vm_dirs() == []

@@ -88,8 +88,7 @@ class Disks:
             with os.scandir(self.root) as namespaces:  # scandir knows folders without a stat each
                 for ns_dir in namespaces:
                     if ns_dir.is_dir() and _SAFE_PART.match(ns_dir.name):
-                        with os.scandir(ns_dir.path) as vms:
-                            found.extend((ns_dir.name, d.name) for d in vms if d.is_dir())
+                        found.extend((ns_dir.name, uid) for uid in _subfolders(ns_dir.path))
         return found
 
     def _run(self, args: list[str], path: Path) -> str:
@@ -103,3 +102,12 @@ class Disks:
             reason = detail[-1] if detail else f"exit code {done.returncode}"
             raise errors.HypervisorError(f"qemu-img {args[0]} {path.name} failed: {reason}")
         return done.stdout
+
+
+def _subfolders(path: str) -> list[str]:
+    """The folders in a namespace's folder; none once it is gone (deleting its last VM removes it meanwhile)."""
+    try:
+        with os.scandir(path) as entries:
+            return [entry.name for entry in entries if entry.is_dir()]
+    except FileNotFoundError:
+        return []
