@@ -172,7 +172,6 @@ def _start_sql(store: Store, names: list[str], count: int) -> float:
         conn.execute(update, (rv, project_body, "Project", "", PROJECT))
         conn.execute("INSERT OR REPLACE INTO charges(namespace, name, resources) VALUES (?,?,?)",
                      (NS, name, charges[name]))
-        conn.execute(get, ("Event", "bench-sql", f"e{i}")).fetchone()
         conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",
                      ("Event", "bench-sql", f"e{i}", "-", rv, event_body))
         conn.execute(update, (rv, vm_bodies[name], "VirtualMachine", NS, name))

@@ -1,5 +1,6 @@
-"""The store: its `vm_states` index (what the recount reads of every VM always equals what the VM's body says)
-and its group commit (writers that wait for each other share one commit, and fail or succeed as they should)."""
+"""The store: a second object of a name is refused, its `vm_states` index (what the recount reads of every VM
+always equals what the VM's body says) and its group commit (writers that wait for each other share one commit,
+and fail or succeed as they should)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import vm_manifest, vm_state_row, wait_until
 
 from vmquota import errors, objects
@@ -38,6 +40,19 @@ def update(store: Store, vm: dict[str, Any], change: Any) -> dict[str, Any]:
     change(vm)
     with store.transaction() as txn:
         return txn.update(VM, vm)
+
+
+def test_a_second_object_of_the_same_name_is_refused_and_the_first_kept(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    first = new_vm(store, "ns", "web")
+    with pytest.raises(errors.AlreadyExists) as refused:
+        new_vm(store, "ns", "web")
+    assert str(refused.value) == 'virtualmachines.kubevirt.io "web" already exists'
+    assert store.reader().get(VM, "ns", "web") == first
+    assert states(store) == bodies(store)
+    new_vm(store, "other", "web")  # the same name in another namespace is another object
+    assert len(bodies(store)) == 2
+    store.close()
 
 
 def test_vm_states_follow_every_write_of_a_vm(tmp_path: Path) -> None:

@@ -194,15 +194,18 @@ class Transaction(Reader):
         metadata = obj.setdefault("metadata", {})
         namespace = metadata.get("namespace", "") if kind.namespaced else ""
         name = metadata["name"]
-        if self.get(kind, namespace, name) is not None:
-            raise errors.AlreadyExists(f'{kind.resource} "{name}" already exists')
         metadata["uid"] = objects.new_uid()
         metadata["creationTimestamp"] = objects.now()
         metadata["resourceVersion"] = self._next_rv()
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
-        self._conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",
-                           (kind.kind, namespace, name, metadata["uid"], int(metadata["resourceVersion"]),
-                            json.dumps(obj, separators=(",", ":"))))
+        try:  # the primary key refuses a second object of the name: no SELECT first (every start writes an event)
+            self._conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",
+                               (kind.kind, namespace, name, metadata["uid"], int(metadata["resourceVersion"]),
+                                json.dumps(obj, separators=(",", ":"))))
+        except sqlite3.IntegrityError as e:
+            if "UNIQUE" not in str(e):
+                raise
+            raise errors.AlreadyExists(f'{kind.resource} "{name}" already exists') from None
         if kind is objects.EVENT:
             self._prune_events(namespace)
         return obj
