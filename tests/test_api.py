@@ -113,6 +113,24 @@ def test_lists_hold_the_objects_created(cluster: Cluster) -> None:
     assert names(cluster.client.get(clones_path(cluster.ns))) == ["c1"]
 
 
+def test_a_listed_object_is_the_object_as_get_returns_it(cluster: Cluster) -> None:
+    """Lists are written from the stored JSON of their items, not re-encoded: the same objects all the same."""
+    assert cluster.client.get(vms_path(cluster.ns))["items"] == []
+    cluster.create_quota({"limits.cpu": "4"})
+    for name in ("web-2", "web-1"):
+        cluster.create_vm(vm_manifest(name))
+    cluster.action("web-1", "start")
+    cluster.wait_status("web-1", "Running")  # settled: the controller writes neither VM meanwhile
+    listing = cluster.client.get(vms_path(cluster.ns))
+    assert listing["items"] == [cluster.vm("web-1"), cluster.vm("web-2")]  # in name order, as Kubernetes lists
+    across = [vm for vm in cluster.client.get(ALL_VMS)["items"] if vm["metadata"]["namespace"] == cluster.ns]
+    assert [vm["metadata"]["name"] for vm in across] == ["web-1", "web-2"]
+    quota = cluster.client.get(quotas_path(cluster.ns))["items"][0]
+    assert quota == cluster.client.get(f"{quotas_path(cluster.ns)}/compute")
+    assert int(listing["metadata"]["resourceVersion"]) >= max(int(vm["metadata"]["resourceVersion"])
+                                                                for vm in listing["items"])
+
+
 def test_all_namespace_lists_span_namespaces(cluster: Cluster) -> None:
     other = f"{cluster.ns}-b"
     cluster.create_namespace(other)

@@ -117,7 +117,7 @@ def dispatch(api: Api, method: str, target: Route, body: Any) -> tuple[int, Any]
     namespace = ns or ""
     if name is None:
         if method == "GET":
-            return 200, api.list(kind, ns)
+            return 200, api.list_json(kind, ns)
         if method == "POST":
             if kind.namespaced and ns is None:
                 raise errors.MethodNotAllowed("create namespaced objects under /namespaces/{namespace}/")
@@ -260,10 +260,11 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                     return
                 body = parse_body(raw, self.headers.get("Content-Type", ""))
                 code, result = dispatch(api, method, route(path), body)
-                payload = b"" if result is None else json.dumps(result).encode()
                 if result is None:
                     payload = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Success",
                                           "code": code}).encode()
+                else:  # bytes: JSON already (a list, made of its items' stored JSON)
+                    payload = result if isinstance(result, bytes) else json.dumps(result).encode()
                 self._send(code, payload)
             except errors.ApiError as e:
                 self._send(e.code, json.dumps(e.status()).encode())

@@ -110,11 +110,7 @@ class Reader:
         return json.loads(row[0]) if row else None
 
     def list(self, kind: Kind, namespace: str | None = None) -> list[Obj]:
-        if namespace is None:
-            return builtins.list(self.each(kind))
-        rows = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
-                                  (kind.kind, namespace))
-        return [json.loads(body) for (body,) in rows]
+        return [json.loads(body) for body in self.bodies(kind, namespace)]
 
     def each(self, kind: Kind) -> Iterator[Obj]:
         """Every object of a kind, like `list`, but parsed one at a time as the caller goes.
@@ -123,9 +119,19 @@ class Reader:
         building that list is slow too (the garbage collector walks it again and again as it grows). The
         recount reads `vm_states` instead, and parses no body at all.
         """
-        for (body,) in self._conn.execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
-                                          (kind.kind,)):
+        for body in self.bodies(kind):
             yield json.loads(body)
+
+    def bodies(self, kind: Kind, namespace: str | None = None) -> Iterator[str]:
+        """The stored JSON text of every object of a kind (in one namespace, or all), in namespace and name
+        order, streamed and never parsed."""
+        if namespace is None:
+            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name", (kind.kind,))
+        else:
+            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
+                                      (kind.kind, namespace))
+        for (body,) in rows:
+            yield body
 
     def vm_states(self) -> Iterator[tuple[str, str, str, str | None, int, str | None, int | None, str | None, int]]:
         """(namespace, name, uid, status.phase, deleting, spec.runStrategy, spec.running, status.lastExit,
