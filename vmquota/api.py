@@ -36,8 +36,12 @@ def invalid(kind: Kind, name: object, field: str, message: str) -> errors.Invali
     return errors.Invalid(f"{kind.qualified_kind} {objects.quote(name)} is invalid: {field}: {message}")
 
 
-def not_found(kind: Kind, name: str) -> errors.NotFound:
-    return errors.NotFound(f'{kind.resource} "{name}" not found')
+def existing(reader: Reader, kind: Kind, namespace: str, name: str) -> Obj:
+    """The stored object, or Kubernetes' NotFound."""
+    obj = reader.get(kind, namespace, name)
+    if obj is None:
+        raise errors.NotFound(f'{kind.resource} "{name}" not found')
+    return obj
 
 
 class Api:
@@ -66,10 +70,7 @@ class Api:
         return f'{head[:-1]}, "items": [{items}]}}'.encode()
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj:
-        obj = self.store.reader().get(kind, namespace, name)
-        if obj is None:
-            raise not_found(kind, name)
-        return obj
+        return existing(self.store.reader(), kind, namespace, name)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -109,9 +110,7 @@ class Api:
         rules = self.rules[kind.kind]
         ns = namespace if kind.namespaced else ""
         with self.store.transaction() as txn:
-            current = txn.get(kind, ns, name)
-            if current is None:
-                raise not_found(kind, name)
+            current = existing(txn, kind, ns, name)
             new = make(copy.deepcopy(current))
             metadata, old_meta = new["metadata"], current["metadata"]
             wanted_rv = metadata.get("resourceVersion")
@@ -141,10 +140,7 @@ class Api:
         rules = self.rules[kind.kind]
         ns = namespace if kind.namespaced else ""
         with self.store.transaction() as txn:
-            current = txn.get(kind, ns, name)
-            if current is None:
-                raise not_found(kind, name)
-            return rules.delete(txn, current)
+            return rules.delete(txn, existing(txn, kind, ns, name))
 
     def _body(self, kind: Kind, namespace: str, body: Any, *, keep_name: str | None = None) -> Obj:
         if not isinstance(body, dict):
@@ -178,9 +174,7 @@ class Api:
 
     def _vm_action(self, namespace: str, name: str, action: Any) -> Obj:
         with self.store.transaction() as txn:
-            vm = txn.get(VIRTUAL_MACHINE, namespace, name)
-            if vm is None:
-                raise not_found(VIRTUAL_MACHINE, name)
+            vm = existing(txn, VIRTUAL_MACHINE, namespace, name)
             action(txn, vm)
             return txn.update(VIRTUAL_MACHINE, vm)
 
