@@ -204,12 +204,3 @@ class ServerProcess:
                 self.process.wait()
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.002) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -27,9 +27,9 @@ from benchmarks.common import (
     percentile,
     progress,
     vm_manifest,
-    wait_for,
 )
 from vmquota.client import Client, action_path
+from vmquota.waiting import wait_until
 
 NS = "bench-http"
 # A VM comes back to its client after 60 requests, so its stop is confirmed by then even when the controller
@@ -93,7 +93,7 @@ def _settle(client: Client) -> None:
     def settled() -> bool:
         items = client.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines")["items"]
         return all((vm.get("status") or {}).get("printableStatus") == "Stopped" for vm in items)
-    wait_for(settled, timeout=120, what="every VM to be Stopped", interval=0.1)
+    wait_until(settled, timeout=120, what="every VM to be Stopped", interval=0.1)
 
 
 def http_load(levels: list[int], requests: int) -> SectionResult:

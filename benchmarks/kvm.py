@@ -34,11 +34,11 @@ from benchmarks.common import (
     progress,
     summary,
     vm_manifest,
-    wait_for,
 )
 from vmquota import domainxml, vmspec
 from vmquota.client import Client, ClientError, action_path
 from vmquota.hypervisor import _start_event_loop as start_event_loop
+from vmquota.waiting import wait_until
 
 URI = "qemu:///system"
 DIRECT_PREFIX = "vmquota-bench-direct-"
@@ -83,7 +83,7 @@ class Bench:
             if self.client is not None and self.server.process and self.server.process.poll() is None:
                 for vm in self.client.get(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines")["items"]:
                     self.client.delete(_vm_path(self.ns, vm["metadata"]["name"]))
-                wait_for(lambda: not self.client.get(  # type: ignore[union-attr]
+                wait_until(lambda: not self.client.get(  # type: ignore[union-attr]
                     f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines")["items"],
                     timeout=60, what="the benchmark's VMs to be deleted", interval=0.1)
         finally:
@@ -115,7 +115,7 @@ class Bench:
             if status.get("printableStatus") in FAILED_PHASES:
                 raise RuntimeError(f"{name} failed: {status}")
             return bool(status.get("printableStatus") == wanted)
-        wait_for(reached, timeout=timeout, what=f"{name} to be {wanted}", interval=interval)
+        wait_until(reached, timeout=timeout, what=f"{name} to be {wanted}", interval=interval)
 
     def used_cpu(self) -> str:
         assert self.client is not None
@@ -229,11 +229,11 @@ class Bench:
                 destroyer = threading.Thread(target=_destroy, args=(dom, returned))
                 t0 = time.perf_counter()
                 destroyer.start()  # behind vmquota's back
-                wait_for(lambda: self.used_cpu() != before, timeout=30, what="used to change",  # noqa: B023
+                wait_until(lambda: self.used_cpu() != before, timeout=30, what="used to change",  # noqa: B023
                          interval=POLL_S)
                 seen = time.perf_counter()
                 destroyer.join()
-                wait_for(lambda: stopped_at, timeout=10, what="libvirt's stopped event")
+                wait_until(lambda: stopped_at, timeout=10, what="libvirt's stopped event")
                 after_event.append(seen - stopped_at[0])
                 after_return.append(seen - returned[0])
                 after_call.append(seen - t0)

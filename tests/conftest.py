@@ -17,7 +17,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from vmquota import domainxml, objects
+from vmquota import domainxml, objects, waiting
 from vmquota.app import App
 from vmquota.client import Client, ClientError, action_path, collection_path
 from vmquota.usage import OverheadModel
@@ -76,14 +76,7 @@ def vm_state_row(vm: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    return waiting.wait_until(condition, timeout=timeout, what=what)
 
 
 class Cluster:

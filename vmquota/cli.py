@@ -12,12 +12,13 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from vmquota import errors, objects, printers
+from vmquota import errors, objects, printers, waiting
 from vmquota.client import Client, ClientError, Unreachable, action_path, collection_path, object_path
 from vmquota.usage import OverheadModel
 
@@ -240,12 +241,11 @@ def _gone(client: Client, path: str) -> bool:
     return False
 
 
-def _wait(done: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise Refused(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
+def _wait(done: Callable[[], bool], timeout: float, what: str) -> None:
+    try:
+        waiting.wait_until(done, timeout=timeout, what=what, interval=0.2)
+    except TimeoutError as e:
+        raise Refused(str(e)) from None
 
 
 def _failure(vm: dict[str, Any]) -> str | None:
