@@ -23,7 +23,7 @@ def states(store: Store) -> list[tuple[Any, ...]]:
 
 
 def bodies(store: Store) -> list[tuple[Any, ...]]:
-    return [vm_state_row(vm) for vm in store.reader().each(VM)]
+    return [vm_state_row(vm) for vm in store.reader().list(VM)]
 
 
 def new_vm(store: Store, namespace: str, name: str, **spec: Any) -> dict[str, Any]:

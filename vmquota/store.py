@@ -112,16 +112,6 @@ class Reader:
     def list(self, kind: Kind, namespace: str | None = None) -> list[Obj]:
         return [json.loads(body) for body in self.bodies(kind, namespace)]
 
-    def each(self, kind: Kind) -> Iterator[Obj]:
-        """Every object of a kind, like `list`, but parsed one at a time as the caller goes.
-
-        For passes over every object of a kind: holding 100,000 parsed VMs at once costs gigabytes, and
-        building that list is slow too (the garbage collector walks it again and again as it grows). The
-        recount reads `vm_states` instead, and parses no body at all.
-        """
-        for body in self.bodies(kind):
-            yield json.loads(body)
-
     def bodies(self, kind: Kind, namespace: str | None = None) -> Iterator[str]:
         """The stored JSON text of every object of a kind (in one namespace, or all), in namespace and name
         order, streamed and never parsed."""

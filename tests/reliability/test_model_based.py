@@ -482,7 +482,7 @@ class QuotaMachine(RuleBasedStateMachine):
         reader = self.app.store.reader()
 
         def index_matches() -> bool:
-            return list(reader.vm_states()) == [vm_state_row(vm) for vm in reader.each(objects.VIRTUAL_MACHINE)]
+            return list(reader.vm_states()) == [vm_state_row(vm) for vm in reader.list(objects.VIRTUAL_MACHINE)]
 
         wait_until(index_matches, timeout=5, what="vm_states to equal the VM bodies")
 
