@@ -15,7 +15,7 @@ from conftest import vm_manifest, vm_state_row, wait_until
 
 from vmquota import errors, objects
 from vmquota.objects import VIRTUAL_MACHINE as VM
-from vmquota.store import Store
+from vmquota.store import EVENTS_KEPT_PER_NAMESPACE, PRUNE_EVERY, Store
 
 
 def states(store: Store) -> list[tuple[Any, ...]]:
@@ -52,6 +52,28 @@ def test_a_second_object_of_the_same_name_is_refused_and_the_first_kept(tmp_path
     assert states(store) == bodies(store)
     new_vm(store, "other", "web")  # the same name in another namespace is another object
     assert len(bodies(store)) == 2
+    store.close()
+
+
+def test_a_namespace_keeps_its_newest_events_whatever_else_each_transaction_writes(tmp_path: Path) -> None:
+    """Events are pruned to the newest EVENTS_KEPT_PER_NAMESPACE (plus what accrues between two prunes).
+
+    Each transaction here writes an event and a VM, as a start or a stop does. Pruning once keyed on the
+    event's resourceVersion being a multiple of 64, which such a steady pattern can miss for ever.
+    """
+    store = Store(tmp_path / "db")
+    vm = new_vm(store, "ns", "web")
+    if store.revision % 2:  # so that every event gets an odd resourceVersion: never a multiple of 64
+        vm = update(store, vm, lambda v: v["metadata"].setdefault("labels", {}).update(pad="1"))
+    written = 3 * EVENTS_KEPT_PER_NAMESPACE
+    for i in range(written):
+        with store.transaction() as txn:
+            txn.create(objects.EVENT, {"metadata": {"name": f"web.{i:05d}", "namespace": "ns"}, "reason": "Tick"})
+            vm = txn.update(VM, vm)
+    kept = sorted(event["metadata"]["name"] for event in store.reader().list(objects.EVENT, "ns"))
+    assert EVENTS_KEPT_PER_NAMESPACE <= len(kept) <= EVENTS_KEPT_PER_NAMESPACE + PRUNE_EVERY
+    assert kept[-1] == f"web.{written - 1:05d}"  # the newest are the ones kept
+    assert kept == [f"web.{i:05d}" for i in range(written - len(kept), written)]
     store.close()
 
 

@@ -77,6 +77,7 @@ INSERT INTO vm_states SELECT namespace, name, uid, {_VM_STATE.format(body="body"
 SCHEMA_VERSION = 1  # raise it when _VM_STATE_TRIGGERS change: opening an older file rebuilds vm_states
 
 EVENTS_KEPT_PER_NAMESPACE = 500
+PRUNE_EVERY = 64  # a namespace's events are pruned after every this many of them, not on each one
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -230,8 +231,11 @@ class Transaction(Reader):
                                (namespace, name, encode_resources(resources)))
 
     def _prune_events(self, namespace: str) -> None:
-        if self._store._rv % 64:
-            return  # prune now and then, not on every event
+        written = self._store._events_unpruned.get(namespace, 0) + 1
+        if written < PRUNE_EVERY:
+            self._store._events_unpruned[namespace] = written
+            return
+        self._store._events_unpruned[namespace] = 0
         self._conn.execute(
             "DELETE FROM objects WHERE kind='Event' AND namespace=? AND rv <= "
             "(SELECT rv FROM objects WHERE kind='Event' AND namespace=? ORDER BY rv DESC LIMIT 1 OFFSET ?)",
@@ -259,6 +263,9 @@ class Store:
         self._owner: int | None = None  # the thread in a transaction now
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
+        # Events written per namespace since it was last pruned. Kept in memory: after a restart a namespace
+        # holds at most PRUNE_EVERY more events until its next prune; a rolled-back event only prunes early.
+        self._events_unpruned: dict[str, int] = {}
         self._group: _Group | None = None  # the SQLite transaction that ended transactions wait to commit
         self._waiting = 0  # threads waiting for the write lock: the group stays open for them
         self._waiting_lock = threading.Lock()
