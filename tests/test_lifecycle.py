@@ -213,6 +213,37 @@ def test_stop_waits_for_the_guest_then_forces_it_off(quota: Cluster) -> None:
     assert compute(quota.used()) == ZERO_COMPUTE
 
 
+def test_a_grace_period_sent_with_a_stop_holds_for_that_stop_only(quota: Cluster,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stop {"gracePeriod": 0}` of a VM with no domain to stop must not make its next plain stop a forced one."""
+    foreign = HOST.defineXML(f"<domain type='test'><name>vmquota_{quota.ns}_web-1</name><memory>65536</memory>"
+                             "<vcpu>1</vcpu><os><type>hvm</type></os></domain>")
+    foreign.create()
+    try:
+        quota.create_vm(vm_manifest("web-1", grace=30))
+        quota.action("web-1", "start")
+        quota.wait_status("web-1", "CrashLoopBackOff")  # a domain vmquota did not make holds its name
+        quota.action("web-1", "stop", body={"gracePeriod": 0})
+        quota.wait_status("web-1", "Stopped")
+    finally:
+        foreign.destroy()
+        foreign.undefine()
+    hypervisor = quota.app.controller.hypervisor
+    asked: list[str] = []
+    real_shutdown = hypervisor.shutdown
+
+    def shutdown(namespace: str, name: str, uid: str) -> None:
+        asked.append(name)
+        real_shutdown(namespace, name, uid)
+
+    monkeypatch.setattr(hypervisor, "shutdown", shutdown)
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    quota.action("web-1", "stop")
+    quota.wait_status("web-1", "Stopped")
+    assert asked == ["web-1"]  # the guest was asked to shut down, as its 30 s grace period says: not forced
+
+
 def test_foreign_domains_are_never_touched(quota: Cluster) -> None:
     conn = HOST
     foreign_xml = (f"<domain type='test'><name>vmquota_{quota.ns}_intruder</name><memory>65536</memory>"

@@ -268,8 +268,9 @@ class Controller:
         status["conditions"] += kept
         if deleting(vm):
             status["printableStatus"] = "Terminating"
-        if phase is not Phase.STOPPING:
+        if phase is not Phase.STOPPING:  # a stop's deadline and gracePeriod end with it, domain or not
             self._stop_deadlines.pop((ns, name), None)
+            self._grace_overrides.pop((ns, name), None)
         if phase is Phase.RUNNING and previous != Phase.RUNNING.value:
             status["runningSince"] = self.clock()
         txn.after_commit(lambda: self.queue.add((ns, name)))
