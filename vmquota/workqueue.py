@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -21,7 +22,7 @@ class WorkQueue(Generic[K]):
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._cond = threading.Condition()
-        self._ready: list[K] = []
+        self._ready: deque[K] = deque()  # popped from the left: a list would move every key on each get
         self._queued: set[K] = set()  # in _ready, or waiting for its worker to finish
         self._processing: set[K] = set()
         self._later: list[tuple[float, int, K]] = []
@@ -47,7 +48,7 @@ class WorkQueue(Generic[K]):
                     return None
                 self._promote_due()
                 if self._ready:
-                    key = self._ready.pop(0)
+                    key = self._ready.popleft()
                     self._queued.discard(key)
                     self._processing.add(key)
                     return key
