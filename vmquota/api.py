@@ -1,6 +1,6 @@
 """The API's operations, Kubernetes-style: list, get, create, replace, patch, delete, and the VM subresources.
 
-Top layer, below only `http.py` (which maps paths to these calls) and above the
+Top layer, below only `server.py` (which maps paths to these calls) and above the
 controller, accounting and store. Each write runs in one store transaction: the
 validation, the admission and every side effect (a default quota made for a
 namespace joining a project, the charges of a new VM) commit together or not at

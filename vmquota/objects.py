@@ -1,6 +1,6 @@
 """The kinds vmquota serves and the Kubernetes conventions they share.
 
-Bottom layer, pure: the kind table (what `api.py` and `http.py` route on),
+Bottom layer, pure: the kind table (what `api.py` and `server.py` route on),
 metadata checks, and JSON merge patch. Per-kind spec rules live in
 `validation.py`; the VM spec itself in `vmspec.py`.
 """
