@@ -230,7 +230,7 @@ class Bench:
                 t0 = time.perf_counter()
                 destroyer.start()  # behind vmquota's back
                 wait_until(lambda: self.used_cpu() != before, timeout=30, what="used to change",  # noqa: B023
-                         interval=POLL_S)
+                           interval=POLL_S)
                 seen = time.perf_counter()
                 destroyer.join()
                 wait_until(lambda: stopped_at, timeout=10, what="libvirt's stopped event")
