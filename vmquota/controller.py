@@ -367,12 +367,21 @@ class Controller:
         if up:
             now = time.monotonic()
             deadline = self._stop_deadlines.get(key)
-            grace = self._grace_overrides.pop(key, spec.grace_seconds)
-            if deadline is None and grace > 0:
-                self.hypervisor.shutdown(*key, uid)
-                self._stop_deadlines[key] = now + grace
-                self.queue.add(key, after=grace)
-            elif deadline is None or now >= deadline:
+            override = self._grace_overrides.pop(key, None)  # the gracePeriod of the latest stop request
+            if deadline is None:  # the guest has not been asked yet
+                grace = spec.grace_seconds if override is None else override
+                if grace > 0:
+                    self.hypervisor.shutdown(*key, uid)
+                    self._stop_deadlines[key] = now + grace
+                    self.queue.add(key, after=grace)
+                    self._update(key, lambda txn, vm: self.record(
+                        txn, vm, "Normal", "ShuttingDown", f"the guest was asked to shut down; it is forced off "
+                                                           f"if it is still running in {grace} s"), expect_uid=uid)
+                    return
+                deadline = now
+            elif override is not None:  # a later stop (`--force --grace-period=0`) may bring the end nearer
+                deadline = self._stop_deadlines[key] = min(deadline, now + override)
+            if now >= deadline:
                 self.hypervisor.destroy(*key, uid)
             else:
                 self.queue.add(key, after=deadline - now)

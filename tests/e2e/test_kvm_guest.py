@@ -36,6 +36,11 @@ def status(kvm: Kvm, name: str) -> dict:
     return dict(kvm.client.get(vm_path(kvm, name)).get("status", {}))
 
 
+def event_reasons(kvm: Kvm, name: str) -> list[str]:
+    events = kvm.client.get(f"/api/v1/namespaces/{kvm.ns}/events")["items"]
+    return [e["reason"] for e in events if e["involvedObject"]["name"] == name]
+
+
 def install_poweroff_guest(kvm: Kvm, name: str, tmp_path: Path) -> None:
     """Write the boot sector into the VM's (stopped) root disk."""
     wait_until(lambda: any(c["type"] == "DataVolumesReady" for c in status(kvm, name).get("conditions", [])),
@@ -89,6 +94,21 @@ def test_stop_gives_the_guest_its_grace_period_then_forces_it_off(kvm: Kvm) -> N
     wait_until(lambda: status(kvm, "deaf").get("printableStatus") == "Stopping", timeout=2, what="Stopping")
     assert kvm.domain("deaf").isActive()  # waiting for the guest...
     assert kvm.used() == {"limits.cpu": "1"}  # ...and, until it is off, still charged
+    wait_until(lambda: status(kvm, "deaf").get("printableStatus") == "Stopped", timeout=30, what="forced off")
+    assert kvm.used() == {"limits.cpu": "0"}
+    assert not kvm.domain("deaf").isActive()
+
+
+def test_a_stop_with_grace_period_0_forces_off_a_guest_still_given_its_grace(kvm: Kvm) -> None:
+    """As `virtctl stop --force --grace-period=0`: a second stop need not wait out the first one's grace."""
+    kvm.ok("apply", "-f", "-", input=quota_doc(kvm.ns, {"limits.cpu": "2"}))
+    apply_vm(kvm, "deaf", cores=1, memory="256Mi", disk=None, grace=600)  # no OS: ignores the ACPI request
+    kvm.ok("start", "deaf", "-n", kvm.ns, "--wait")
+    kvm.client.put(action_path(kvm.ns, "deaf", "stop"))
+    wait_until(lambda: "ShuttingDown" in event_reasons(kvm, "deaf"), timeout=10, what="the guest to be asked")
+    assert status(kvm, "deaf").get("printableStatus") == "Stopping"
+    assert kvm.domain("deaf").isActive()  # its 600 s have begun
+    kvm.client.put(action_path(kvm.ns, "deaf", "stop"), {"gracePeriod": 0})
     wait_until(lambda: status(kvm, "deaf").get("printableStatus") == "Stopped", timeout=30, what="forced off")
     assert kvm.used() == {"limits.cpu": "0"}
     assert not kvm.domain("deaf").isActive()
