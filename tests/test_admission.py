@@ -16,6 +16,7 @@ def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothin
     cluster.create_vm(vm_manifest("a", cores=1, memory="2Gi"))
     cluster.create_vm(vm_manifest("b", cores=1, memory="2Gi"))
     cluster.action("a", "start")
+    cluster.settle()  # b's disks made, a running: only the refused start could change anything now
     before_vm, before_quota = cluster.vm("b"), cluster.quota()
     events_before = len(cluster.client.get(f"/api/v1/namespaces/{cluster.ns}/events")["items"])
     with pytest.raises(ClientError) as refused:

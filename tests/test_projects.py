@@ -73,6 +73,7 @@ def test_a_start_over_the_project_is_refused_in_its_name_and_changes_nothing(tea
     team.create_vm(vm_manifest("a", cores=2, memory="2Gi"))
     team.create_vm(vm_manifest("b", cores=1, memory="512Mi"), namespace=other)
     team.action("a", "start")
+    team.settle()  # b's disks made, a running: only the refused start could change anything now
     before = (team.vm("b", other), team.quota("default", other), team.client.get(f"{PROJECTS}/{project}"))
     with pytest.raises(ClientError) as refused:
         team.action("b", "start", namespace=other)
