@@ -268,12 +268,16 @@ class Controller:
         status["conditions"] += kept
         if deleting(vm):
             status["printableStatus"] = "Terminating"
-        if phase is not Phase.STOPPING:  # a stop's deadline and gracePeriod end with it, domain or not
-            self._stop_deadlines.pop((ns, name), None)
-            self._grace_overrides.pop((ns, name), None)
+        if phase is not Phase.STOPPING:
+            self._forget_stop((ns, name))
         if phase is Phase.RUNNING and previous != Phase.RUNNING.value:
             status["runningSince"] = self.clock()
         txn.after_commit(lambda: self.queue.add((ns, name)))
+
+    def _forget_stop(self, key: Key) -> None:
+        """A stop's deadline and gracePeriod end with it, whether or not there was a domain to stop."""
+        self._stop_deadlines.pop(key, None)
+        self._grace_overrides.pop(key, None)
 
     def record(self, txn: Transaction, vm: Obj, type_: str, reason: str, message: str) -> None:
         """A Kubernetes Event about `vm`, in the same transaction as the change it reports."""
@@ -488,7 +492,7 @@ class Controller:
             self.record(txn, vm, "Normal", "Deleted", "the VM, its domain and its disks are gone")
 
         self._update(key, remove, expect_uid=uid)
-        self._stop_deadlines.pop(key, None)
+        self._forget_stop(key)
 
     def _clones_to_copy(self, namespace: str, name: str, uid: str) -> list[str]:
         """The clones of this VM whose disks are not copied yet, found through the VirtualMachineClones of its
