@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import libvirt
 import pytest
 from conftest import HOST, Cluster, vm_manifest, wait_until
 
 from vmquota.client import ClientError
+from vmquota.controller import bring_stop_nearer
 from vmquota.objects import VIRTUAL_MACHINE
 
 QUOTA = {"limits.cpu": "4", "limits.memory": "4Gi", "requests.storage": "20Gi",
@@ -242,6 +245,40 @@ def test_a_grace_period_sent_with_a_stop_holds_for_that_stop_only(quota: Cluster
     quota.action("web-1", "stop")
     quota.wait_status("web-1", "Stopped")
     assert asked == ["web-1"]  # the guest was asked to shut down, as its 30 s grace period says: not forced
+
+
+def test_a_stop_keeps_its_deadline_in_the_vm_and_a_forced_stop_brings_it_nearer(
+        quota: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline is the VM's (any API process, or a restarted server, sees it); a later `gracePeriod: 0`
+    forces off a guest that ignores the first stop's request, without waiting out its grace."""
+    quota.create_vm(vm_manifest("web-1", grace=600))
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    monkeypatch.setattr(quota.app.controller.hypervisor, "shutdown", lambda namespace, name, uid: None)  # deaf guest
+    asked_at = time.time()
+    quota.action("web-1", "stop")
+    wait_until(lambda: "stopDeadline" in quota.vm("web-1")["status"], timeout=10, what="the guest to be asked")
+    status = quota.vm("web-1")["status"]
+    assert status["printableStatus"] == "Stopping"
+    assert asked_at + 600 <= status["stopDeadline"] <= time.time() + 600
+    assert compute(quota.used()) != ZERO_COMPUTE  # still charged: the hypervisor has not confirmed it off
+    quota.action("web-1", "stop", body={"gracePeriod": 0})
+    quota.wait_status("web-1", "Stopped")
+    status = quota.vm("web-1")["status"]
+    assert "stopDeadline" not in status and "stopGracePeriodSeconds" not in status
+    assert compute(quota.used()) == ZERO_COMPUTE
+
+
+def test_a_stop_never_moves_its_end_further() -> None:
+    status: dict[str, Any] = {}
+    bring_stop_nearer(status, 30, now=1000.0)
+    bring_stop_nearer(status, 600, now=1001.0)
+    assert status == {"stopGracePeriodSeconds": 30}  # not asked yet: the shortest grace wins
+    status = {"stopDeadline": 1030.0}
+    bring_stop_nearer(status, 600, now=1010.0)
+    assert status == {"stopDeadline": 1030.0}
+    bring_stop_nearer(status, 0, now=1010.0)
+    assert status == {"stopDeadline": 1010.0}
 
 
 def test_foreign_domains_are_never_touched(quota: Cluster) -> None:

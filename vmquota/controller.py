@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from vmquota import accounting, domainxml, errors, objects, usage, vmspec, vmstatus
 from vmquota.disks import Disks
@@ -47,6 +47,11 @@ BACKOFF_BASE_SECONDS = 5.0  # the first back-off of a crash loop; it doubles wit
 CRASH_RESET_SECONDS = 60.0  # a VM that ran this long before failing starts a fresh back-off
 MAX_BACKOFF_SECONDS = 300.0
 LIVE_COPY_TIMEOUT_SECONDS = 3600.0
+# While a VM is Stopping: the gracePeriod its stop request gave (instead of the spec's), and once the guest has
+# been asked to shut down, when it is forced off (seconds since the epoch, as status.runningSince). They live in
+# the VM, not in the controller's memory, so a stop made through any API process, or before a restart, is kept.
+STOP_GRACE = "stopGracePeriodSeconds"
+STOP_DEADLINE = "stopDeadline"
 
 
 def subject(name: str) -> str:
@@ -94,8 +99,6 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue(clock=time.monotonic)
         self._workers = workers
         self._threads: list[threading.Thread] = []
-        self._stop_deadlines: dict[Key, float] = {}  # when a stop stops waiting for the guest
-        self._grace_overrides: dict[Key, int] = {}  # gracePeriod given with a stop request
         self._stopping = threading.Event()
         self._unreachable: set[Key] = set()  # VMs told that their work waits for the hypervisor
         # How soon refused and failed automatic starts are tried again (tests shorten these).
@@ -212,14 +215,13 @@ class Controller:
         if not usage.holds_runtime(phase) and not waiting and not wants_running(spec.run_strategy, last_exit(vm)):
             raise errors.Conflict("VM is not running")
         self._set_strategy(vm, spec, running=False)
-        key = _key(vm)
-        if grace_seconds is not None:
-            self._grace_overrides[key] = grace_seconds
         status = vm.setdefault("status", {})
         status.pop("stateChangeRequests", None)
         status.pop("startFailure", None)
         next_phase = Phase.STOPPING if usage.holds_runtime(phase) else Phase.STOPPED
         self._transition(txn, vm, next_phase, spec=spec, enforce=False)  # as in request_start
+        if grace_seconds is not None and next_phase is Phase.STOPPING:
+            bring_stop_nearer(status, grace_seconds, now=self.clock())
         self.record(txn, vm, "Normal", "StopRequested", "stop requested")
 
     def request_restart(self, txn: Transaction, vm: Obj) -> None:
@@ -268,16 +270,12 @@ class Controller:
         status["conditions"] += kept
         if deleting(vm):
             status["printableStatus"] = "Terminating"
-        if phase is not Phase.STOPPING:
-            self._forget_stop((ns, name))
+        if phase is not Phase.STOPPING:  # a stop's gracePeriod and deadline end with it
+            status.pop(STOP_GRACE, None)
+            status.pop(STOP_DEADLINE, None)
         if phase is Phase.RUNNING and previous != Phase.RUNNING.value:
             status["runningSince"] = self.clock()
         txn.after_commit(lambda: self.queue.add((ns, name)))
-
-    def _forget_stop(self, key: Key) -> None:
-        """A stop's deadline and gracePeriod end with it, whether or not there was a domain to stop."""
-        self._stop_deadlines.pop(key, None)
-        self._grace_overrides.pop(key, None)
 
     def record(self, txn: Transaction, vm: Obj, type_: str, reason: str, message: str) -> None:
         """A Kubernetes Event about `vm`, in the same transaction as the change it reports."""
@@ -369,22 +367,17 @@ class Controller:
     def _reconcile_stopping(self, key: Key, vm: Obj, spec: VMSpec, up: bool) -> None:
         uid = vm["metadata"]["uid"]
         if up:
-            now = time.monotonic()
-            deadline = self._stop_deadlines.get(key)
-            override = self._grace_overrides.pop(key, None)  # the gracePeriod of the latest stop request
+            status = vm.get("status") or {}
+            now = self.clock()
+            deadline = status.get(STOP_DEADLINE)
             if deadline is None:  # the guest has not been asked yet
-                grace = spec.grace_seconds if override is None else override
+                grace = status.get(STOP_GRACE, spec.grace_seconds)
                 if grace > 0:
                     self.hypervisor.shutdown(*key, uid)
-                    self._stop_deadlines[key] = now + grace
-                    self.queue.add(key, after=grace)
-                    self._update(key, lambda txn, vm: self.record(
-                        txn, vm, "Normal", "ShuttingDown", f"the guest was asked to shut down; it is forced off "
-                                                           f"if it is still running in {grace} s"), expect_uid=uid)
+                    self._update(key, lambda txn, vm: self._asked_to_shut_down(txn, vm, now, grace), expect_uid=uid)
+                    self.queue.add(key, after=grace)  # or sooner: a later stop with a shorter grace queues it
                     return
                 deadline = now
-            elif override is not None:  # a later stop (`--force --grace-period=0`) may bring the end nearer
-                deadline = self._stop_deadlines[key] = min(deadline, now + override)
             if now >= deadline:
                 self.hypervisor.destroy(*key, uid)
             else:
@@ -403,6 +396,17 @@ class Controller:
                 self.record(txn, vm, "Normal", "Stopped", "the domain is off")
 
         self._update(key, confirm_off)
+
+    def _asked_to_shut_down(self, txn: Transaction, vm: Obj, asked_at: float, grace: int) -> None:
+        """Write down when the guest is forced off: the deadline is the VM's, so every process and restart sees it."""
+        status = vm.setdefault("status", {})
+        if runtime_phase(vm) is not Phase.STOPPING or STOP_DEADLINE in status:
+            return
+        # A stop with a shorter gracePeriod may have come since this reconcile read the VM.
+        grace = min(grace, status.pop(STOP_GRACE, grace))
+        status[STOP_DEADLINE] = asked_at + grace
+        self.record(txn, vm, "Normal", "ShuttingDown",
+                    f"the guest was asked to shut down; it is forced off if it is still running in {grace} s")
 
     def _reconcile_running(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
         if up:
@@ -492,7 +496,6 @@ class Controller:
             self.record(txn, vm, "Normal", "Deleted", "the VM, its domain and its disks are gone")
 
         self._update(key, remove, expect_uid=uid)
-        self._forget_stop(key)
 
     def _clones_to_copy(self, namespace: str, name: str, uid: str) -> list[str]:
         """The clones of this VM whose disks are not copied yet, found through the VirtualMachineClones of its
@@ -670,6 +673,14 @@ def needs_reconcile(vm: StoredVM, seen: Observed) -> bool:
     if up:
         return (seen.state is DomainState.PAUSED) != (vm.phase is Phase.PAUSED)
     return wants_running(vmspec.stored_run_strategy(vm.run_strategy, vm.running), vm.last_exit)
+
+
+def bring_stop_nearer(status: dict[str, Any], grace: int, *, now: float) -> None:
+    """A later stop's gracePeriod (`virtctl stop --force --grace-period=0`) can end a stop sooner, never later."""
+    if STOP_DEADLINE in status:  # the guest has been asked to shut down already
+        status[STOP_DEADLINE] = min(status[STOP_DEADLINE], now + grace)
+    else:
+        status[STOP_GRACE] = min(status.get(STOP_GRACE, grace), grace)
 
 
 def volumes_ready(vm: Obj) -> bool:
