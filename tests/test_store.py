@@ -1,19 +1,21 @@
 """The store: a second object of a name is refused, its `vm_states` index (what the recount reads of every VM
 always equals what the VM's body says) and its group commit (writers that wait for each other share one commit,
-and fail or succeed as they should)."""
+and fail or succeed as they should), also between processes."""
 
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import sqlite3
 import threading
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import vm_manifest, vm_state_row, wait_until
 
-from vmquota import errors, objects
+from vmquota import accounting, errors, objects
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.store import EVENTS_KEPT_PER_NAMESPACE, PRUNE_EVERY, Store
 
@@ -233,3 +235,58 @@ def test_a_commit_that_fails_fails_every_writer_of_the_group_and_keeps_nothing(t
     with store.transaction() as txn:  # and the store goes on
         create_namespace("c")(txn)
     assert namespaces(store) == ["c"]
+
+
+def _admit_from_another_process(path: Path, names: list[str], ready: Any, results: Any) -> None:
+    """One process of a server: its own Store on the file, four threads admitting at once."""
+    store = Store(path)
+    admitted: list[str] = []
+    ready.wait()  # every process has started: they admit at the same time
+
+    def admit(name: str) -> None:
+        try:
+            with store.transaction() as txn:
+                accounting.set_charge(txn, "ns", name, {"cpu": Decimal(1)}, enforce=True, subject=name)
+                txn.create(objects.EVENT, {"metadata": {"name": f"admitted.{name}", "namespace": "ns"}})
+            admitted.append(name)
+        except errors.QuotaExceeded:
+            pass
+
+    threads = [threading.Thread(target=lambda chunk=names[i::4]: [admit(n) for n in chunk]) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    results.put(admitted)
+
+
+def test_processes_sharing_a_store_never_admit_past_a_quota_nor_reuse_a_resource_version(tmp_path: Path) -> None:
+    """The write lock holds between processes (an flock) and each reads the resourceVersion counter afresh."""
+    path = tmp_path / "store.db"
+    store = Store(path)
+    with store.transaction() as txn:
+        txn.create(objects.NAMESPACE, {"metadata": {"name": "ns"}})
+        txn.create(objects.RESOURCE_QUOTA, {"metadata": {"name": "q", "namespace": "ns"},
+                                            "spec": {"hard": {"cpu": "100"}}})
+    spawn = multiprocessing.get_context("spawn")
+    ready, results = spawn.Barrier(2), spawn.Queue()
+    names = [f"vm{i}" for i in range(240)]
+    children = [spawn.Process(target=_admit_from_another_process, args=(path, names[i::2], ready, results))
+                for i in range(2)]
+    for child in children:
+        child.start()
+    admitted = [name for _ in children for name in results.get(timeout=60)]
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    reader = store.reader()
+    assert len(admitted) == 100  # exactly the quota: no two processes read the same `used`
+    assert reader.get(objects.RESOURCE_QUOTA, "ns", "q")["status"]["used"] == {"cpu": "100"}
+    assert sorted(name for _, name, _ in reader.charges("ns")) == sorted(admitted)
+    versions = [int(obj["metadata"]["resourceVersion"]) for kind in (objects.EVENT, objects.NAMESPACE)
+                for obj in reader.list(kind)]
+    quota_version = int(reader.get(objects.RESOURCE_QUOTA, "ns", "q")["metadata"]["resourceVersion"])
+    assert len(versions) == len(set(versions)) == 101  # every object written got its own resourceVersion
+    assert reader.revision() == max([*versions, quota_version])
+    store.close()

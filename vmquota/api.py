@@ -64,9 +64,12 @@ class Api:
 
         Parsing every item only to encode it again took 8.5 s and 1.1 GB for 100,000 VMs; this takes 0.4 s.
         """
-        items = ",".join(self.store.reader().bodies(kind, namespace))
+        reader = self.store.reader()
+        with reader.snapshot():
+            revision = reader.revision()
+            items = ",".join(reader.bodies(kind, namespace))
         head = json.dumps({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
-                           "metadata": {"resourceVersion": str(self.store.revision)}})
+                           "metadata": {"resourceVersion": str(revision)}})
         return f'{head[:-1]}, "items": [{items}]}}'.encode()
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj:

@@ -1,10 +1,12 @@
 """The embedded store: every object and every VM's charge, in one SQLite file (WAL).
 
-Bottom layer. All writes go through `transaction()`, which holds the one write
-lock of the process for its whole duration and commits everything it did at
-once or nothing: that lock is what makes admission atomic (`accounting.py`
-reads `used`, checks and writes inside it). Reads use their own per-thread
-connections and never wait for writers.
+Bottom layer. All writes go through `transaction()`, which holds the store's one write
+lock for its whole duration and commits everything it did at once or nothing:
+that lock is what makes admission atomic (`accounting.py` reads `used`, checks
+and writes inside it). The lock is a thread lock inside a process and an
+`flock` on `<store>-lock` between the processes of one server (its API
+processes), so no two writers anywhere ever interleave. Reads use their own
+per-thread connections and never wait for writers.
 
 Tables:
     objects(kind, namespace, name, uid, rv, body)  -- body is the JSON object
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -123,6 +127,20 @@ class Reader:
                                       (kind.kind, namespace))
         for (body,) in rows:
             yield body
+
+    def revision(self) -> int:
+        """The newest committed resourceVersion: lists report it, as Kubernetes does."""
+        row = self._conn.execute("SELECT value FROM counters WHERE name='rv'").fetchone()
+        return row[0] if row else 0
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state (a list and its resourceVersion agree)."""
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
 
     def vm_states(self) -> Iterator[tuple[str, str, str, str | None, int, str | None, int | None, str | None, int]]:
         """(namespace, name, uid, status.phase, deleting, spec.runStrategy, spec.running, status.lastExit,
@@ -247,13 +265,16 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Held from BEGIN to COMMIT by the process writing now: other processes wait in the kernel, where
+        # SQLite's own busy wait would sleep in steps of milliseconds.
+        self.lock_path = path.with_name(path.name + "-lock")
+        self._process_lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA)
         if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} PRAGMA user_version={SCHEMA_VERSION}; "
                                        "COMMIT;")
-        row = self._writer.execute("SELECT value FROM counters WHERE name='rv'").fetchone()
-        self._rv: int = row[0] if row else 0
+        self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
                              (objects.new_uid(),))
         # Marks this installation's domains: two vmquota servers on one host never touch each other's.
@@ -292,8 +313,7 @@ class Store:
             with self._waiting_lock:
                 self._waiting -= 1
             if self._group is None:
-                self._writer.execute("BEGIN IMMEDIATE")  # if this fails, nothing is open and nobody waits
-                self._group = _Group(self._rv)
+                self._group = self._begin_group()
             group, rv_before = self._group, self._rv
             self._owner, self._depth = threading.get_ident(), 1
             try:
@@ -326,6 +346,19 @@ class Store:
         if not others:
             self._commit_group()
 
+    def _begin_group(self) -> _Group:
+        """Take the lock between processes and open SQLite's transaction (the caller holds the thread lock)."""
+        fcntl.flock(self._process_lock, fcntl.LOCK_EX)
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._rv = Reader(self._writer).revision()  # another process may have written since
+        except BaseException:  # nothing is open and nobody waits
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            fcntl.flock(self._process_lock, fcntl.LOCK_UN)
+            raise
+        return _Group(self._rv)
+
     def _commit_group(self) -> None:
         group, self._group = self._group, None
         if group is None:
@@ -339,12 +372,14 @@ class Store:
                 self._writer.execute("ROLLBACK")
             self._rv = group.rv_before
             group.error = f"the store could not commit: {e}"
+        finally:
+            fcntl.flock(self._process_lock, fcntl.LOCK_UN)
         group.committed.set()
 
     @property
     def revision(self) -> int:
-        """The newest resourceVersion handed out; lists report it, as Kubernetes does."""
-        return self._rv
+        """The newest committed resourceVersion."""
+        return self.reader().revision()
 
     def reader(self) -> Reader:
         """A read-only view on this thread's own connection: never blocks on writers."""
@@ -358,6 +393,7 @@ class Store:
         with self._lock:
             self._commit_group()
             self._writer.close()
+            os.close(self._process_lock)
 
 
 class _Group:
