@@ -149,8 +149,10 @@ def free_port() -> int:
 class ServerProcess:
     """`vmquota serve` as a child process on a loopback port, with its own data directory."""
 
-    def __init__(self, data_dir: Path, hypervisor: str, *, resync_interval: float = 3600.0) -> None:
+    def __init__(self, data_dir: Path, hypervisor: str, *, resync_interval: float = 3600.0,
+                 api_processes: int | None = None) -> None:
         self.data_dir = data_dir
+        self.api_processes = api_processes  # None: the server's default
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"server-{self.port}.log"
@@ -163,7 +165,8 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vmquota", "serve", "--hypervisor", self.hypervisor,
                  "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
-                 "--resync-interval", str(self.resync_interval)],
+                 "--resync-interval", str(self.resync_interval),
+                 *([] if self.api_processes is None else ["--api-processes", str(self.api_processes)])],
                 stdout=log, stderr=subprocess.STDOUT)
         client = Client(self.url, timeout=5)
         deadline = time.monotonic() + timeout
@@ -182,11 +185,19 @@ class ServerProcess:
         finally:
             client.close()
 
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time the server process has used so far."""
+    def pids(self) -> list[int]:
+        """The server's process and its other API processes."""
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pid = self.process.pid
+        return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the server's processes have used so far."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

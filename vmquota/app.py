@@ -24,6 +24,7 @@ from vmquota.hypervisor import Hypervisor
 from vmquota.server import Server, serve
 from vmquota.store import Store
 from vmquota.usage import OverheadModel
+from vmquota.workers import ApiProcesses
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,25 @@ def default_data_dir() -> Path:
 
 
 @dataclass
+class Core:
+    """What every API process has: its own store connection, hypervisor, controller and API."""
+    store: Store
+    hypervisor: Hypervisor
+    controller: Controller
+    api: Api
+
+
+def open_core(data_dir: Path, hypervisor_uri: str, overhead: OverheadModel, *,
+              resync_interval: float = 30.0) -> Core:
+    """The server's parts on `data_dir`; only the first process runs the controller (`Controller.run`)."""
+    store = Store(data_dir / "vmquota.db")
+    hypervisor = Hypervisor(hypervisor_uri, instance=store.instance_id)
+    controller = Controller(store=store, hypervisor=hypervisor, disks=Disks(data_dir / "disks"),
+                            overhead=overhead, resync_interval=resync_interval)
+    return Core(store, hypervisor, controller, Api(store, controller))
+
+
+@dataclass
 class App:
     store: Store
     hypervisor: Hypervisor
@@ -41,10 +61,13 @@ class App:
     api: Api
     server: Server
     lock_file: IO[str]
+    other_api_processes: ApiProcesses
 
     @classmethod
     def open(cls, *, data_dir: Path, hypervisor_uri: str, host: str = "127.0.0.1", port: int = 8686,
-             overhead: OverheadModel = OverheadModel.NONE, resync_interval: float = 30.0) -> App:
+             overhead: OverheadModel = OverheadModel.NONE, resync_interval: float = 30.0,
+             api_processes: int = 1) -> App:
+        """`api_processes` - 1 processes besides this one answer HTTP too (`workers.py`)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         lock_file = open(data_dir / "server.lock", "w")  # noqa: SIM115 - held for the server's life
         try:
@@ -52,24 +75,25 @@ class App:
         except OSError as e:
             lock_file.close()
             raise errors.VmquotaError(f"another vmquota server is using {data_dir}") from e
-        store = Store(data_dir / "vmquota.db")
-        hypervisor = Hypervisor(hypervisor_uri, instance=store.instance_id)
-        controller = Controller(store=store, hypervisor=hypervisor, disks=Disks(data_dir / "disks"),
-                                overhead=overhead, resync_interval=resync_interval)
-        api = Api(store, controller)
+        core = open_core(data_dir, hypervisor_uri, overhead, resync_interval=resync_interval)
+        store, controller = core.store, core.controller
         with store.transaction() as txn:
             if txn.get(objects.NAMESPACE, "", "default") is None:
                 txn.create(objects.NAMESPACE, {"metadata": {"name": "default"}, "spec": {"finalizers": ["kubernetes"]},
                                                "status": {"phase": "Active"}})
+        others = ApiProcesses(lambda key, after: controller.queue.add(key, after=after))
         try:
             controller.run()  # connects to the hypervisor and recounts before serving
-            server = serve(api, host, port)
+            server = serve(core.api, host, port)
+            others.start(api_processes - 1, listening=server.socket, data_dir=data_dir,
+                         hypervisor_uri=hypervisor_uri, overhead=overhead)
         except BaseException:
+            others.close()
             controller.shutdown()
             store.close()
             lock_file.close()
             raise
-        return cls(store, hypervisor, controller, api, server, lock_file)
+        return cls(store, core.hypervisor, controller, core.api, server, lock_file, others)
 
     @property
     def url(self) -> str:
@@ -85,6 +109,7 @@ class App:
     def close(self) -> None:
         """Stop serving; running VMs keep running (vmquota finds them again at its next start)."""
         self.server.shutdown()
+        self.other_api_processes.close()
         self.server.server_close()
         self.controller.shutdown()
         self.hypervisor.close()

@@ -60,16 +60,21 @@ def _display(kind: objects.Kind) -> str:
 # -- serve ------------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vmquota.app import App, default_data_dir  # the server side is imported only to serve
+    from vmquota import workers  # the server side is imported only to serve
+    from vmquota.app import App, default_data_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen takes HOST:PORT, got {args.listen!r}")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    api_processes = workers.default_count() if args.api_processes is None else args.api_processes
+    if not 1 <= api_processes <= workers.MAX_API_PROCESSES:
+        raise UsageError(f"--api-processes takes 1 to {workers.MAX_API_PROCESSES}, got {api_processes}")
     try:
         app = App.open(data_dir=data_dir, hypervisor_uri=args.hypervisor, host=host.strip("[]"), port=int(port),
-                       overhead=OverheadModel(args.memory_overhead), resync_interval=args.resync_interval)
+                       overhead=OverheadModel(args.memory_overhead), resync_interval=args.resync_interval,
+                       api_processes=api_processes)
     except errors.HypervisorUnavailable as e:
         print(f"vmquota: {e}\nvmquota: is libvirtd running? `make run` starts it (scripts/libvirtd-up.sh); "
               f"`--hypervisor test:///default` runs on libvirt's simulated host.", file=sys.stderr)
@@ -78,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"vmquota: {e}", file=sys.stderr)
         return EXIT_REFUSED
     print(f"vmquota serving on {app.url} (hypervisor {args.hypervisor}, domains of type "
-          f"{app.hypervisor.domain_type}, data in {data_dir}, memory overhead {args.memory_overhead})",
+          f"{app.hypervisor.domain_type}, data in {data_dir}, memory overhead {args.memory_overhead}, "
+          f"{api_processes} API process{'es' if api_processes > 1 else ''})",
           file=sys.stderr, flush=True)
 
     def stop(signum: int, _frame: Any) -> None:
@@ -325,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
                        help="memory charged on top of the guest's: none (default) or kubevirt")
     serve.add_argument("--resync-interval", type=float, default=30.0,
                        help="seconds between full recounts from the hypervisor (default 30)")
+    serve.add_argument("--api-processes", type=int, default=None,
+                       help="processes answering HTTP, one of them also running the controller "
+                            "(default: one per core, at most 8)")
 
     def namespaced(p: argparse.ArgumentParser) -> None:
         p.add_argument("-n", "--namespace", default="default")

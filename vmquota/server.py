@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import socket
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -321,3 +322,11 @@ class Server(ThreadingHTTPServer):
 def serve(api: Api, host: str, port: int) -> Server:
     """A bound server; the caller runs `serve_forever()` (tests do it on a thread)."""
     return Server((host, port), make_handler(api))
+
+
+def serve_on(api: Api, listening: socket.socket) -> Server:
+    """A server accepting on a socket another process has bound and listens on (`workers.py`)."""
+    server = Server(listening.getsockname()[:2], make_handler(api), bind_and_activate=False)
+    server.socket.close()
+    server.socket = listening
+    return server

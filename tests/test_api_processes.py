@@ -1,0 +1,172 @@
+"""`vmquota serve --api-processes N`: several processes answer HTTP on one port, share one store and one
+controller, and go together.
+
+Each test runs a real `vmquota serve` on `test:///default` with its own data directory and loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import vm_manifest, wait_until
+
+from vmquota.client import Client, ClientError, action_path
+
+NS = "team"
+PROCESSES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    def __init__(self, process: subprocess.Popen[bytes], url: str) -> None:
+        self.process = process
+        self.url = url
+
+    def children(self) -> list[int]:
+        pid = self.process.pid
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "vmquota", "serve", "--hypervisor", "test:///default",
+                                    "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}",
+                                    "--api-processes", str(PROCESSES)], stderr=out)
+    server = Served(process, f"http://127.0.0.1:{port}")
+    # Not /healthz: an API process answers as soon as it serves, before the first process has started the rest.
+    wait_until(lambda: b"vmquota serving on" in log.read_bytes() or process.poll() is not None, timeout=30,
+               what="the server to say it serves")
+    assert process.poll() is None, f"vmquota serve ended at once: {log.read_text()}"
+    children = server.children()
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        wait_until(lambda: all(gone(pid) for pid in children), timeout=10, what="the API processes to end")
+
+
+def test_every_api_process_admits_against_the_same_quota_and_the_controller_hears_each(served: Served) -> None:
+    """40 clients at once, each on its own connection, spread by the kernel over three processes: exactly
+    the quota's 10 starts are admitted, and every admitted VM runs (the controller lives in one process)."""
+    assert len(served.children()) == PROCESSES - 1
+    admin = Client(served.url)
+    admin.post("/api/v1/namespaces", {"metadata": {"name": NS}})
+    admin.post(f"/api/v1/namespaces/{NS}/resourcequotas",
+               {"metadata": {"name": "compute"}, "spec": {"hard": {"limits.cpu": "10"}}})
+    names = [f"vm-{i}" for i in range(40)]
+    for name in names:
+        admin.post(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines",
+                   vm_manifest(name, cores=1, memory="1Gi", disk=None))
+    ticks_before = {pid: cpu_ticks(pid) for pid in served.children()}
+    results: dict[str, int] = {}
+    refusals: list[str] = []
+    ready = threading.Barrier(len(names))
+
+    def start(name: str) -> None:
+        client = Client(served.url)  # a connection of its own: the kernel picks the process that accepts it
+        client.get("/healthz")
+        ready.wait()
+        try:
+            client.put(action_path(NS, name, "start"), None)
+            results[name] = 202
+        except ClientError as e:
+            results[name] = e.code
+            refusals.append(e.message)
+        for _ in range(20):  # keep this connection's process busy enough to show in its CPU time
+            client.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/{name}")
+        client.close()
+
+    threads = [threading.Thread(target=start, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    admitted = sorted(name for name, code in results.items() if code == 202)
+    assert len(admitted) == 10 and sorted(results.values()) == [202] * 10 + [403] * 30
+    assert all("exceeded quota: compute, requested: limits.cpu=1, used: limits.cpu=10, limited: limits.cpu=10"
+               in message for message in refusals), refusals[:3]
+    assert all(cpu_ticks(pid) > ticks for pid, ticks in ticks_before.items()), "an API process answered nothing"
+
+    def all_running() -> bool:
+        vms = admin.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines")["items"]
+        return sorted(vm["metadata"]["name"] for vm in vms
+                      if vm.get("status", {}).get("printableStatus") == "Running") == admitted
+    wait_until(all_running, timeout=30, what="every admitted VM to run")
+    used = admin.get(f"/api/v1/namespaces/{NS}/resourcequotas/compute")["status"]["used"]
+    assert used == {"limits.cpu": "10"}
+    admin.close()
+
+
+def test_a_stop_with_its_grace_period_reaches_the_controller_from_any_process(served: Served) -> None:
+    admin = Client(served.url)
+    admin.post("/api/v1/namespaces", {"metadata": {"name": NS}})
+    names = [f"vm-{i}" for i in range(12)]
+    for name in names:
+        admin.post(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines",
+                   vm_manifest(name, cores=1, memory="1Gi", disk=None, grace=600))
+    clients = [Client(served.url) for _ in range(12)]  # a dozen connections: each process gets some
+    for name, client in zip(names, clients, strict=True):
+        client.put(action_path(NS, name, "start"), None)
+    for name in names:
+        wait_until(lambda name=name: admin.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/{name}")
+                   ["status"]["printableStatus"] == "Running", timeout=30, what=f"{name} to run")
+    for name, client in zip(names, clients, strict=True):
+        client.put(action_path(NS, name, "stop"), {"gracePeriod": 0})
+        client.close()
+    for name in names:
+        wait_until(lambda name=name: admin.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/{name}")
+                   ["status"]["printableStatus"] == "Stopped", timeout=30, what=f"{name} to stop")
+    events = admin.get(f"/api/v1/namespaces/{NS}/events")["items"]
+    assert not [e for e in events if e["reason"] == "ShuttingDown"]  # forced off: the guest was never asked
+    admin.close()
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["terminated", "killed"])
+def test_the_api_processes_end_with_the_first_one(served: Served, how: signal.Signals) -> None:
+    children = served.children()
+    served.process.send_signal(how)
+    served.process.wait(timeout=30)
+    wait_until(lambda: all(gone(pid) for pid in children), timeout=10, what="the API processes to end")
+    port = int(served.url.rsplit(":", 1)[1])
+    with pytest.raises(ConnectionRefusedError):  # nobody listens on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_count_of_api_processes_out_of_range_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "vmquota", "serve", "--hypervisor", "test:///default",
+                           "--data-dir", str(tmp_path / "data"), "--api-processes", "0"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "--api-processes takes 1 to 64, got 0" in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was made

@@ -1,0 +1,170 @@
+"""API processes: one server's HTTP served by several Python interpreters.
+
+Top layer. One interpreter runs one thread at a time, so one process serves at
+most about a core's worth of requests. `vmquota serve --api-processes N` keeps
+everything in its first process (the controller: its queue and workers, the
+recount, libvirt's events; and an HTTP server) and starts N-1 more processes
+that only answer HTTP. They accept on the first process's listening socket,
+inherited (no SO_REUSEPORT: no other program can join the port), and each has
+its own connection to the same store, whose write lock holds between processes.
+
+What an API process decides, the controller must hear at once: each VM key the
+API queues goes to the first process as one line on a pipe. An API process
+exits when the first process goes (its lifeline pipe reaches end of file), and
+the first process ends the others when it closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from vmquota import errors
+from vmquota.controller import Key
+from vmquota.usage import OverheadModel
+from vmquota.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+MAX_API_PROCESSES = 64
+READY = b"ready\n"  # an API process's first line: it serves
+START_TIMEOUT_SECONDS = 30.0
+
+
+def default_count() -> int:
+    """One API process per core this server may run on (at most 8)."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+class KeysToController(WorkQueue[Key]):
+    """In an API process: `add` sends the key to the controller's queue in the first process.
+
+    The API only ever adds keys; nothing takes them here (the controller does not run in this process).
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def add(self, key: Key, *, after: float = 0.0) -> None:
+        # One write of less than PIPE_BUF bytes is atomic: lines from many threads never interleave.
+        os.write(self._fd, json.dumps([key[0], key[1], after]).encode() + b"\n")
+
+
+class ApiProcesses:
+    """The first process's side: starts the other API processes and feeds their keys to `add_key`."""
+
+    def __init__(self, add_key: Callable[[Key, float], None]) -> None:
+        self._add_key = add_key
+        self._children: list[subprocess.Popen[bytes]] = []
+        self._lifelines: list[int] = []
+        self._readers: list[threading.Thread] = []
+        self._closing = False
+
+    def start(self, count: int, *, listening: socket.socket, data_dir: Path, hypervisor_uri: str,
+              overhead: OverheadModel) -> None:
+        """Start `count` API processes and return once each of them serves; raises if one cannot."""
+        if count == 0:
+            return
+        listening.setblocking(False)  # shared: a process that loses the race for a connection goes on polling
+        for _ in range(count):
+            keys_read, keys_write = os.pipe()
+            life_read, life_write = os.pipe()
+            child = subprocess.Popen(
+                [sys.executable, "-m", "vmquota.workers", "--data-dir", str(data_dir), "--hypervisor", hypervisor_uri,
+                 "--memory-overhead", overhead.value, "--listen-fd", str(listening.fileno()),
+                 "--keys-fd", str(keys_write), "--lifeline-fd", str(life_read)],
+                pass_fds=(listening.fileno(), keys_write, life_read))
+            os.close(keys_write)
+            os.close(life_read)
+            self._children.append(child)
+            self._lifelines.append(life_write)
+            keys = os.fdopen(keys_read, "rb")
+            if keys.readline() != READY:  # end of file: it failed (its error is on the shared stderr)
+                keys.close()
+                self.close()
+                raise errors.VmquotaError(f"an API process could not start (exit code {child.wait(timeout=10)})")
+            reader = threading.Thread(target=self._read_keys, args=(keys, child), name=f"keys-{child.pid}",
+                                      daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    def _read_keys(self, keys: IO[bytes], child: subprocess.Popen[bytes]) -> None:
+        with keys:
+            for line in keys:
+                namespace, name, after = json.loads(line)
+                self._add_key((namespace, name), after)
+        if not self._closing:
+            log.error("API process %d ended (exit code %s); the others go on serving", child.pid, child.wait())
+
+    @property
+    def pids(self) -> list[int]:
+        return [child.pid for child in self._children]
+
+    def close(self) -> None:
+        """End every API process: closing its lifeline tells it to finish its requests and exit."""
+        self._closing = True
+        for fd in self._lifelines:
+            os.close(fd)
+        self._lifelines = []
+        for child in self._children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for reader in self._readers:
+            reader.join(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """An API process: the same Api as the first process's, on the inherited socket, until its lifeline ends."""
+    from vmquota.app import open_core  # here: the wiring (app.py) imports this module
+    from vmquota.server import serve_on
+
+    parser = argparse.ArgumentParser(prog="python -m vmquota.workers", description=__doc__)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--hypervisor", required=True)
+    parser.add_argument("--memory-overhead", required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--keys-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the first process too; it ends this one
+
+    core = open_core(Path(args.data_dir), args.hypervisor, OverheadModel(args.memory_overhead))
+    core.controller.queue = KeysToController(args.keys_fd)
+    server = serve_on(core.api, socket.socket(fileno=args.listen_fd))
+
+    def wait_for_first_process() -> None:
+        while os.read(args.lifeline_fd, 1):
+            pass
+        server.shutdown()
+
+    threading.Thread(target=wait_for_first_process, name="lifeline", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
+    try:
+        os.write(args.keys_fd, READY)
+    except BrokenPipeError:  # the first process is gone already
+        return 1
+    try:
+        server.serve_forever(poll_interval=0.05)  # gone soon after the first process: a new one may bind the port
+    finally:
+        server.server_close()
+        core.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
