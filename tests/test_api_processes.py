@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import vm_manifest, wait_until
 
+from vmquota import errors, workers
+from vmquota.app import App
 from vmquota.client import Client, ClientError, action_path
 
 NS = "team"
@@ -170,3 +172,15 @@ def test_a_count_of_api_processes_out_of_range_is_refused(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "--api-processes takes 1 to 64, got 0" in done.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_a_server_whose_api_process_cannot_start_refuses_to_serve_and_frees_everything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers.sys, "executable", "/bin/false")  # the API process exits at once
+    port = free_port()
+    with pytest.raises(errors.VmquotaError, match=r"an API process could not start \(exit code 1\)"):
+        App.open(data_dir=tmp_path / "data", hypervisor_uri="test:///default", port=port, api_processes=2)
+    monkeypatch.undo()
+    app = App.open(data_dir=tmp_path / "data", hypervisor_uri="test:///default", port=port)  # port and lock free
+    app.serve_in_thread()
+    app.close()

@@ -82,6 +82,7 @@ class App:
                 txn.create(objects.NAMESPACE, {"metadata": {"name": "default"}, "spec": {"finalizers": ["kubernetes"]},
                                                "status": {"phase": "Active"}})
         others = ApiProcesses(lambda key, after: controller.queue.add(key, after=after))
+        server: Server | None = None
         try:
             controller.run()  # connects to the hypervisor and recounts before serving
             server = serve(core.api, host, port)
@@ -89,6 +90,8 @@ class App:
                          hypervisor_uri=hypervisor_uri, overhead=overhead)
         except BaseException:
             others.close()
+            if server is not None:
+                server.server_close()
             controller.shutdown()
             store.close()
             lock_file.close()

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -90,10 +91,13 @@ class ApiProcesses:
             self._children.append(child)
             self._lifelines.append(life_write)
             keys = os.fdopen(keys_read, "rb")
-            if keys.readline() != READY:  # end of file: it failed (its error is on the shared stderr)
+            started, _, _ = select.select([keys], [], [], START_TIMEOUT_SECONDS)
+            if not started or keys.readline() != READY:  # it failed (its error is on the shared stderr) or hangs
                 keys.close()
                 self.close()
-                raise errors.VmquotaError(f"an API process could not start (exit code {child.wait(timeout=10)})")
+                why = (f"did not start within {START_TIMEOUT_SECONDS:.0f} s" if not started
+                       else f"could not start (exit code {child.returncode})")
+                raise errors.VmquotaError(f"an API process {why}")
             reader = threading.Thread(target=self._read_keys, args=(keys, child), name=f"keys-{child.pid}",
                                       daemon=True)
             reader.start()
