@@ -111,12 +111,8 @@ class ApiProcesses:
         if not self._closing:
             log.error("API process %d ended (exit code %s); the others go on serving", child.pid, child.wait())
 
-    @property
-    def pids(self) -> list[int]:
-        return [child.pid for child in self._children]
-
     def close(self) -> None:
-        """End every API process: closing its lifeline tells it to finish its requests and exit."""
+        """End every API process: closing its lifeline tells it to stop serving and exit."""
         self._closing = True
         for fd in self._lifelines:
             os.close(fd)
