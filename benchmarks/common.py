@@ -188,8 +188,13 @@ class ServerProcess:
     def pids(self) -> list[int]:
         """The server's process and its other API processes."""
         assert self.process is not None
-        pid = self.process.pid
-        return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+        pids = [self.process.pid]
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():  # a replacement is another thread's child
+            try:
+                pids += map(int, (task / "children").read_text().split())
+            except FileNotFoundError:
+                pass  # a thread that ended meanwhile (one per HTTP connection)
+        return pids
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the server's processes have used so far."""

@@ -38,8 +38,14 @@ class Served:
         self.url = url
 
     def children(self) -> list[int]:
-        pid = self.process.pid
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        """Its API processes: the children of all its threads (a replacement is started by another thread)."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            try:
+                found += map(int, (task / "children").read_text().split())
+            except FileNotFoundError:
+                pass  # a thread that ended meanwhile (one per HTTP connection)
+        return found
 
 
 def cpu_ticks(pid: int) -> int:
@@ -73,6 +79,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
         yield server
     finally:
         if process.poll() is None:
+            children += server.children()  # and any started since in place of one that died
             process.terminate()
             process.wait(timeout=30)
         wait_until(lambda: all(gone(pid) for pid in children), timeout=10, what="the API processes to end")
@@ -151,6 +158,27 @@ def test_a_stop_with_its_grace_period_reaches_the_controller_from_any_process(se
                    ["status"]["printableStatus"] == "Stopped", timeout=30, what=f"{name} to stop")
     events = admin.get(f"/api/v1/namespaces/{NS}/events")["items"]
     assert not [e for e in events if e["reason"] == "ShuttingDown"]  # forced off: the guest was never asked
+    admin.close()
+
+
+def test_an_api_process_that_dies_is_replaced(served: Served) -> None:
+    first = served.children()
+    os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: len(served.children()) == PROCESSES - 1 and first[0] not in served.children(), timeout=30,
+               what="another API process in place of the killed one")
+    replacement = (set(served.children()) - set(first)).pop()
+    admin = Client(served.url)
+    admin.post("/api/v1/namespaces", {"metadata": {"name": NS}})
+    ticks = cpu_ticks(replacement)
+    for i in range(20):  # connections of their own: the replacement accepts some of them
+        client = Client(served.url)
+        client.post(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines",
+                    vm_manifest(f"vm-{i}", cores=1, memory="1Gi", disk=None))
+        for _ in range(50):
+            client.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm-{i}")
+        client.close()
+    assert cpu_ticks(replacement) > ticks, "the new API process answered nothing"
+    assert len(admin.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines")["items"]) == 20
     admin.close()
 
 

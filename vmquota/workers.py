@@ -11,7 +11,8 @@ its own connection to the same store, whose write lock holds between processes.
 What an API process decides, the controller must hear at once: each VM key the
 API queues goes to the first process as one line on a pipe. An API process
 exits when the first process goes (its lifeline pipe reaches end of file), and
-the first process ends the others when it closes.
+the first process ends the others when it closes, or starts another in place of
+one that dies.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_API_PROCESSES = 64
 READY = b"ready\n"  # an API process's first line: it serves
 START_TIMEOUT_SECONDS = 30.0
+RESTART_DELAY_SECONDS = 1.0  # before starting another API process in place of one that died
 
 
 def default_count() -> int:
@@ -62,15 +65,25 @@ class KeysToController(WorkQueue[Key]):
         os.write(self._fd, json.dumps([key[0], key[1], after]).encode() + b"\n")
 
 
+@dataclass
+class _Child:
+    process: subprocess.Popen[bytes]
+    lifeline: int  # the write end of its lifeline pipe; -1 once closed
+    keys: IO[bytes]
+
+
 class ApiProcesses:
-    """The first process's side: starts the other API processes and feeds their keys to `add_key`."""
+    """The first process's side: starts the other API processes, feeds their keys to `add_key`, and starts
+    another when one of them dies (a crash must not leave the server with fewer processes for good)."""
 
     def __init__(self, add_key: Callable[[Key, float], None]) -> None:
         self._add_key = add_key
-        self._children: list[subprocess.Popen[bytes]] = []
-        self._lifelines: list[int] = []
-        self._readers: list[threading.Thread] = []
-        self._closing = False
+        self._lock = threading.Lock()  # guards _children and the lifelines
+        self._children: list[_Child] = []
+        self._supervisors: list[threading.Thread] = []
+        self._closing = threading.Event()
+        self._command: list[str] = []
+        self._listening_fd = -1
 
     def start(self, count: int, *, listening: socket.socket, data_dir: Path, hypervisor_uri: str,
               overhead: OverheadModel) -> None:
@@ -78,53 +91,87 @@ class ApiProcesses:
         if count == 0:
             return
         listening.setblocking(False)  # shared: a process that loses the race for a connection goes on polling
+        self._listening_fd = listening.fileno()
+        self._command = [sys.executable, "-m", "vmquota.workers", "--data-dir", str(data_dir),
+                         "--hypervisor", hypervisor_uri, "--memory-overhead", overhead.value]
         for _ in range(count):
-            keys_read, keys_write = os.pipe()
-            life_read, life_write = os.pipe()
-            child = subprocess.Popen(
-                [sys.executable, "-m", "vmquota.workers", "--data-dir", str(data_dir), "--hypervisor", hypervisor_uri,
-                 "--memory-overhead", overhead.value, "--listen-fd", str(listening.fileno()),
-                 "--keys-fd", str(keys_write), "--lifeline-fd", str(life_read)],
-                pass_fds=(listening.fileno(), keys_write, life_read))
-            os.close(keys_write)
-            os.close(life_read)
-            self._children.append(child)
-            self._lifelines.append(life_write)
-            keys = os.fdopen(keys_read, "rb")
-            started, _, _ = select.select([keys], [], [], START_TIMEOUT_SECONDS)
-            if not started or keys.readline() != READY:  # it failed (its error is on the shared stderr) or hangs
-                keys.close()
+            try:
+                child = self._spawn()
+            except BaseException:
                 self.close()
-                why = (f"did not start within {START_TIMEOUT_SECONDS:.0f} s" if not started
-                       else f"could not start (exit code {child.returncode})")
-                raise errors.VmquotaError(f"an API process {why}")
-            reader = threading.Thread(target=self._read_keys, args=(keys, child), name=f"keys-{child.pid}",
-                                      daemon=True)
-            reader.start()
-            self._readers.append(reader)
+                raise
+            supervisor = threading.Thread(target=self._supervise, args=(child,), name=f"api-{child.process.pid}",
+                                          daemon=True)
+            supervisor.start()
+            self._supervisors.append(supervisor)
 
-    def _read_keys(self, keys: IO[bytes], child: subprocess.Popen[bytes]) -> None:
-        with keys:
-            for line in keys:
+    def _spawn(self) -> _Child:
+        """One more API process, returned once it serves; VmquotaError if it cannot start."""
+        keys_read, keys_write = os.pipe()
+        life_read, life_write = os.pipe()
+        process = subprocess.Popen(
+            [*self._command, "--listen-fd", str(self._listening_fd), "--keys-fd", str(keys_write),
+             "--lifeline-fd", str(life_read)], pass_fds=(self._listening_fd, keys_write, life_read))
+        os.close(keys_write)
+        os.close(life_read)
+        child = _Child(process, life_write, os.fdopen(keys_read, "rb"))
+        with self._lock:
+            self._children.append(child)
+            closing = self._closing.is_set()  # checked under the lock: close() ends it, or it is ended here
+        started = not closing and select.select([child.keys], [], [], START_TIMEOUT_SECONDS)[0]
+        if not started or child.keys.readline() != READY:  # it failed (its error is on the shared stderr) or hangs
+            self._end(child)
+            why = (f"did not start within {START_TIMEOUT_SECONDS:.0f} s" if not started
+                   else f"could not start (exit code {child.process.returncode})")
+            raise errors.VmquotaError(f"an API process {why}")
+        return child
+
+    def _supervise(self, child: _Child) -> None:
+        """Feed a child's keys to the controller; when it dies while the server runs, start another."""
+        while True:
+            for line in child.keys:
                 namespace, name, after = json.loads(line)
                 self._add_key((namespace, name), after)
-        if not self._closing:
-            log.error("API process %d ended (exit code %s); the others go on serving", child.pid, child.wait())
+            self._end(child)
+            if self._closing.is_set():
+                return
+            log.error("API process %d ended (exit code %s); starting another", child.process.pid,
+                      child.process.returncode)
+            while True:
+                if self._closing.wait(RESTART_DELAY_SECONDS):
+                    return
+                try:
+                    child = self._spawn()
+                    break
+                except errors.VmquotaError as e:
+                    if not self._closing.is_set():
+                        log.error("%s; trying again in %.0f s", e, RESTART_DELAY_SECONDS)
+
+    def _end(self, child: _Child) -> None:
+        """Cut a child's lifeline, wait for it to exit (killing it after 10 s) and forget it."""
+        with self._lock:
+            if child in self._children:
+                self._children.remove(child)
+            if child.lifeline >= 0:
+                os.close(child.lifeline)
+                child.lifeline = -1
+        try:
+            child.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+        child.keys.close()
 
     def close(self) -> None:
         """End every API process: closing its lifeline tells it to stop serving and exit."""
-        self._closing = True
-        for fd in self._lifelines:
-            os.close(fd)
-        self._lifelines = []
-        for child in self._children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        for reader in self._readers:
-            reader.join(timeout=10)
+        with self._lock:
+            self._closing.set()
+            for child in self._children:  # their supervisors see the end of their keys and end them
+                if child.lifeline >= 0:
+                    os.close(child.lifeline)
+                    child.lifeline = -1
+        for supervisor in self._supervisors:
+            supervisor.join(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:
