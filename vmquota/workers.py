@@ -62,7 +62,12 @@ class KeysToController(WorkQueue[Key]):
 
     def add(self, key: Key, *, after: float = 0.0) -> None:
         # One write of less than PIPE_BUF bytes is atomic: lines from many threads never interleave.
-        os.write(self._fd, json.dumps([key[0], key[1], after]).encode() + b"\n")
+        try:
+            os.write(self._fd, json.dumps([key[0], key[1], after]).encode() + b"\n")
+        except BrokenPipeError:
+            # The first process is gone (this one ends with it). The change is committed, so the request did
+            # succeed: the next server's recount at its start queues every VM that needs work.
+            log.warning("the controller is gone: %s/%s waits for the next server's recount", *key)
 
 
 @dataclass
