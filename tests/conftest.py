@@ -8,6 +8,7 @@ with real SQLite and real qemu-img; only the hypervisor is simulated.
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,13 @@ _ns_counter = itertools.count()
 # server restarts inside a test, as a real host outlives vmquota. Tests also use it to act behind
 # vmquota's back.
 HOST = libvirt.open("test:///default")
+
+
+def free_port() -> int:
+    """A loopback port free now, for a `vmquota serve` subprocess to listen on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def vm_manifest(name: str, *, cores: int = 2, memory: str = "2Gi", disk: str | None = "5Gi",

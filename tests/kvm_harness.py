@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -21,18 +20,12 @@ from typing import Any
 import libvirt
 import pytest
 import yaml
-from conftest import vm_manifest, wait_until
+from conftest import free_port, vm_manifest, wait_until
 
 from vmquota import quantity
 from vmquota.client import Client, ClientError, action_path
 
 URI = "qemu:///system"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import vm_manifest, wait_until
+from conftest import free_port, vm_manifest, wait_until
 
 from vmquota import errors, workers
 from vmquota.app import App
@@ -24,12 +24,6 @@ from vmquota.client import Client, ClientError, action_path
 
 NS = "team"
 PROCESSES = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:
