@@ -23,7 +23,7 @@ from vmquota import objects
 from vmquota.controller import Controller
 from vmquota.disks import Disks
 from vmquota.hypervisor import ABSENT, Observed
-from vmquota.store import Store, _connect, dumps, encode_resources
+from vmquota.store import _COVERING, Store, _connect, dumps, encode_resources
 from vmquota.vmstatus import Phase
 
 NS = "bench"
@@ -151,8 +151,7 @@ def _start_sql(store: Store, names: list[str], count: int) -> float:
     reader = store.reader()
     vm_bodies = {name: dumps(reader.get(objects.VIRTUAL_MACHINE, NS, name)) for name in names}
     charges = {name: encode_resources(reader.charge(NS, name) or {}) for name in names}
-    quota_body = dumps(reader.get(objects.RESOURCE_QUOTA, NS, "compute"))
-    project_body = dumps(reader.get(objects.PROJECT, "", PROJECT))
+    statuses = reader.covering_statuses(NS)
     event_body = dumps(reader.list(objects.EVENT, NS)[-1])
     conn = _connect(store.path)
     lock = open(store.lock_path, "a")  # noqa: SIM115 - the store's lock between processes, taken as it does
@@ -168,12 +167,10 @@ def _start_sql(store: Store, names: list[str], count: int) -> float:
         conn.execute("SAVEPOINT txn")  # the store's transactions are savepoints, for its group commit
         conn.execute(get, ("VirtualMachine", NS, name)).fetchone()
         conn.execute("SELECT resources FROM charges WHERE namespace=? AND name=?", (NS, name)).fetchone()
-        conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
-                     ("ResourceQuota", NS)).fetchall()
-        conn.execute(get, ("Namespace", "", NS)).fetchone()
-        conn.execute(get, ("Project", "", PROJECT)).fetchone()
-        conn.execute(update, (rv, quota_body, "ResourceQuota", NS, "compute"))
-        conn.execute(update, (rv, project_body, "Project", "", PROJECT))
+        conn.execute(_COVERING, {"namespace": NS}).fetchall()
+        for status in statuses:  # the quota's and the project's status, written back as they are
+            conn.execute("INSERT OR REPLACE INTO quota_status(kind, namespace, name, hard, used) VALUES (?,?,?,?,?)",
+                         status)
         conn.execute("INSERT OR REPLACE INTO charges(namespace, name, resources) VALUES (?,?,?)",
                      (NS, name, charges[name]))
         conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",

@@ -90,7 +90,7 @@ def test_storage_and_count_are_charged_in_every_phase(phase: Phase) -> None:
 
 
 def quota(hard: dict[str, str], used: dict[str, str], name: str = "compute") -> accounting.Quota:
-    return accounting.Quota(display=name, kind=objects.RESOURCE_QUOTA, obj={},
+    return accounting.Quota(display=name, kind=objects.RESOURCE_QUOTA, namespace="ns", name=name,
                             hard=r.parse(hard, field="hard"), used=r.parse(used, field="used"))
 
 

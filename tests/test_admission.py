@@ -31,6 +31,22 @@ def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothin
     assert len(cluster.client.get(f"/api/v1/namespaces/{cluster.ns}/events")["items"]) == events_before
 
 
+def test_a_start_changes_a_quotas_used_but_not_its_resource_version(cluster: Cluster) -> None:
+    """Usage is status the server keeps apart: a client's PUT of the quota with the resourceVersion it read
+    is not refused (409) because a VM started meanwhile, unlike Kubernetes' quota controller makes it."""
+    cluster.create_quota({"limits.cpu": "4"})
+    cluster.create_vm(vm_manifest("a", cores=2))
+    read = cluster.quota()
+    cluster.action("a", "start")
+    cluster.wait_status("a", "Running")
+    assert cluster.used() == {"limits.cpu": "2"}
+    assert cluster.quota()["metadata"]["resourceVersion"] == read["metadata"]["resourceVersion"]
+    read["spec"]["hard"]["limits.cpu"] = "6"
+    replaced = cluster.client.put(f"/api/v1/namespaces/{cluster.ns}/resourcequotas/compute", read)
+    assert replaced["status"] == {"hard": {"limits.cpu": "6"}, "used": {"limits.cpu": "2"}}
+    assert cluster.quota() == replaced
+
+
 def test_every_quota_of_the_namespace_is_checked(cluster: Cluster) -> None:
     cluster.create_quota({"limits.cpu": "8"}, name="cpu")
     cluster.create_quota({"requests.instances/vmi": "1"}, name="instances")
@@ -176,10 +192,8 @@ def test_recount_corrects_a_drifted_used(cluster: Cluster) -> None:
     cluster.wait_status("a", "Running")
     from vmquota import objects
     with cluster.app.store.transaction() as txn:  # corrupt the stored used, as a bug or a torn write might
-        q = txn.get(objects.RESOURCE_QUOTA, cluster.ns, "compute")
-        assert q is not None
-        q["status"]["used"]["limits.cpu"] = "3"
-        txn.update(objects.RESOURCE_QUOTA, q)
+        txn.set_quota_status(objects.RESOURCE_QUOTA, cluster.ns, "compute", '{"limits.cpu":"4"}',
+                             '{"limits.cpu":"3"}')
     drifted = cluster.app.controller.resync()
     assert drifted == [f"{cluster.ns}/compute"]
     assert cluster.used() == {"limits.cpu": "2"}

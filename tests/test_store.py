@@ -1,10 +1,12 @@
 """The store: a second object of a name is refused, its `vm_states` index (what the recount reads of every VM
-always equals what the VM's body says) and its group commit (writers that wait for each other share one commit,
-and fail or succeed as they should), also between processes."""
+always equals what the VM's body says), a quota's status kept apart from its body, and its group commit
+(writers that wait for each other share one commit, and fail or succeed as they should), also between
+processes."""
 
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing
 import sqlite3
 import threading
@@ -138,6 +140,59 @@ def test_opening_a_store_made_before_vm_states_builds_them(tmp_path: Path) -> No
     store.close()
 
 
+def quota_rows(store: Store) -> list[tuple[Any, ...]]:
+    return store.reader()._conn.execute("SELECT kind, namespace, name, body FROM objects "
+                                         "WHERE kind IN ('ResourceQuota', 'Project') ORDER BY kind, name").fetchall()
+
+
+def test_a_quotas_status_is_kept_apart_from_its_body_and_read_back_into_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.db")
+    with store.transaction() as txn:
+        quota = txn.create(objects.RESOURCE_QUOTA, {"metadata": {"name": "q", "namespace": "ns"},
+                                                    "spec": {"hard": {"cpu": "4"}}})
+        accounting.refresh(txn, objects.RESOURCE_QUOTA, quota)
+        # "r" is written without the accounting (no refresh): it has no status to read back
+        txn.create(objects.RESOURCE_QUOTA, {"metadata": {"name": "r", "namespace": "ns"}, "spec": {"hard": {}}})
+        accounting.set_charge(txn, "ns", "vm", {"cpu": Decimal(1)}, enforce=True, subject="vm")
+    status = {"hard": {"cpu": "4"}, "used": {"cpu": "1"}}
+    assert store.reader().get(objects.RESOURCE_QUOTA, "ns", "q")["status"] == status
+    assert [obj.get("status") for obj in store.reader().list(objects.RESOURCE_QUOTA, "ns")] == [status, None]
+    assert all('"status"' not in body for *_, body in quota_rows(store))
+    with store.transaction() as txn:  # a body written with a status (an old copy) does not overwrite it
+        stale = txn.get(objects.RESOURCE_QUOTA, "ns", "q")
+        stale["status"]["used"] = {"cpu": "0"}
+        txn.update(objects.RESOURCE_QUOTA, stale)
+    assert store.reader().get(objects.RESOURCE_QUOTA, "ns", "q")["status"] == status
+    with store.transaction() as txn:
+        txn.delete(objects.RESOURCE_QUOTA, "ns", "q")
+    assert store.reader().quota_statuses() == {}  # gone with its quota: a new "q" starts afresh
+    store.close()
+
+
+def test_opening_a_store_made_before_quota_status_moves_each_status_out_of_its_body(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = Store(path)
+    with store.transaction() as txn:
+        txn.create(objects.NAMESPACE, {"metadata": {"name": "ns", "labels": {objects.PROJECT_LABEL: "p"}}})
+        txn.create(objects.PROJECT, {"metadata": {"name": "p"}, "spec": {"resourceQuota": {"hard": {"cpu": "8"}}}})
+        txn.create(objects.RESOURCE_QUOTA, {"metadata": {"name": "q", "namespace": "ns"},
+                                            "spec": {"hard": {"cpu": "4"}}})
+    store.close()
+    old = {"hard": {"cpu": "4"}, "used": {"cpu": "3"}}
+    with sqlite3.connect(path) as conn:  # what vmquota wrote before: the status in the body, version 1
+        conn.execute("UPDATE objects SET body = json_set(body, '$.status', json(?)) WHERE kind IN "
+                     "('ResourceQuota', 'Project')", (json.dumps(old),))
+        conn.executescript("DROP TRIGGER quota_status_delete; DROP TABLE quota_status; PRAGMA user_version=1;")
+    store = Store(path)
+    assert store.reader().get(objects.RESOURCE_QUOTA, "ns", "q")["status"] == old
+    assert all('"status"' not in body for *_, body in quota_rows(store))
+    assert [q.display for q in accounting.covering(store.reader(), "ns")] == ["q", "project/p"]
+    with store.transaction() as txn:  # the recount a server makes when it starts corrects the used
+        assert accounting.recount(txn) == ["ns/q", "project/p"]
+    assert store.reader().get(objects.PROJECT, "", "p")["status"] == {"hard": {"cpu": "8"}, "used": {"cpu": "0"}}
+    store.close()
+
+
 class Group:
     """Two writers that land in one group commit: `first` ends its transaction while `second` waits for the
     write lock, so the group stays open for `second`, which commits both (or fails both)."""
@@ -267,8 +322,9 @@ def test_processes_sharing_a_store_never_admit_past_a_quota_nor_reuse_a_resource
     store = Store(path)
     with store.transaction() as txn:
         txn.create(objects.NAMESPACE, {"metadata": {"name": "ns"}})
-        txn.create(objects.RESOURCE_QUOTA, {"metadata": {"name": "q", "namespace": "ns"},
-                                            "spec": {"hard": {"cpu": "100"}}})
+        quota = txn.create(objects.RESOURCE_QUOTA, {"metadata": {"name": "q", "namespace": "ns"},
+                                                    "spec": {"hard": {"cpu": "100"}}})
+        accounting.refresh(txn, objects.RESOURCE_QUOTA, quota)  # as the API creates it
     spawn = multiprocessing.get_context("spawn")
     ready, results = spawn.Barrier(2), spawn.Queue()
     names = [f"vm{i}" for i in range(240)]

@@ -13,6 +13,7 @@ corrects whatever drifted.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from decimal import Decimal
 from vmquota import errors, objects
 from vmquota import resources as r
 from vmquota.objects import Obj
-from vmquota.store import Reader, Transaction
+from vmquota.store import Reader, Transaction, dumps
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Quota:
 
     display: str  # "compute" or "project/team-a", as refusals name it
     kind: objects.Kind
-    obj: Obj
+    namespace: str  # "" for a project
+    name: str
     hard: r.ResourceList
     used: r.ResourceList
 
@@ -41,11 +43,17 @@ def hard_of(kind: objects.Kind, obj: Obj) -> r.ResourceList:
     return r.parse(raw or {}, field="spec.hard")
 
 
-def quota_of(kind: objects.Kind, obj: Obj) -> Quota:
-    name = obj["metadata"]["name"]
-    used = r.parse((obj.get("status") or {}).get("used") or {}, field="status.used")
-    return Quota(display=f"project/{name}" if kind is objects.PROJECT else name, kind=kind, obj=obj,
-                 hard=hard_of(kind, obj), used=used)
+def _quota(kind_name: str, namespace: str, name: str, hard: str, used: str) -> Quota:
+    """A quota from its stored status (JSON text of status.hard and status.used)."""
+    kind = objects.PROJECT if kind_name == objects.PROJECT.kind else objects.RESOURCE_QUOTA
+    return Quota(display=f"project/{name}" if kind is objects.PROJECT else name, kind=kind, namespace=namespace,
+                 name=name, hard=r.parse(json.loads(hard), field="status.hard"),
+                 used=r.parse(json.loads(used), field="status.used"))
+
+
+def stored_quota(reader: Reader, kind: objects.Kind, namespace: str, name: str) -> Quota | None:
+    status = reader.quota_status(kind, namespace, name)
+    return _quota(kind.kind, namespace, name, *status) if status else None
 
 
 def project_of(reader: Reader, namespace: str) -> str | None:
@@ -55,13 +63,7 @@ def project_of(reader: Reader, namespace: str) -> str | None:
 
 def covering(reader: Reader, namespace: str) -> list[Quota]:
     """Every quota a charge in `namespace` counts against: its ResourceQuotas, then its project."""
-    quotas = [quota_of(objects.RESOURCE_QUOTA, q) for q in reader.list(objects.RESOURCE_QUOTA, namespace)]
-    project = project_of(reader, namespace)
-    if project:
-        obj = reader.get(objects.PROJECT, "", project)
-        if obj is not None:
-            quotas.append(quota_of(objects.PROJECT, obj))
-    return quotas
+    return [_quota(*row) for row in reader.covering_statuses(namespace)]
 
 
 def refusal(quota: Quota, delta: Mapping[str, Decimal]) -> str | None:
@@ -102,21 +104,23 @@ def set_charge(txn: Transaction, namespace: str, name: str, new: r.ResourceList 
     if enforce:
         admit(quotas, delta, subject=subject)
     for quota in quotas:
-        _write_used(txn, quota, r.add(quota.used, r.mask(delta, quota.hard)))
+        change = r.mask(delta, quota.hard)
+        if not r.is_zero(change):
+            _store_status(txn, quota.kind, quota.namespace, quota.name, quota.hard, r.add(quota.used, change))
     txn.set_charge(namespace, name, new)
     return delta
 
 
-def _write_used(txn: Transaction, quota: Quota, used: r.ResourceList) -> bool:
-    """Store `used` (limited to the quota's hard names) in the quota's status; False if unchanged."""
-    status = quota.obj.setdefault("status", {})
-    rendered_used = r.render({name: used.get(name, Decimal(0)) for name in quota.hard})
-    rendered_hard = r.render(quota.hard)
-    if status.get("used") == rendered_used and status.get("hard") == rendered_hard:
-        return False
-    status["hard"], status["used"] = rendered_hard, rendered_used
-    txn.update(quota.kind, quota.obj)
-    return True
+def rendered_status(hard: r.ResourceList, used: r.ResourceList) -> Obj:
+    """A quota's status as the API shows it: its hard limits, and its used of exactly those names."""
+    return {"hard": r.render(hard), "used": r.render({name: used.get(name, Decimal(0)) for name in hard})}
+
+
+def _store_status(txn: Transaction, kind: objects.Kind, namespace: str, name: str, hard: r.ResourceList,
+                  used: r.ResourceList) -> Obj:
+    status = rendered_status(hard, used)
+    txn.set_quota_status(kind, namespace, name, dumps(status["hard"]), dumps(status["used"]))
+    return status
 
 
 def namespace_usage(reader: Reader, namespace: str) -> r.ResourceList:
@@ -160,32 +164,42 @@ def project_usage(reader: Reader, project: str) -> r.ResourceList:
 
 
 def refresh(txn: Transaction, kind: objects.Kind, obj: Obj) -> Obj:
-    """Recompute one quota's status from the ledger, after its hard limits changed."""
-    name = obj["metadata"]["name"]
+    """Recompute one quota's status from its spec and the ledger (it was created, or its limits or
+    members changed); `obj` shows the new status too."""
+    metadata = obj["metadata"]
     if kind is objects.PROJECT:
-        usage = project_usage(txn, name)
+        usage = project_usage(txn, metadata["name"])
     else:
-        usage = namespace_usage(txn, obj["metadata"]["namespace"])
-    quota = quota_of(kind, obj)
-    _write_used(txn, quota, usage)
-    return quota.obj
+        usage = namespace_usage(txn, metadata["namespace"])
+    obj["status"] = _store_status(txn, kind, metadata.get("namespace", "") if kind.namespaced else "",
+                                  metadata["name"], hard_of(kind, obj), usage)
+    return obj
 
 
 def recount(txn: Transaction) -> list[str]:
-    """Rebuild every quota's and project's used from the ledger; returns the quotas that had drifted."""
+    """Rebuild every quota's and project's status from its spec and the ledger; returns those whose
+    stored status had drifted."""
     usage = all_usage(txn)
+    stored = txn.quota_statuses()
     drifted = []
+
+    def check(kind: objects.Kind, namespace: str, name: str, hard: r.ResourceList, used: r.ResourceList,
+              display: str) -> None:
+        status = rendered_status(hard, used)
+        current = stored.get((kind.kind, namespace, name))
+        if current is None or [json.loads(text) for text in current] != [status["hard"], status["used"]]:
+            _store_status(txn, kind, namespace, name, hard, used)
+            drifted.append(display)
+
     for quota_obj in txn.list(objects.RESOURCE_QUOTA):
-        quota = quota_of(objects.RESOURCE_QUOTA, quota_obj)
-        if _write_used(txn, quota, usage.get(quota_obj["metadata"]["namespace"], {})):
-            drifted.append(f"{quota_obj['metadata']['namespace']}/{quota.display}")
+        namespace, name = quota_obj["metadata"]["namespace"], quota_obj["metadata"]["name"]
+        check(objects.RESOURCE_QUOTA, namespace, name, hard_of(objects.RESOURCE_QUOTA, quota_obj),
+              usage.get(namespace, {}), f"{namespace}/{name}")
     namespaces_of = membership(txn)  # one pass over the namespaces, not one per project
     for project_obj in txn.list(objects.PROJECT):
-        quota = quota_of(objects.PROJECT, project_obj)
+        name = project_obj["metadata"]["name"]
         total: r.ResourceList = {}
-        for namespace in namespaces_of.get(quota.obj["metadata"]["name"], []):
+        for namespace in namespaces_of.get(name, []):
             total = r.add(total, usage.get(namespace, {}))
-        if _write_used(txn, quota, total):
-            drifted.append(quota.display)
+        check(objects.PROJECT, "", name, hard_of(objects.PROJECT, project_obj), total, f"project/{name}")
     return drifted
-

@@ -392,7 +392,8 @@ class _NamespaceRules(_Rules):
         assert project_obj is not None  # validate checked it exists
         used = accounting.namespace_usage(txn, namespace)
         # The project's stored used does not count this namespace yet: its label was only just written.
-        room = accounting.quota_of(PROJECT, project_obj)
+        room = accounting.stored_quota(txn, PROJECT, "", project)
+        assert room is not None  # every project has its status
         message = accounting.refusal(room, used)
         if message:
             raise errors.QuotaExceeded(f'namespaces "{namespace}" cannot join project "{project}": {message}',

@@ -14,8 +14,14 @@ Tables:
     counters(name, value)                          -- the resourceVersion sequence
     settings(name, value)                          -- this installation's instance id
     vm_states(namespace, name, uid, phase, ...)    -- the few fields of every VM a recount compares
+    quota_status(kind, namespace, name, hard, used) -- status.hard and status.used of every quota and project
 Cluster-scoped objects have namespace ''. Triggers keep `vm_states` equal to what the VM
 bodies say, in the same transaction: it is an index, never written directly.
+
+A ResourceQuota's or Project's status is kept apart from its body, in `quota_status`: every start and stop
+changes it, and rewriting two small rows costs a start far less than rewriting two objects (JSON in and
+out). Reads put it back into the body, so nobody outside the store sees the difference, except that the
+object's resourceVersion changes only when its spec or metadata do.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ CREATE TABLE IF NOT EXISTS charges (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quota_status (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    hard TEXT NOT NULL, used TEXT NOT NULL,  -- JSON, as status.hard and status.used show them
+    PRIMARY KEY (kind, namespace, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS vm_states (
     namespace TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
     phase TEXT, deleting INTEGER NOT NULL, run_strategy TEXT, running INTEGER, last_exit TEXT,
@@ -78,7 +89,37 @@ END;
 DELETE FROM vm_states;
 INSERT INTO vm_states SELECT namespace, name, uid, {_VM_STATE.format(body="body")} FROM objects WHERE kind = {_VM};
 """
-SCHEMA_VERSION = 1  # raise it when _VM_STATE_TRIGGERS change: opening an older file rebuilds vm_states
+_QUOTAS = "('ResourceQuota', 'Project')"
+_QUOTA_STATUS_TRIGGER = f"""
+DROP TRIGGER IF EXISTS quota_status_delete;
+CREATE TRIGGER quota_status_delete AFTER DELETE ON objects WHEN OLD.kind IN {_QUOTAS} BEGIN
+    DELETE FROM quota_status WHERE kind = OLD.kind AND namespace = OLD.namespace AND name = OLD.name;
+END;
+-- Files written before quota_status kept the status in the bodies: move it out (the server's first
+-- recount then checks every used against the ledger).
+INSERT OR IGNORE INTO quota_status
+    SELECT kind, namespace, name, coalesce(json(body->'$.status.hard'), '{{}}'),
+           coalesce(json(body->'$.status.used'), '{{}}')
+    FROM objects WHERE kind IN {_QUOTAS};
+UPDATE objects SET body = json_remove(body, '$.status') WHERE kind IN {_QUOTAS} AND body->'$.status' IS NOT NULL;
+"""
+# Raise it when the triggers above change: opening an older file runs them again (vm_states is rebuilt, a
+# quota's status moved out of its body).
+SCHEMA_VERSION = 2
+
+# The kinds whose status lives in `quota_status`, and how a read puts it back into the body.
+STATUS_APART = frozenset({objects.RESOURCE_QUOTA.kind, objects.PROJECT.kind})
+_WITH_STATUS = """CASE WHEN s.kind IS NULL THEN o.body
+    ELSE json_set(o.body, '$.status', json_object('hard', json(s.hard), 'used', json(s.used))) END
+    FROM objects AS o LEFT JOIN quota_status AS s
+        ON s.kind = o.kind AND s.namespace = o.namespace AND s.name = o.name"""
+_COVERING = f"""
+SELECT kind, namespace, name, hard, used FROM quota_status WHERE kind = 'ResourceQuota' AND namespace = :namespace
+UNION ALL
+SELECT s.kind, s.namespace, s.name, s.hard, s.used FROM objects AS n JOIN quota_status AS s
+    ON s.kind = 'Project' AND s.namespace = '' AND s.name = n.body->>'$.metadata.labels."{objects.PROJECT_LABEL}"'
+    WHERE n.kind = 'Namespace' AND n.namespace = '' AND n.name = :namespace
+ORDER BY kind DESC, name"""
 
 EVENTS_KEPT_PER_NAMESPACE = 500
 PRUNE_EVERY = 64  # a namespace's events are pruned after every this many of them, not on each one
@@ -110,7 +151,7 @@ class Reader:
         self._conn = conn
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
-        row = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
+        row = self._conn.execute(f"{_select(kind)} WHERE o.kind=? AND o.namespace=? AND o.name=?",
                                  (kind.kind, namespace, name)).fetchone()
         return json.loads(row[0]) if row else None
 
@@ -121,9 +162,9 @@ class Reader:
         """The stored JSON text of every object of a kind (in one namespace, or all), in namespace and name
         order, streamed and never parsed."""
         if namespace is None:
-            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name", (kind.kind,))
+            rows = self._conn.execute(f"{_select(kind)} WHERE o.kind=? ORDER BY o.namespace, o.name", (kind.kind,))
         else:
-            rows = self._conn.execute("SELECT body FROM objects WHERE kind=? AND namespace=? ORDER BY name",
+            rows = self._conn.execute(f"{_select(kind)} WHERE o.kind=? AND o.namespace=? ORDER BY o.name",
                                       (kind.kind, namespace))
         for (body,) in rows:
             yield body
@@ -176,6 +217,25 @@ class Reader:
         for ns, name, text in rows:
             yield ns, name, decode_resources(text)
 
+    def covering_statuses(self, namespace: str) -> builtins.list[tuple[str, str, str, str, str]]:
+        """(kind, namespace, name, hard, used) of every quota a charge in `namespace` counts against: its
+        ResourceQuotas in name order, then its project's (named by the namespace's label), if it has one.
+
+        One statement, reading no object but the namespace: admission runs it on every start and stop.
+        """
+        return self._conn.execute(_COVERING, {"namespace": namespace}).fetchall()
+
+    def quota_status(self, kind: Kind, namespace: str, name: str) -> tuple[str, str] | None:
+        """(hard, used) of one quota or project, as JSON text."""
+        row = self._conn.execute("SELECT hard, used FROM quota_status WHERE kind=? AND namespace=? AND name=?",
+                                 (kind.kind, namespace, name)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def quota_statuses(self) -> dict[tuple[str, str, str], tuple[str, str]]:
+        """(hard, used) of every quota and project, by (kind, namespace, name)."""
+        rows = self._conn.execute("SELECT kind, namespace, name, hard, used FROM quota_status")
+        return {(kind, ns, name): (hard, used) for kind, ns, name, hard, used in rows}
+
     def charge_groups(self) -> Iterator[tuple[str, dict[str, Decimal], int]]:
         """(namespace, charge, how many VMs of the namespace charge exactly that), grouped by SQLite.
 
@@ -216,7 +276,7 @@ class Transaction(Reader):
         try:  # the primary key refuses a second object of the name: no SELECT first (every start writes an event)
             self._conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",
                                (kind.kind, namespace, name, metadata["uid"], int(metadata["resourceVersion"]),
-                                json.dumps(obj, separators=(",", ":"))))
+                                _stored_body(kind, obj)))
         except sqlite3.IntegrityError as e:
             if "UNIQUE" not in str(e):
                 raise
@@ -231,7 +291,7 @@ class Transaction(Reader):
         namespace = metadata.get("namespace", "") if kind.namespaced else ""
         metadata["resourceVersion"] = self._next_rv()
         cursor = self._conn.execute("UPDATE objects SET rv=?, body=? WHERE kind=? AND namespace=? AND name=?",
-                                    (int(metadata["resourceVersion"]), json.dumps(obj, separators=(",", ":")),
+                                    (int(metadata["resourceVersion"]), _stored_body(kind, obj),
                                      kind.kind, namespace, metadata["name"]))
         if cursor.rowcount != 1:
             raise errors.NotFound(f'{kind.resource} "{metadata["name"]}" not found')
@@ -247,6 +307,11 @@ class Transaction(Reader):
         else:
             self._conn.execute("INSERT OR REPLACE INTO charges(namespace, name, resources) VALUES (?,?,?)",
                                (namespace, name, encode_resources(resources)))
+
+    def set_quota_status(self, kind: Kind, namespace: str, name: str, hard: str, used: str) -> None:
+        """Store a quota's or project's status.hard and status.used (JSON text); its body is not touched."""
+        self._conn.execute("INSERT OR REPLACE INTO quota_status(kind, namespace, name, hard, used) VALUES (?,?,?,?,?)",
+                           (kind.kind, namespace, name, hard, used))
 
     def _prune_events(self, namespace: str) -> None:
         written = self._store._events_unpruned.get(namespace, 0) + 1
@@ -272,8 +337,8 @@ class Store:
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA)
         if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} PRAGMA user_version={SCHEMA_VERSION}; "
-                                       "COMMIT;")
+            self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} {_QUOTA_STATUS_TRIGGER} "
+                                       f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
                              (objects.new_uid(),))
@@ -403,6 +468,17 @@ class _Group:
         self.rv_before = rv_before
         self.committed = threading.Event()
         self.error: str | None = None  # why the commit failed
+
+
+def _select(kind: Kind) -> str:
+    """The start of a SELECT of a kind's bodies (from `objects AS o`), with a status kept apart put back."""
+    return f"SELECT {_WITH_STATUS}" if kind.kind in STATUS_APART else "SELECT o.body FROM objects AS o"
+
+
+def _stored_body(kind: Kind, obj: Obj) -> str:
+    if kind.kind in STATUS_APART:
+        obj = {key: value for key, value in obj.items() if key != "status"}
+    return json.dumps(obj, separators=(",", ":"))
 
 
 def dumps(obj: Any) -> str:
