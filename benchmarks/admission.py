@@ -168,9 +168,9 @@ def _start_sql(store: Store, names: list[str], count: int) -> float:
         conn.execute(get, ("VirtualMachine", NS, name)).fetchone()
         conn.execute("SELECT resources FROM charges WHERE namespace=? AND name=?", (NS, name)).fetchone()
         conn.execute(_COVERING, {"namespace": NS}).fetchall()
-        for status in statuses:  # the quota's and the project's status, written back as they are
-            conn.execute("INSERT OR REPLACE INTO quota_status(kind, namespace, name, hard, used) VALUES (?,?,?,?,?)",
-                         status)
+        for kind, namespace, quota, _, used in statuses:  # the quota's and the project's used, as they are
+            conn.execute("UPDATE quota_status SET used=? WHERE kind=? AND namespace=? AND name=?",
+                         (used, kind, namespace, quota))
         conn.execute("INSERT OR REPLACE INTO charges(namespace, name, resources) VALUES (?,?,?)",
                      (NS, name, charges[name]))
         conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",

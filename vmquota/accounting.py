@@ -105,15 +105,21 @@ def set_charge(txn: Transaction, namespace: str, name: str, new: r.ResourceList 
         admit(quotas, delta, subject=subject)
     for quota in quotas:
         change = r.mask(delta, quota.hard)
-        if not r.is_zero(change):
-            _store_status(txn, quota.kind, quota.namespace, quota.name, quota.hard, r.add(quota.used, change))
+        if not r.is_zero(change):  # only used changes: its hard stays as it is stored
+            txn.set_quota_used(quota.kind, quota.namespace, quota.name,
+                               dumps(_rendered_used(quota.hard, r.add(quota.used, change))))
     txn.set_charge(namespace, name, new)
     return delta
 
 
+def _rendered_used(hard: r.ResourceList, used: r.ResourceList) -> dict[str, str]:
+    """A quota's status.used: exactly the names it limits."""
+    return r.render({name: used.get(name, Decimal(0)) for name in hard})
+
+
 def rendered_status(hard: r.ResourceList, used: r.ResourceList) -> Obj:
-    """A quota's status as the API shows it: its hard limits, and its used of exactly those names."""
-    return {"hard": r.render(hard), "used": r.render({name: used.get(name, Decimal(0)) for name in hard})}
+    """A quota's status as the API shows it: its hard limits, and what is used of them."""
+    return {"hard": r.render(hard), "used": _rendered_used(hard, used)}
 
 
 def _store_status(txn: Transaction, kind: objects.Kind, namespace: str, name: str, hard: r.ResourceList,

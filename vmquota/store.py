@@ -313,6 +313,10 @@ class Transaction(Reader):
         self._conn.execute("INSERT OR REPLACE INTO quota_status(kind, namespace, name, hard, used) VALUES (?,?,?,?,?)",
                            (kind.kind, namespace, name, hard, used))
 
+    def set_quota_used(self, kind: Kind, namespace: str, name: str, used: str) -> None:
+        self._conn.execute("UPDATE quota_status SET used=? WHERE kind=? AND namespace=? AND name=?",
+                           (used, kind.kind, namespace, name))
+
     def _prune_events(self, namespace: str) -> None:
         written = self._store._events_unpruned.get(namespace, 0) + 1
         if written < PRUNE_EVERY:
