@@ -89,7 +89,7 @@ class Api:
         with self.store.transaction() as txn:
             rules.check_namespace(txn, namespace)
             rules.validate(txn, obj, None)
-            if txn.get(kind, namespace if kind.namespaced else "", metadata["name"]) is not None:
+            if txn.exists(kind, namespace if kind.namespaced else "", metadata["name"]):
                 raise errors.AlreadyExists(f'{kind.resource} "{metadata["name"]}" already exists')
             rules.before_create(txn, obj)
             created = txn.create(kind, obj)
@@ -296,7 +296,7 @@ class _Rules:
         self.api = api
 
     def check_namespace(self, reader: Reader, namespace: str) -> None:
-        if self.kind.namespaced and reader.get(NAMESPACE, "", namespace) is None:
+        if self.kind.namespaced and not reader.exists(NAMESPACE, "", namespace):
             raise errors.NotFound(f'namespaces "{namespace}" not found')
 
     def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
@@ -361,7 +361,7 @@ class _NamespaceRules(_Rules):
     def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
         name = obj["metadata"]["name"]
         project = objects.labels(obj).get(objects.PROJECT_LABEL)
-        if project is not None and txn.get(PROJECT, "", project) is None:
+        if project is not None and not txn.exists(PROJECT, "", project):
             raise invalid(NAMESPACE, name, f"metadata.labels[{objects.PROJECT_LABEL}]",
                           f"Not found: project {objects.quote(project)} does not exist")
         if obj.get("spec") is None:
@@ -401,7 +401,7 @@ class _NamespaceRules(_Rules):
         for quota in txn.list(RESOURCE_QUOTA, namespace):
             _check_under_project(txn, quota, namespace)
         default = (project_obj.get("spec") or {}).get("namespaceDefaultResourceQuota") or {}
-        if default.get("hard") and txn.get(RESOURCE_QUOTA, namespace, objects.DEFAULT_QUOTA_NAME) is None:
+        if default.get("hard") and not txn.exists(RESOURCE_QUOTA, namespace, objects.DEFAULT_QUOTA_NAME):
             default_hard = r.parse(default["hard"], field="hard")
             problem = _below_used(f"quota {objects.DEFAULT_QUOTA_NAME}", default_hard, used)
             if problem:
@@ -518,7 +518,7 @@ class _CloneRules(_Rules):
         if source is None or source["metadata"].get("deletionTimestamp"):
             raise invalid(VIRTUAL_MACHINE_CLONE, obj["metadata"]["name"], "spec.source.name",
                           f"Not found: {objects.quote(source_name)}")
-        if txn.get(VIRTUAL_MACHINE, namespace, target_name) is not None:
+        if txn.exists(VIRTUAL_MACHINE, namespace, target_name):
             raise errors.AlreadyExists(f'{VIRTUAL_MACHINE.resource} "{target_name}" already exists')
         target = clone_vm(source, target_name)
         target["metadata"].setdefault("annotations", {})[CLONE_SOURCE_ANNOTATION] = (

@@ -519,7 +519,7 @@ class Controller:
                 return
             before = txn.get(VM, *key)  # a second parse: five times cheaper than copy.deepcopy of the VM
             change(txn, vm)
-            if vm != before and txn.get(VM, *key) is not None:
+            if vm != before and txn.exists(VM, *key):
                 txn.update(VM, vm)
 
     # -- disks and domains ---------------------------------------------------------------------

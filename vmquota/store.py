@@ -192,6 +192,10 @@ class Reader:
         yield from self._conn.execute("SELECT namespace, name, uid, phase, deleting, run_strategy, running, last_exit, "
                                       "volumes_ready FROM vm_states ORDER BY namespace, name")
 
+    def exists(self, kind: Kind, namespace: str, name: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM objects WHERE kind=? AND namespace=? AND name=?",
+                                  (kind.kind, namespace, name)).fetchone() is not None
+
     def names(self, kind: Kind, namespace: str | None = None) -> builtins.list[tuple[str, str]]:
         """(namespace, name) of every object of a kind, without reading bodies."""
         if namespace is None:
