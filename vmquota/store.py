@@ -89,7 +89,9 @@ END;
 DELETE FROM vm_states;
 INSERT INTO vm_states SELECT namespace, name, uid, {_VM_STATE.format(body="body")} FROM objects WHERE kind = {_VM};
 """
-_QUOTAS = "('ResourceQuota', 'Project')"
+# The kinds whose status lives in `quota_status`; a read puts it back into the body (`_WITH_STATUS`).
+STATUS_APART = frozenset({objects.RESOURCE_QUOTA.kind, objects.PROJECT.kind})
+_QUOTAS = "(" + ", ".join(f"'{kind}'" for kind in sorted(STATUS_APART)) + ")"
 _QUOTA_STATUS_TRIGGER = f"""
 DROP TRIGGER IF EXISTS quota_status_delete;
 CREATE TRIGGER quota_status_delete AFTER DELETE ON objects WHEN OLD.kind IN {_QUOTAS} BEGIN
@@ -107,8 +109,6 @@ UPDATE objects SET body = json_remove(body, '$.status') WHERE kind IN {_QUOTAS} 
 # quota's status moved out of its body).
 SCHEMA_VERSION = 2
 
-# The kinds whose status lives in `quota_status`, and how a read puts it back into the body.
-STATUS_APART = frozenset({objects.RESOURCE_QUOTA.kind, objects.PROJECT.kind})
 _WITH_STATUS = """CASE WHEN s.kind IS NULL THEN o.body
     ELSE json_set(o.body, '$.status', json_object('hard', json(s.hard), 'used', json(s.used))) END
     FROM objects AS o LEFT JOIN quota_status AS s
