@@ -119,7 +119,6 @@ class Hypervisor:
         self._on_reconnect: Callable[[], object] | None = None
         self._callback_id = -1
         self.domain_type = "test"
-        _start_event_loop()
 
     # -- connection -------------------------------------------------------------------------
 
@@ -130,6 +129,7 @@ class Hypervisor:
         self._connection()
 
     def _connection(self) -> Any:
+        _start_event_loop()  # before the first connection, or its events never come; never in an API process
         with self._lock:
             if self._conn is not None:
                 try:
