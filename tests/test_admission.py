@@ -32,8 +32,9 @@ def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothin
 
 
 def test_a_start_changes_a_quotas_used_but_not_its_resource_version(cluster: Cluster) -> None:
-    """Usage is status the server keeps apart: a client's PUT of the quota with the resourceVersion it read
-    is not refused (409) because a VM started meanwhile, unlike Kubernetes' quota controller makes it."""
+    """Usage is status the server keeps apart: a client's PUT of the quota with the resourceVersion it read is
+    not refused (409) because a VM started meanwhile. In Kubernetes it is: the quota controller's every
+    status update bumps the quota's resourceVersion."""
     cluster.create_quota({"limits.cpu": "4"})
     cluster.create_vm(vm_manifest("a", cores=2))
     read = cluster.quota()
