@@ -203,6 +203,25 @@ def _concurrent_starts(bed: Bed, names: list[str], writers: int) -> float:
     return rate
 
 
+def _one_row_table(folder: Path) -> sqlite3.Connection:
+    """A file with one row to update, opened with the store's own connection settings (WAL, synchronous=FULL)."""
+    raw = _connect(folder / "raw.db")
+    raw.execute("CREATE TABLE bench (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
+    raw.execute("INSERT INTO bench VALUES (1, 0)")
+    return raw
+
+
+def _starts_per_s(bed: Bed) -> float:
+    """Every VM of the bed started back to back, one transaction each (timed), then put back (untimed)."""
+    t0 = time.perf_counter()
+    for name in bed.names:
+        bed.start(name)
+    rate = len(bed.names) / (time.perf_counter() - t0)
+    for name in bed.names:
+        bed.reset(name)
+    return rate
+
+
 def _memory_folder() -> Path | None:
     """/dev/shm when it is a tmpfs (memory: an fsync there returns at once), else None."""
     try:
@@ -216,19 +235,11 @@ def _in_memory(folder: Path, vms: int, batches: int) -> tuple[float, float]:
     """Admitted starts/s and one-row commits/s (medians) with both files on tmpfs: the same code and
     settings, with the disk's wait taken away. What is left is CPU alone."""
     with tempfile.TemporaryDirectory(prefix="vmquota-bench-durable-", dir=folder) as tmp:
-        bed = Bed(Path(tmp) / "store", vms)
-        raw = _connect(Path(tmp) / "raw.db")
-        raw.execute("CREATE TABLE bench (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
-        raw.execute("INSERT INTO bench VALUES (1, 0)")
+        bed, raw = Bed(Path(tmp) / "store", vms), _one_row_table(Path(tmp))
         _timed_starts(bed, bed.names[:50])
         admitted, commits = [], []
         for _ in range(batches):
-            t0 = time.perf_counter()
-            for name in bed.names:
-                bed.start(name)
-            admitted.append(vms / (time.perf_counter() - t0))
-            for name in bed.names:
-                bed.reset(name)
+            admitted.append(_starts_per_s(bed))
             commits.append(vms / _raw_commits(raw, vms))
         raw.close()
         bed.close()
@@ -241,22 +252,14 @@ def durable_admission(vms: int, batches: int) -> SectionResult:
     A third figure, the SQL of a start replayed without vmquota, shows how much of the gap is the store's.
     """
     with tempfile.TemporaryDirectory(prefix="vmquota-bench-durable-") as tmp:
-        bed = Bed(Path(tmp) / "store", vms)
-        raw = _connect(Path(tmp) / "raw.db")  # the store's own connection settings: WAL, synchronous=FULL
+        bed, raw = Bed(Path(tmp) / "store", vms), _one_row_table(Path(tmp))
         settings = {p: raw.execute(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "synchronous")}
-        raw.execute("CREATE TABLE bench (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
-        raw.execute("INSERT INTO bench VALUES (1, 0)")
         _raw_commits(raw, 1000)
         _timed_starts(bed, bed.names[:50])
         _start_sql(bed.store, bed.names, 200)
         admitted, commits, sql, concurrent = [], [], [], []
         for _ in range(batches):  # alternate, so all four see the same machine
-            t0 = time.perf_counter()
-            for name in bed.names:
-                bed.start(name)
-            admitted.append(vms / (time.perf_counter() - t0))
-            for name in bed.names:
-                bed.reset(name)
+            admitted.append(_starts_per_s(bed))
             commits.append(vms / _raw_commits(raw, vms))
             sql.append(vms / _start_sql(bed.store, bed.names, vms))
             concurrent.append(_concurrent_starts(bed, bed.names, WRITERS))
