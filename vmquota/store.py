@@ -114,12 +114,14 @@ _WITH_STATUS = """CASE WHEN s.kind IS NULL THEN o.body
     FROM objects AS o LEFT JOIN quota_status AS s
         ON s.kind = o.kind AND s.namespace = o.namespace AND s.name = o.name"""
 _COVERING = f"""
-SELECT kind, namespace, name, hard, used FROM quota_status WHERE kind = 'ResourceQuota' AND namespace = :namespace
+SELECT kind, namespace, name, hard, used FROM quota_status
+    WHERE kind = '{objects.RESOURCE_QUOTA.kind}' AND namespace = :namespace
 UNION ALL
 SELECT s.kind, s.namespace, s.name, s.hard, s.used FROM objects AS n JOIN quota_status AS s
-    ON s.kind = 'Project' AND s.namespace = '' AND s.name = n.body->>'$.metadata.labels."{objects.PROJECT_LABEL}"'
-    WHERE n.kind = 'Namespace' AND n.namespace = '' AND n.name = :namespace
-ORDER BY kind DESC, name"""
+    ON s.kind = '{objects.PROJECT.kind}' AND s.namespace = ''
+    AND s.name = n.body->>'$.metadata.labels."{objects.PROJECT_LABEL}"'
+    WHERE n.kind = '{objects.NAMESPACE.kind}' AND n.namespace = '' AND n.name = :namespace
+ORDER BY kind DESC, name"""  # ResourceQuota sorts after Project: descending puts the project last
 
 EVENTS_KEPT_PER_NAMESPACE = 500
 PRUNE_EVERY = 64  # a namespace's events are pruned after every this many of them, not on each one
@@ -486,7 +488,7 @@ def _select(kind: Kind) -> str:
 def _stored_body(kind: Kind, obj: Obj) -> str:
     if kind.kind in STATUS_APART:
         obj = {key: value for key, value in obj.items() if key != "status"}
-    return json.dumps(obj, separators=(",", ":"))
+    return dumps(obj)
 
 
 def dumps(obj: Any) -> str:
