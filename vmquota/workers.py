@@ -77,6 +77,13 @@ class _Child:
     keys: IO[bytes]
 
 
+def _cut_lifeline(child: _Child) -> None:
+    """Close the write end of a child's lifeline: it stops serving and exits (the caller holds the lock)."""
+    if child.lifeline >= 0:
+        os.close(child.lifeline)
+        child.lifeline = -1
+
+
 class ApiProcesses:
     """The first process's side: starts the other API processes, feeds their keys to `add_key`, and starts
     another when one of them dies (a crash must not leave the server with fewer processes for good)."""
@@ -157,9 +164,7 @@ class ApiProcesses:
         with self._lock:
             if child in self._children:
                 self._children.remove(child)
-            if child.lifeline >= 0:
-                os.close(child.lifeline)
-                child.lifeline = -1
+            _cut_lifeline(child)
         try:
             child.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -172,9 +177,7 @@ class ApiProcesses:
         with self._lock:
             self._closing.set()
             for child in self._children:  # their supervisors see the end of their keys and end them
-                if child.lifeline >= 0:
-                    os.close(child.lifeline)
-                    child.lifeline = -1
+                _cut_lifeline(child)
         for supervisor in self._supervisors:
             supervisor.join(timeout=30)
 
