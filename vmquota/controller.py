@@ -129,10 +129,12 @@ class Controller:
     def _work(self) -> None:
         while (key := self.queue.get()) is not None:
             try:
-                self.reconcile(key)
                 if key in self._unreachable:
+                    # Say the outage is over before the work it held up, so no one sees that work done first.
+                    self.hypervisor.ensure_reachable()
                     self._unreachable.discard(key)
                     self._update(key, self._hypervisor_back)
+                self.reconcile(key)
             except errors.HypervisorUnavailable as e:
                 log.warning("%s/%s: %s; trying again later", *key, e)
                 self._update(key, functools.partial(self._hypervisor_away, message=str(e)))

@@ -191,6 +191,10 @@ class Hypervisor:
             except Exception:  # an event handler must never kill libvirt's event thread
                 log.exception("handling the lifecycle event of %s", dom.name())
 
+    def ensure_reachable(self) -> None:
+        """HypervisorUnavailable unless the hypervisor answers (reconnecting to it if it came back)."""
+        self._connection()
+
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()

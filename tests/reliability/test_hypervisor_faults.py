@@ -86,8 +86,10 @@ class Rig:
         return self.conn.lookupByName(f"vmquota_{self.ns}_{name}")
 
     def events(self, name: str) -> list[str]:
-        return [e["reason"] for e in self.client.get(events_path(self.ns))["items"]
-                if e["involvedObject"]["name"] == name]
+        """The reasons of `name`'s events, oldest first (events are listed by name, not by time)."""
+        items = sorted(self.client.get(events_path(self.ns))["items"],
+                       key=lambda e: int(e["metadata"]["resourceVersion"]))
+        return [e["reason"] for e in items if e["involvedObject"]["name"] == name]
 
     def used(self) -> dict[str, str]:
         return dict(self.client.get(f"{quotas_path(self.ns)}/compute")["status"]["used"])
@@ -185,7 +187,9 @@ def test_libvirtd_killed_and_restarted_while_vms_run(rig: Rig) -> None:
     rig.wait_phase("manual", "Stopped")
     rig.wait_truth()
     assert not any(c.get("reason") == "HypervisorUnavailable" for c in rig.vm("later")["status"]["conditions"])
-    assert "HypervisorAvailable" in rig.events("later")
+    events = rig.events("later")
+    assert "HypervisorAvailable" in events
+    assert events.index("HypervisorAvailable") < events.index("Started")  # the outage's end is told first
     assert rig.vm("manual")["status"]["lastExit"] in ("Crashed", "Failed", "Destroyed")
     assert rig.used() == {"limits.cpu": "2", "limits.memory": "256Mi"}
     survivors = {name: rig.conn.lookupByName(name).ID() for name in ids if name != f"vmquota_{rig.ns}_manual"}
