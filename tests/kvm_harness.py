@@ -46,9 +46,16 @@ class Server:
                 stdout=log, stderr=subprocess.STDOUT)
         client = Client(self.url)
         try:
-            wait_until(lambda: _answers(client), timeout=30, what="the server to answer")
+            wait_until(lambda: self._exited() or _answers(client), timeout=30, what="the server to answer")
         finally:
             client.close()
+        if self._exited():
+            raise RuntimeError(f"vmquota serve exited with {self.process.returncode}; its log ends with:\n"
+                               + "\n".join(self.log.read_text(errors="replace").splitlines()[-10:]))
+
+    def _exited(self) -> bool:
+        """The server ended (it refuses to serve when, say, libvirtd does not answer)."""
+        return self.process is not None and self.process.poll() is not None
 
     def kill(self) -> None:
         assert self.process is not None
