@@ -54,11 +54,8 @@ def open_core(data_dir: Path, hypervisor_uri: str, overhead: OverheadModel, *,
 
 
 @dataclass
-class App:
-    store: Store
-    hypervisor: Hypervisor
-    controller: Controller
-    api: Api
+class App(Core):
+    """The first process: a Core whose controller runs, the HTTP server, and the other API processes."""
     server: Server
     lock_file: IO[str]
     other_api_processes: ApiProcesses
