@@ -269,6 +269,18 @@ def test_a_stop_keeps_its_deadline_in_the_vm_and_a_forced_stop_brings_it_nearer(
     assert compute(quota.used()) == ZERO_COMPUTE
 
 
+def test_a_forced_stop_is_confirmed_without_waiting_for_libvirts_event(quota: Cluster,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt's destroy returns once the domain is off, so the charge ends then, even if the event is lost."""
+    quota.create_vm(vm_manifest("web-1", grace=0))
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Running")
+    monkeypatch.setattr(quota.app.controller.hypervisor, "_on_event", None)  # lifecycle events are lost from now
+    quota.action("web-1", "stop")
+    quota.wait_status("web-1", "Stopped")  # the recount, the other way to find out, runs only hourly here
+    assert compute(quota.used()) == ZERO_COMPUTE
+
+
 def test_a_stop_never_moves_its_end_further() -> None:
     status: dict[str, Any] = {}
     bring_stop_nearer(status, 30, now=1000.0)

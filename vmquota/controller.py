@@ -382,6 +382,7 @@ class Controller:
                 deadline = now
             if now >= deadline:
                 self.hypervisor.destroy(*key, uid)
+                self.queue.add(key)  # off when destroy returns: confirm it now, not when (or if) its event comes
             else:
                 self.queue.add(key, after=deadline - now)
             return
