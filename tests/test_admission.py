@@ -147,7 +147,8 @@ def test_a_disk_grown_while_stopped_is_grown_on_disk_before_the_next_start(clust
 
 
 def test_an_automatic_restart_without_room_waits_then_starts_when_room_frees(cluster: Cluster) -> None:
-    cluster.app.controller.backoff_base_seconds = 0.3
+    # The back-off must outlast the test's seeing CrashLoopBackOff and starting `other`, even on a loaded machine.
+    cluster.app.controller.backoff_base_seconds = 3.0
     cluster.app.controller.unschedulable_retry_seconds = 0.2
     cluster.create_quota({"limits.cpu": "2"})
     cluster.create_vm(vm_manifest("auto", cores=2, strategy="Always"))
