@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import Sampler, wait_until
 from kvm_harness import Kvm, apply_vm, quota_doc
 
 from vmquota.client import action_path
@@ -60,12 +60,15 @@ def test_a_shutdown_from_inside_the_guest_releases_the_charge(kvm: Kvm, tmp_path
     kvm.ok("apply", "-f", "-", input=quota_doc(kvm.ns, {"limits.cpu": "2", "limits.memory": "1Gi"}))
     apply_vm(kvm, "guest", cores=1, memory="256Mi", disk="64Mi")
     install_poweroff_guest(kvm, "guest", tmp_path)
-    # RerunOnFailure: runs now, restarted after a crash, but not after the guest's own shutdown.
-    kvm.client.patch(vm_path(kvm, "guest"), {"spec": {"runStrategy": "RerunOnFailure"}})
-    wait_until(lambda: status(kvm, "guest").get("printableStatus") == "Running", timeout=30, what="Running")
-    assert kvm.used() == {"limits.cpu": "1", "limits.memory": "256Mi"}
-    wait_until(lambda: status(kvm, "guest").get("printableStatus") == "Stopped", timeout=60,
-               what="the guest to power itself off")
+    quota = f"/api/v1/namespaces/{kvm.ns}/resourcequotas/compute"
+    # Sampled on threads: the guest runs only as long as its firmware takes to boot, which one poll could miss.
+    with Sampler(kvm.server.url, lambda c: c.get(vm_path(kvm, "guest"))["status"]["printableStatus"]) as phases, \
+            Sampler(kvm.server.url, lambda c: c.get(quota)["status"]["used"]) as used:
+        # RerunOnFailure: runs now, restarted after a crash, but not after the guest's own shutdown.
+        kvm.client.patch(vm_path(kvm, "guest"), {"spec": {"runStrategy": "RerunOnFailure"}})
+        wait_until(lambda: "Running" in phases.samples, timeout=30, what="Running")
+        wait_until(lambda: phases.samples[-1] == "Stopped", timeout=60, what="the guest to power itself off")
+    assert {"limits.cpu": "1", "limits.memory": "256Mi"} in used.samples  # charged while it ran
     assert status(kvm, "guest")["lastExit"] == "GuestShutdown"
     assert kvm.used() == {"limits.cpu": "0", "limits.memory": "0"}
     assert kvm.running_domains() == []
