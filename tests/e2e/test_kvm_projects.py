@@ -75,12 +75,16 @@ def test_a_second_namespace_with_room_is_still_held_by_the_project(kvm: Kvm, pro
                 "spec": {"runStrategy": "Halted", "template": {"spec": {"terminationGracePeriodSeconds": 0, "domain": {
                     "cpu": {"cores": 1}, "memory": {"guest": "512Mi"}}}}}}
     apply(kvm, manifest)
-    before = kvm.client.get(f"/apis/kubevirt.io/v1/namespaces/{other}/virtualmachines/b")
+    b = f"/apis/kubevirt.io/v1/namespaces/{other}/virtualmachines/b"
+    # The controller's first look at b marks its (absent) disks ready: only after that does b stay still.
+    wait_until(lambda: any(c["type"] == "DataVolumesReady" for c in kvm.client.get(b)["status"].get("conditions", [])),
+               timeout=30, what="b's disks to be ready")
+    before = kvm.client.get(b)
     refused = kvm.cli("start", "b", "-n", other)
     assert refused.returncode == 1
     assert (f"exceeded quota: project/{project}, requested: limits.cpu=1, used: limits.cpu=2, limited: "
             f"limits.cpu=2500m" in refused.stderr)
-    assert kvm.client.get(f"/apis/kubevirt.io/v1/namespaces/{other}/virtualmachines/b") == before
+    assert kvm.client.get(b) == before
     assert used(kvm, project) == {"limits.cpu": "2", "limits.memory": "2Gi"}
     assert [d.name() for d in kvm.running_domains()] == [f"vmquota_{kvm.ns}_a"]
 
@@ -118,7 +122,10 @@ def test_concurrent_starts_across_two_namespaces_never_exceed_the_project(kvm: K
             targets.append((ns, f"r{i}"))
     results = start_all_at_once(kvm.server.url, targets)
     assert results == [202] * 2 + [403] * 4  # 2500m of cpu: two 1-vCPU VMs fit, a third does not
-    wait_until(lambda: len(kvm.conn.listAllDomains(1)) >= 2 and used(kvm, project)["limits.cpu"] == "2",
+
+    def running() -> list[str]:  # this test's domains in both namespaces, and no other VM on the host
+        return [d.name() for d in kvm.conn.listAllDomains(1) if d.name().startswith(f"vmquota_{kvm.ns}")]
+
+    wait_until(lambda: len(running()) >= 2 and used(kvm, project)["limits.cpu"] == "2",
                timeout=30, what="two VMs to run")
-    running = [d for d in kvm.conn.listAllDomains(1) if d.name().startswith(f"vmquota_{kvm.ns}")]
-    assert len(running) == 2
+    assert len(running()) == 2
