@@ -17,7 +17,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from conftest import HOST, Cluster, vm_manifest, wait_until
+from conftest import HOST, Cluster, between_phases, vm_manifest, wait_until
 from reliability import profile
 from reliability.invariants import (
     ALL_QUOTAS,
@@ -33,7 +33,6 @@ from reliability.invariants import (
     vms_path,
 )
 
-from vmquota import objects
 from vmquota.client import Client, ClientError, action_path
 
 POOL = [f"vm-{i}" for i in range(6)]  # the names VMs of each namespace are made and cloned under
@@ -43,11 +42,7 @@ REFUSALS = {403, 404, 409, 422}  # what a racing client may be told; anything el
 
 def settle(cluster: Cluster, namespaces: list[str]) -> None:
     def quiet() -> bool:
-        busy = [vm for vm in cluster.app.store.reader().list(objects.VIRTUAL_MACHINE)
-                if vm["metadata"]["namespace"] in namespaces
-                and (vm["status"].get("printableStatus") in ("Starting", "Stopping", "Terminating")
-                     or vm["metadata"].get("deletionTimestamp"))]
-        return cluster.app.controller.queue.idle() and not busy
+        return cluster.app.controller.queue.idle() and not between_phases(cluster.app, lambda ns: ns in namespaces)
     wait_until(quiet, timeout=60, what="the controller to settle after the storm")
 
 

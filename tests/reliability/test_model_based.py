@@ -31,7 +31,7 @@ from unittest import mock
 
 import libvirt
 import pytest
-from conftest import HOST, open_app, vm_manifest, vm_state_row, wait_until
+from conftest import HOST, between_phases, open_app, vm_manifest, vm_state_row, wait_until
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -175,11 +175,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self._world = None
         deadline = time.monotonic() + 15
         while True:
-            busy = [f"{vm['metadata']['namespace']}/{vm['metadata']['name']}: {vm['status'].get('printableStatus')}"
-                    for vm in self.app.store.reader().list(objects.VIRTUAL_MACHINE)
-                    if vm["metadata"]["namespace"].startswith(self.prefix + "-")
-                    and (vm["status"].get("printableStatus") in ("Starting", "Stopping", "Terminating")
-                         or vm["metadata"].get("deletionTimestamp"))]
+            busy = between_phases(self.app, lambda ns: ns.startswith(self.prefix + "-"))
             if self.app.controller.queue.idle() and not busy:
                 return
             assert time.monotonic() < deadline, f"the controller never settled: {busy}"
