@@ -10,7 +10,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from conftest import HOST, Cluster, vm_manifest, wait_until
+from conftest import HOST, Cluster, events_path, vm_manifest, wait_until
 
 from vmquota.client import ClientError
 from vmquota.controller import bring_stop_nearer
@@ -155,6 +155,30 @@ def test_manual_never_restarts_by_itself(quota: Cluster) -> None:
     quota.settle()
     assert quota.status("web-1") == "Stopped"
     assert quota.vm("web-1")["spec"]["runStrategy"] == "Manual"
+
+
+def test_a_domain_off_again_before_vmquota_looks_is_an_exit_not_a_start_to_retry(
+        quota: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest (or QEMU) that dies between libvirt's start and vmquota's first look ran: Manual leaves it off."""
+    hypervisor = quota.app.controller.hypervisor
+    starts: list[str] = []
+    real_start = hypervisor.start
+
+    def start_then_die(namespace: str, name: str, uid: str, xml: str) -> None:
+        real_start(namespace, name, uid, xml)
+        starts.append(name)
+        quota.domain(name).destroy()  # gone before the controller's next call to libvirt
+
+    monkeypatch.setattr(hypervisor, "start", start_then_die)
+    quota.create_vm(vm_manifest("web-1", strategy="Manual"))
+    quota.action("web-1", "start")
+    quota.wait_status("web-1", "Stopped")
+    quota.settle()
+    assert starts == ["web-1"]
+    assert quota.vm("web-1")["status"]["lastExit"] == "Destroyed"
+    assert compute(quota.used()) == ZERO_COMPUTE
+    assert {"Started", "Crashed"} <= {e["reason"] for e in quota.client.get(events_path(quota.ns))["items"]
+                                      if e["involvedObject"]["name"] == "web-1"}
 
 
 def test_once_runs_once(quota: Cluster) -> None:

@@ -328,16 +328,24 @@ class Controller:
                 self._update(key, lambda txn, vm: self._start_failed(txn, vm, message))
                 return
             observed = self.hypervisor.observe(*key)
-            if not observed.up:
+            if not observed.up and observed.cause is ExitCause.NONE:
                 self.queue.add(key, after=0.5)  # the event will come; look again soon in case it does not
                 return
-        paused = observed.state is DomainState.PAUSED
-        self._update(key, lambda txn, vm: self._started(txn, vm, Phase.PAUSED if paused else Phase.RUNNING)
-                     if runtime_phase(vm) is Phase.STARTING else None)
+        if observed.up:
+            paused = observed.state is DomainState.PAUSED
+            self._update(key, lambda txn, vm: self._started(txn, vm, Phase.PAUSED if paused else Phase.RUNNING)
+                         if runtime_phase(vm) is Phase.STARTING else None)
+        else:  # it ran, and went off before vmquota could look: an exit like any other, not a start to try again
+            self._update(key, lambda txn, vm: self._started_then_off(txn, vm, observed.cause))
 
     def _started(self, txn: Transaction, vm: Obj, phase: Phase) -> None:
         self._transition(txn, vm, phase, enforce=False)
         self.record(txn, vm, "Normal", "Started", "the domain is running")
+
+    def _started_then_off(self, txn: Transaction, vm: Obj, cause: ExitCause) -> None:
+        if runtime_phase(vm) is Phase.STARTING:
+            self._started(txn, vm, Phase.RUNNING)
+            self._went_off(txn, vm, cause)
 
     def _start_failed(self, txn: Transaction, vm: Obj, message: str) -> None:
         if runtime_phase(vm) is not Phase.STARTING:
@@ -420,23 +428,23 @@ class Controller:
                 self._update(key, lambda txn, vm: self._transition(txn, vm, Phase.STOPPING, enforce=False))
             return
         cause = observed.cause if observed.uid == vm["metadata"]["uid"] else ExitCause.DESTROYED
+        self._update(key, lambda txn, vm: self._went_off(txn, vm, cause))
 
-        def went_off(txn: Transaction, vm: Obj) -> None:
-            if runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
-                return
-            exit_reason = cause if cause is not ExitCause.NONE else ExitCause.FAILED
-            vm.setdefault("status", {})["lastExit"] = exit_reason.value
-            failure = exit_reason is not ExitCause.GUEST_SHUTDOWN
-            message = f"the domain went off without a stop request ({exit_reason.value})"
-            self.record(txn, vm, "Warning" if failure else "Normal", "Crashed" if failure else "Stopped", message)
-            if failure:
-                self._after_failure(txn, vm, reason=exit_reason.value, message=message, retry_at_once=True)
-            else:
-                self._transition(txn, vm, Phase.STOPPED, enforce=False)
-                if wants_running(vmspec.run_strategy(vm), last_exit(vm)):
-                    self._try_start(txn, vm)
-
-        self._update(key, went_off)
+    def _went_off(self, txn: Transaction, vm: Obj, cause: ExitCause) -> None:
+        """A running VM whose domain is off with no stop asked: record why, then restart it if its strategy says."""
+        if runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
+            return
+        exit_reason = cause if cause is not ExitCause.NONE else ExitCause.FAILED
+        vm.setdefault("status", {})["lastExit"] = exit_reason.value
+        failure = exit_reason is not ExitCause.GUEST_SHUTDOWN
+        message = f"the domain went off without a stop request ({exit_reason.value})"
+        self.record(txn, vm, "Warning" if failure else "Normal", "Crashed" if failure else "Stopped", message)
+        if failure:
+            self._after_failure(txn, vm, reason=exit_reason.value, message=message, retry_at_once=True)
+        else:
+            self._transition(txn, vm, Phase.STOPPED, enforce=False)
+            if wants_running(vmspec.run_strategy(vm), last_exit(vm)):
+                self._try_start(txn, vm)
 
     def _reconcile_stopped(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
         try:
