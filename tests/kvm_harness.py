@@ -99,6 +99,13 @@ class Kvm:
     def domain(self, name: str) -> Any:
         return self.conn.lookupByName(f"vmquota_{self.ns}_{name}")
 
+    def wait_disks_ready(self, name: str, namespace: str | None = None) -> None:
+        """Until the controller's first look at a new VM has made its disks: after that the VM stands still."""
+        path = f"/apis/kubevirt.io/v1/namespaces/{namespace or self.ns}/virtualmachines/{name}"
+        wait_until(lambda: any(c["type"] == "DataVolumesReady" and c["status"] == "True"
+                               for c in self.client.get(path).get("status", {}).get("conditions", [])),
+                   timeout=30, what=f"{name}'s disks to be made")
+
     def running_domains(self) -> list[Any]:
         prefix = f"vmquota_{self.ns}_"
         return [d for d in self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)

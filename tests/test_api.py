@@ -120,7 +120,8 @@ def test_a_listed_object_is_the_object_as_get_returns_it(cluster: Cluster) -> No
     for name in ("web-2", "web-1"):
         cluster.create_vm(vm_manifest(name))
     cluster.action("web-1", "start")
-    cluster.wait_status("web-1", "Running")  # settled: the controller writes neither VM meanwhile
+    cluster.wait_status("web-1", "Running")
+    cluster.settle()  # web-2's disk too: the controller writes neither VM meanwhile
     listing = cluster.client.get(vms_path(cluster.ns))
     assert listing["items"] == [cluster.vm("web-1"), cluster.vm("web-2")]  # in name order, as Kubernetes lists
     across = [vm for vm in cluster.client.get(ALL_VMS)["items"] if vm["metadata"]["namespace"] == cluster.ns]

@@ -64,6 +64,7 @@ def test_a_start_over_quota_is_refused_in_kubernetes_words_and_changes_nothing(k
     apply_vm(kvm, "a", cores=2, memory="1Gi", disk="1Gi")
     apply_vm(kvm, "b", cores=1, memory="1Gi", disk="1Gi")
     kvm.ok("start", "a", "-n", kvm.ns, "--wait")
+    kvm.wait_disks_ready("b")
     before = kvm.client.get(f"/apis/kubevirt.io/v1/namespaces/{kvm.ns}/virtualmachines/b")
     refused = kvm.cli("start", "b", "-n", kvm.ns, "--wait")
     assert refused.returncode == 1

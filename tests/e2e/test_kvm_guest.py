@@ -43,8 +43,7 @@ def event_reasons(kvm: Kvm, name: str) -> list[str]:
 
 def install_poweroff_guest(kvm: Kvm, name: str, tmp_path: Path) -> None:
     """Write the boot sector into the VM's (stopped) root disk."""
-    wait_until(lambda: any(c["type"] == "DataVolumesReady" for c in status(kvm, name).get("conditions", [])),
-               timeout=30, what="the disk to exist")
+    kvm.wait_disks_ready(name)
     [disk] = kvm.server.data_dir.rglob(f"{name}-root.qcow2")
     sector = tmp_path / "boot.bin"
     sector.write_bytes(BOOT_SECTOR)

@@ -76,9 +76,7 @@ def test_a_second_namespace_with_room_is_still_held_by_the_project(kvm: Kvm, pro
                     "cpu": {"cores": 1}, "memory": {"guest": "512Mi"}}}}}}
     apply(kvm, manifest)
     b = f"/apis/kubevirt.io/v1/namespaces/{other}/virtualmachines/b"
-    # The controller's first look at b marks its (absent) disks ready: only after that does b stay still.
-    wait_until(lambda: any(c["type"] == "DataVolumesReady" for c in kvm.client.get(b)["status"].get("conditions", [])),
-               timeout=30, what="b's disks to be ready")
+    kvm.wait_disks_ready("b", other)
     before = kvm.client.get(b)
     refused = kvm.cli("start", "b", "-n", other)
     assert refused.returncode == 1
