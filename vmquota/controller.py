@@ -388,12 +388,11 @@ class Controller:
                     self.queue.add(key, after=grace)  # or sooner: a later stop with a shorter grace queues it
                     return
                 deadline = now
-            if now >= deadline:
-                self.hypervisor.destroy(*key, uid)
-                self.queue.add(key)  # off when destroy returns: confirm it now, not when (or if) its event comes
-            else:
+            if now < deadline:
                 self.queue.add(key, after=deadline - now)
-            return
+                return
+            # destroy returns once the domain is off: confirmed here, not when (or if) its event comes
+            self.hypervisor.destroy(*key, uid)
 
         def confirm_off(txn: Transaction, vm: Obj) -> None:
             if runtime_phase(vm) is not Phase.STOPPING:
