@@ -129,7 +129,6 @@ class Hypervisor:
         self._connection()
 
     def _connection(self) -> Any:
-        _start_event_loop()  # before the first connection, or its events never come; never in an API process
         with self._lock:
             if self._conn is not None:
                 try:
@@ -141,6 +140,7 @@ class Hypervisor:
                 reconnected = True
             else:
                 reconnected = False
+            _start_event_loop()  # before the first connection, or its events never come; never in an API process
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as e:
