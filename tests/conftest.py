@@ -87,17 +87,19 @@ def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, what: str
     return waiting.wait_until(condition, timeout=timeout, what=what)
 
 
-def between_phases(app: App, in_scope: Callable[[str], bool]) -> list[str]:
-    """The VMs of the namespaces `in_scope` that are on their way from one phase to another.
+def unsettled(app: App, in_scope: Callable[[str], bool]) -> list[str]:
+    """What keeps the controller from being settled for the namespaces `in_scope`: work in its queue, and VMs
+    on their way from one phase to another; empty once settled.
 
-    An idle work queue is not enough to call the controller settled: the end of a stop arrives as a libvirt
-    event, which the queue sees only once it comes.
+    An idle work queue alone is not enough: the end of a graceful stop arrives as a libvirt event, which the
+    queue sees only once it comes.
     """
-    return [f"{vm['metadata']['namespace']}/{vm['metadata']['name']}: {vm['status'].get('printableStatus')}"
-            for vm in app.store.reader().list(objects.VIRTUAL_MACHINE)
-            if in_scope(vm["metadata"]["namespace"])
-            and (vm["status"].get("printableStatus") in ("Starting", "Stopping", "Terminating")
-                 or vm["metadata"].get("deletionTimestamp"))]
+    queue = [] if app.controller.queue.idle() else ["the controller's work queue"]
+    return queue + [f"{vm['metadata']['namespace']}/{vm['metadata']['name']}: {vm['status'].get('printableStatus')}"
+                    for vm in app.store.reader().list(objects.VIRTUAL_MACHINE)
+                    if in_scope(vm["metadata"]["namespace"])
+                    and (vm["status"].get("printableStatus") in ("Starting", "Stopping", "Terminating")
+                         or vm["metadata"].get("deletionTimestamp"))]
 
 
 class Cluster:

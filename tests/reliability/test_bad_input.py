@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import schemathesis
-from conftest import HOST, Cluster, _cleanup, between_phases, open_app, vm_manifest, wait_until
+from conftest import HOST, Cluster, _cleanup, open_app, unsettled, vm_manifest, wait_until
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from reliability import profile
@@ -51,8 +51,7 @@ def raw(app: App, method: str, path: str, body: bytes | None = None,
 
 
 def settle(app: App) -> None:
-    wait_until(lambda: app.controller.queue.idle() and not between_phases(app, lambda _ns: True), timeout=30,
-               what="the controller to settle")
+    wait_until(lambda: not unsettled(app, lambda _ns: True), timeout=30, what="the controller to settle")
 
 
 def assert_well_refused(status: int, text: str, what: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from conftest import HOST, Cluster, between_phases, vm_manifest, wait_until
+from conftest import HOST, Cluster, unsettled, vm_manifest, wait_until
 from reliability import profile
 from reliability.invariants import (
     ALL_QUOTAS,
@@ -41,9 +41,8 @@ REFUSALS = {403, 404, 409, 422}  # what a racing client may be told; anything el
 
 
 def settle(cluster: Cluster, namespaces: list[str]) -> None:
-    def quiet() -> bool:
-        return cluster.app.controller.queue.idle() and not between_phases(cluster.app, lambda ns: ns in namespaces)
-    wait_until(quiet, timeout=60, what="the controller to settle after the storm")
+    wait_until(lambda: not unsettled(cluster.app, lambda ns: ns in namespaces), timeout=60,
+               what="the controller to settle after the storm")
 
 
 def random_vm(rng: random.Random, name: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from unittest import mock
 
 import libvirt
 import pytest
-from conftest import HOST, between_phases, open_app, vm_manifest, vm_state_row, wait_until
+from conftest import HOST, open_app, unsettled, vm_manifest, vm_state_row, wait_until
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -175,8 +175,8 @@ class QuotaMachine(RuleBasedStateMachine):
         self._world = None
         deadline = time.monotonic() + 15
         while True:
-            busy = between_phases(self.app, lambda ns: ns.startswith(self.prefix + "-"))
-            if self.app.controller.queue.idle() and not busy:
+            busy = unsettled(self.app, lambda ns: ns.startswith(self.prefix + "-"))
+            if not busy:
                 return
             assert time.monotonic() < deadline, f"the controller never settled: {busy}"
             time.sleep(0.002)
