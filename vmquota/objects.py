@@ -22,17 +22,30 @@ PROJECT_LABEL = "vmquota.io/project"
 DEFAULT_QUOTA_NAME = "default"
 
 
+READ_VERBS = ("get", "list", "watch")
+WRITE_VERBS = ("create", "delete", "patch", "update")
+ALL_VERBS = tuple(sorted(READ_VERBS + WRITE_VERBS))
+
+
 @dataclass(frozen=True)
 class Kind:
+    """One entry of the registry of served kinds: routing, discovery, OpenAPI and tables all follow from it."""
     kind: str
     group: str  # "" for the core group
     version: str
     plural: str
     namespaced: bool
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    verbs: tuple[str, ...] = ALL_VERBS
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
 
     @property
     def resource(self) -> str:
@@ -44,17 +57,50 @@ class Kind:
         """`VirtualMachine.kubevirt.io`, as in Kubernetes' "is invalid" messages."""
         return f"{self.kind}.{self.group}" if self.group else self.kind
 
+    @property
+    def writable(self) -> bool:
+        return "create" in self.verbs
 
-PROJECT = Kind("Project", "vmquota.io", "v1", "projects", namespaced=False)
-NAMESPACE = Kind("Namespace", "", "v1", "namespaces", namespaced=False)
-RESOURCE_QUOTA = Kind("ResourceQuota", "", "v1", "resourcequotas", namespaced=True)
-VIRTUAL_MACHINE = Kind("VirtualMachine", "kubevirt.io", "v1", "virtualmachines", namespaced=True)
+
+@dataclass(frozen=True)
+class Subresource:
+    """A subresource served beside its kind's objects, as discovery lists it (`virtualmachines/start`)."""
+    parent: Kind
+    name: str
+    group: str
+    version: str
+    verbs: tuple[str, ...]
+    kind: str = "Status"  # what a request to it answers with
+
+    @property
+    def resource(self) -> str:
+        return f"{self.parent.plural}/{self.name}"
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+PROJECT = Kind("Project", "vmquota.io", "v1", "projects", namespaced=False, short_names=("proj",))
+NAMESPACE = Kind("Namespace", "", "v1", "namespaces", namespaced=False, short_names=("ns",))
+RESOURCE_QUOTA = Kind("ResourceQuota", "", "v1", "resourcequotas", namespaced=True, short_names=("quota",))
+VIRTUAL_MACHINE = Kind("VirtualMachine", "kubevirt.io", "v1", "virtualmachines", namespaced=True,
+                       short_names=("vm", "vms"), categories=("all",))
 VIRTUAL_MACHINE_CLONE = Kind("VirtualMachineClone", "clone.kubevirt.io", "v1beta1", "virtualmachineclones",
-                             namespaced=True)
-EVENT = Kind("Event", "", "v1", "events", namespaced=True)
+                             namespaced=True, short_names=("vmclone", "vmclones"), categories=("all",),
+                             verbs=("create", "delete", "get", "list", "watch"))
+EVENT = Kind("Event", "", "v1", "events", namespaced=True, short_names=("ev",), verbs=READ_VERBS)
 
 KINDS = (PROJECT, NAMESPACE, RESOURCE_QUOTA, VIRTUAL_MACHINE, VIRTUAL_MACHINE_CLONE, EVENT)
 BY_KIND = {k.kind: k for k in KINDS}
+
+# KubeVirt serves a VM's lifecycle actions in an API group of their own; vmquota's views of its accounting
+# are subresources of its own group.
+VM_ACTIONS = ("start", "stop", "restart")
+SUBRESOURCES = (
+    *(Subresource(VIRTUAL_MACHINE, action, "subresources.kubevirt.io", "v1", ("update",)) for action in VM_ACTIONS),
+    Subresource(PROJECT, "usage", "vmquota.io", "v1", ("get",), kind="ProjectUsage"),
+)
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
