@@ -28,6 +28,7 @@ test-kvm: setup
 lint: setup
 	$(BIN)/ruff check vmquota tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python -m benchmarks $(ARGS)

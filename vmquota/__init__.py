@@ -1,11 +1,14 @@
 """vmquota: a VM controller for KVM hosts whose quotas count CPU and memory only while a VM really runs.
 
-Layers, top to bottom (imports only go downwards):
-    cli, client, printers, server, app, openapi     what users and HTTP clients talk to
+Layers, top to bottom (imports only go downwards; `lint-imports` checks it, from pyproject.toml):
+    cli                                             the command line
+    app, workers, client, printers                  the server's processes; what a client prints
+    apiserver                                       the Kubernetes API server: filters, handlers, documents
     api                                             Kubernetes-style operations, one transaction each
-    controller, accounting                          VM lifecycle; charges and admission
-    store, hypervisor, disks, domainxml, workqueue  SQLite, libvirt, qemu-img, plain structures
-    usage, vmspec, vmstatus, resources, quantity, objects, errors   pure rules and data
+    controller                                      VM lifecycle
+    accounting, workqueue                           charges and admission; the keyed queue
+    store, hypervisor, disks, domainxml             SQLite, libvirt, qemu-img, domain XML
+    usage, vmspec, vmstatus, resources, quantity, objects, errors, waiting   pure rules and data
 """
 
 __version__ = "0.1.0"

@@ -18,10 +18,10 @@ from typing import IO
 
 from vmquota import errors, objects
 from vmquota.api import Api
+from vmquota.apiserver import Server, serve
 from vmquota.controller import Controller
 from vmquota.disks import Disks
 from vmquota.hypervisor import Hypervisor
-from vmquota.server import Server, serve
 from vmquota.store import Store
 from vmquota.usage import OverheadModel
 from vmquota.workers import ApiProcesses

@@ -184,8 +184,8 @@ class ApiProcesses:
 
 def main(argv: list[str] | None = None) -> int:
     """An API process: the same Api as the first process's, on the inherited socket, until its lifeline ends."""
+    from vmquota.apiserver import serve_on
     from vmquota.app import open_core  # here: the wiring (app.py) imports this module
-    from vmquota.server import serve_on
 
     parser = argparse.ArgumentParser(prog="python -m vmquota.workers", description=__doc__)
     parser.add_argument("--data-dir", required=True)

@@ -1,4 +1,5 @@
-"""The OpenAPI 3 description of the HTTP API, built from the kind table so it cannot drift from the routes.
+"""The OpenAPI 3 description of the HTTP API, served as /openapi.json, built from the kind table so it cannot
+drift from the routes.
 
 Bottom layer, pure. Schemas describe the fields vmquota reads; every object also
 keeps whatever other fields the user sends (`additionalProperties`).

@@ -1,0 +1,16 @@
+"""vmquota's Kubernetes API server, in the spirit of k8s.io/apiserver: the wire, a chain of filters, handlers.
+
+    http.py        the wire: requests in, responses out (streamed for watches)
+    filters.py     the chain before any handler (errors as Status; authentication and authorization later)
+    handlers.py    fixed paths and Kubernetes' verbs on the served kinds, each one `Api` call
+    routing.py     paths to kinds, namespaces, names and subresources
+    request.py     Request and Response, plain data
+    bodies.py      request bodies to plain JSON values
+
+Top layer: it imports `vmquota.api` and the pure modules below it, and nothing imports it but `app` and
+`workers`.
+"""
+
+from vmquota.apiserver.http import Server, serve, serve_on
+
+__all__ = ["Server", "serve", "serve_on"]

@@ -1,0 +1,179 @@
+"""The wire: HTTP/1.1 requests in, through the filter chain, responses out.
+
+One thread per connection (the standard library's ThreadingHTTPServer, keep-alive). This module knows bytes,
+headers and sockets only: it reads a body by its length, builds a `Request`, runs the chain (`filters.py`,
+then `handlers.py`) and writes the `Response`, streaming an iterator body with chunked transfer encoding
+(a watch). Nothing but `Status` objects leaves on an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from vmquota.api import Api
+from vmquota.apiserver import filters
+from vmquota.apiserver.bodies import MAX_BODY_BYTES
+from vmquota.apiserver.handlers import Handlers
+from vmquota.apiserver.request import Request, Response, status
+
+log = logging.getLogger(__name__)
+
+MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the connection is just closed
+DISCARD_TIMEOUT = 5.0
+
+
+def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
+    serve_request = filters.chain(Handlers(api), filters.FILTERS)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "vmquota"
+        # Headers and body go out in two writes: with Nagle on, the body waits for the client's delayed ACK
+        # (40 ms on Linux) on every request.
+        disable_nagle_algorithm = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s " + format, self.address_string(), *args)
+
+        def _send(self, response: Response) -> None:
+            self.send_response(response.code)
+            self.send_header("Content-Type", response.content_type)
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            if isinstance(response.body, bytes):
+                self.send_header("Content-Length", str(len(response.body)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")  # so that the client closes too, ending a discard
+                self.end_headers()
+                self.wfile.write(response.body)
+            else:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self._stream(response.body)
+
+        def _stream(self, chunks: Iterator[bytes]) -> None:
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                self.close_connection = True  # the client went away mid-stream
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # a generator's own clean-up (a watcher unsubscribes) runs now, not at collection
+
+        def _fail(self, code: int, reason: str, message: str) -> None:
+            self._send(Response.json(code, status(code, reason, message)))
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The base class's own errors (unknown method, malformed request line or headers) as a Status
+            too, instead of its HTML page."""
+            self.close_connection = True
+            if code == HTTPStatus.NOT_IMPLEMENTED:  # a method no handler has: the client's error, as in Kubernetes
+                code = HTTPStatus.METHOD_NOT_ALLOWED
+            phrase = HTTPStatus(code)
+            payload = json.dumps(status(code, phrase.name.title().replace("_", ""), message or phrase.phrase))
+            self._send(Response(code, b"" if self.command == "HEAD" else payload.encode()))
+
+        def _read_body(self) -> bytes | None:
+            """The body, or None when a refusal has been sent already."""
+            if "Transfer-Encoding" in self.headers:
+                # Bodies are read by Content-Length only: a chunked body left unread would be parsed as the
+                # next request on this connection.
+                self.close_connection = True
+                self._fail(411, "LengthRequired", "the body must be sent with a Content-Length, not chunked")
+                self._discard(MAX_DISCARD_BYTES)
+                return None
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                self._fail(400, "BadRequest", "the Content-Length is not valid")
+                return None
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True
+                self._fail(413, "RequestEntityTooLarge", f"the body must be at most {MAX_BODY_BYTES} bytes, "
+                                                         f"got {length}")
+                self._discard(length)
+                return None
+            return self.rfile.read(length) if length else b""
+
+        def _handle(self, method: str) -> None:
+            body = self._read_body()
+            if body is None:
+                return
+            target = urlsplit(self.path)
+            query: dict[str, str] = {}
+            for name, value in parse_qsl(target.query, keep_blank_values=True):
+                query.setdefault(name, value)  # the first value counts, as in Kubernetes
+            request = Request(method, target.path, query, self.headers, body)
+            response = serve_request(request)
+            for warning in request.warnings:
+                # Kubernetes' form: code 299, agent "-", the text quoted (RFC 7234).
+                escaped = warning.replace("\\", "\\\\").replace('"', '\\"')
+                response.headers.setdefault("Warning", "")
+                response.headers["Warning"] = ", ".join(
+                    part for part in (response.headers["Warning"], f'299 - "{escaped}"') if part)
+            self._send(response)
+
+        def _discard(self, length: int) -> None:
+            """Read and drop a refused body: closing with it unread resets the connection, and a client that
+            sends its whole body before reading (most do) would see a broken pipe instead of the 413."""
+            left = min(length, MAX_DISCARD_BYTES)
+            try:
+                self.connection.settimeout(DISCARD_TIMEOUT)
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+            except OSError:
+                pass  # the client gave up or stalled; the connection is closed anyway
+
+        def do_GET(self) -> None:
+            self._handle("GET")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+        def do_PUT(self) -> None:
+            self._handle("PUT")
+
+        def do_PATCH(self) -> None:
+            self._handle("PATCH")
+
+        def do_DELETE(self) -> None:
+            self._handle("DELETE")
+
+    return Handler
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def serve(api: Api, host: str, port: int) -> Server:
+    """A bound server; the caller runs `serve_forever()` (tests do it on a thread)."""
+    return Server((host, port), make_handler(api))
+
+
+def serve_on(api: Api, listening: socket.socket) -> Server:
+    """A server accepting on a socket another process has bound and listens on (`workers.py`)."""
+    server = Server(listening.getsockname()[:2], make_handler(api), bind_and_activate=False)
+    server.socket.close()
+    server.socket = listening
+    return server

@@ -1,0 +1,76 @@
+"""What one HTTP request is to the API server, and what it answers: plain data, no I/O.
+
+`http.py` makes a `Request` from the wire and writes the `Response` back; the filters (`filters.py`) and the
+handlers (`handlers.py`) only see these two. A handler adds to `Request.warnings`; each becomes a
+`Warning: 299` header, as kube-apiserver writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vmquota import errors
+
+
+class Headers(Protocol):
+    """Request headers, looked up without regard to case (the standard library's `email.message.Message`)."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+    def __contains__(self, name: str, /) -> bool: ...
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]  # the first value of each parameter, as Kubernetes reads them
+    headers: Headers
+    body: bytes = b""
+    warnings: list[str] = field(default_factory=list)
+
+    def param(self, name: str) -> str | None:
+        return self.query.get(name)
+
+    def flag(self, name: str) -> bool:
+        """A boolean query parameter (`watch=true`, `watch=1`); anything else but false/0/absent is a 400."""
+        value = self.query.get(name)
+        if value in (None, "", "false", "0"):
+            return False
+        if value in ("true", "1"):
+            return True
+        raise errors.BadRequest(f"{name}: invalid value {value!r}: must be true or false")
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type") or ""
+
+    @property
+    def accept(self) -> str:
+        return self.headers.get("Accept") or ""
+
+
+@dataclass
+class Response:
+    code: int
+    body: bytes | Iterator[bytes]  # an iterator is streamed, chunk by chunk, each flushed at once
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, code: int, obj: Any) -> Response:
+        return cls(code, obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+
+    @classmethod
+    def success(cls, code: int) -> Response:
+        return cls.json(code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                               "code": code})
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    """A Kubernetes `Status` of a failure."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
