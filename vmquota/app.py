@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from vmquota import errors, objects
+from vmquota import errors, kubeconfig, objects
 from vmquota.api import Api
 from vmquota.apiserver import Server, serve
 from vmquota.controller import Controller
@@ -27,11 +26,6 @@ from vmquota.usage import OverheadModel
 from vmquota.workers import ApiProcesses
 
 log = logging.getLogger(__name__)
-
-
-def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "vmquota"
 
 
 @dataclass
@@ -57,6 +51,7 @@ def open_core(data_dir: Path, hypervisor_uri: str, overhead: OverheadModel, *,
 class App(Core):
     """The first process: a Core whose controller runs, the HTTP server, and the other API processes."""
     server: Server
+    data_dir: Path
     lock_file: IO[str]
     other_api_processes: ApiProcesses
 
@@ -83,6 +78,9 @@ class App(Core):
         try:
             controller.run()  # connects to the hypervisor and recounts before serving
             server = serve(core.api, host, port)
+            # Before any process answers: whoever reaches the server can find how to reach it.
+            kubeconfig.write(kubeconfig.admin_path(data_dir),
+                             kubeconfig.document(server=_client_url(server), user="admin"))
             others.start(api_processes - 1, listening=server.socket, data_dir=data_dir,
                          hypervisor_uri=hypervisor_uri, overhead=overhead)
         except BaseException:
@@ -93,12 +91,15 @@ class App(Core):
             store.close()
             lock_file.close()
             raise
-        return cls(store, core.hypervisor, controller, core.api, server, lock_file, others)
+        return cls(store, core.hypervisor, controller, core.api, server, data_dir, lock_file, others)
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return _client_url(self.server)
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return kubeconfig.admin_path(self.data_dir)
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="http",
@@ -115,3 +116,13 @@ class App(Core):
         self.hypervisor.close()
         self.store.close()
         self.lock_file.close()
+
+
+def _client_url(server: Server) -> str:
+    """The URL a client on this host uses: a server listening on every address is reached on loopback."""
+    host, port = str(server.server_address[0]), server.server_address[1]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

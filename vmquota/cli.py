@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,8 +19,16 @@ from typing import Any, NoReturn
 
 import yaml
 
-from vmquota import errors, objects, printers, waiting
-from vmquota.client import Client, ClientError, Unreachable, action_path, collection_path, object_path
+from vmquota import errors, kubeconfig, objects, printers, waiting
+from vmquota.client import (
+    DEFAULT_SERVER,
+    Client,
+    ClientError,
+    Unreachable,
+    action_path,
+    collection_path,
+    object_path,
+)
 from vmquota.usage import OverheadModel
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -61,13 +70,13 @@ def _display(kind: objects.Kind) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from vmquota import workers  # the server side is imported only to serve
-    from vmquota.app import App, default_data_dir
+    from vmquota.app import App
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen takes HOST:PORT, got {args.listen!r}")
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir = Path(args.data_dir) if args.data_dir else kubeconfig.default_data_dir()
     api_processes = workers.default_count() if args.api_processes is None else args.api_processes
     if not 1 <= api_processes <= workers.MAX_API_PROCESSES:
         raise UsageError(f"--api-processes takes 1 to {workers.MAX_API_PROCESSES}, got {api_processes}")
@@ -84,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     print(f"vmquota serving on {app.url} (hypervisor {args.hypervisor}, domains of type "
           f"{app.hypervisor.domain_type}, data in {data_dir}, memory overhead {args.memory_overhead}, "
-          f"{api_processes} API process{'es' if api_processes > 1 else ''})",
+          f"{api_processes} API process{'es' if api_processes > 1 else ''}; kubeconfig {app.kubeconfig_path})",
           file=sys.stderr, flush=True)
 
     def stop(signum: int, _frame: Any) -> None:
@@ -320,7 +329,9 @@ def cmd_clone(client: Client, args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vmquota", description="VMs on KVM under quotas that count only what runs.")
-    top.add_argument("--server", help="the server URL (default: $VMQUOTA_SERVER, else http://127.0.0.1:8686)")
+    top.add_argument("--server", help="the server URL (default: $VMQUOTA_SERVER, else the kubeconfig's)")
+    top.add_argument("--kubeconfig", help="the kubeconfig file (default: $KUBECONFIG, else the default data "
+                                          "directory's admin.kubeconfig when readable)")
     sub = top.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
@@ -336,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
                             "(default: one per core, at most 8)")
 
     def namespaced(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-n", "--namespace", default="default")
+        p.add_argument("-n", "--namespace", default=None, help="default: the kubeconfig context's, else default")
 
     get = sub.add_parser("get", help="list or show objects")
     get.add_argument("resource")
@@ -377,9 +388,10 @@ def parser() -> argparse.ArgumentParser:
     clone.add_argument("--start", action="store_true")
     clone.add_argument("--wait", action="store_true")
     clone.add_argument("--timeout", type=float, default=600)
-    for name, command in sub.choices.items():  # like kubectl's global flags, --server may follow the command
+    for name, command in sub.choices.items():  # like kubectl's global flags, these may follow the command
         if name != "serve":
             command.add_argument("--server", default=argparse.SUPPRESS, help="the server URL")
+            command.add_argument("--kubeconfig", default=argparse.SUPPRESS, help="the kubeconfig file")
     return top
 
 
@@ -399,12 +411,16 @@ def run(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
-        client = Client(args.server)
+        connection = kubeconfig.resolve(kubeconfig=args.kubeconfig, server=args.server, environ=os.environ,
+                                        default=DEFAULT_SERVER)
+        if getattr(args, "namespace", "") is None:  # -n not given: the context's namespace, as kubectl
+            args.namespace = connection.namespace or "default"
+        client = Client(connection)
         try:
             return COMMANDS[args.command](client, args)
         finally:
             client.close()
-    except UsageError as e:
+    except (UsageError, kubeconfig.KubeconfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Unreachable as e:

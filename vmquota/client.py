@@ -9,8 +9,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
+import tempfile
 from typing import Any
 from urllib.parse import urlsplit
+
+from vmquota.kubeconfig import Connection
 
 DEFAULT_SERVER = "http://127.0.0.1:8686"
 
@@ -33,12 +37,19 @@ def server_url(explicit: str | None = None) -> str:
 
 
 class Client:
-    def __init__(self, url: str | None = None, *, timeout: float = 60.0) -> None:
-        self.url = server_url(url)
+    """Requests to one server, on one kept-alive connection, with the credentials of a kubeconfig."""
+
+    def __init__(self, target: str | Connection | None = None, *, timeout: float = 60.0) -> None:
+        connection = target if isinstance(target, Connection) else Connection(server=server_url(target))
+        self.url = connection.server
         parts = urlsplit(self.url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise Unreachable(f"the server URL must look like http://HOST:PORT, got {self.url!r}")
-        self._host, self._port = parts.hostname, parts.port or 80
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Unreachable(f"the server URL must look like https://HOST:PORT or http://HOST:PORT, got {self.url!r}")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._tls = _tls_context(connection) if parts.scheme == "https" else None
+        # A token goes over TLS only, as kubectl sends it: on plain HTTP anyone on the path could take it.
+        self._headers = {"Authorization": f"Bearer {connection.token}"} if connection.token and self._tls else {}
         self._timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
 
@@ -47,9 +58,11 @@ class Client:
         payload = None if body is None else json.dumps(body).encode()
         for attempt in (1, 2):  # a kept-alive connection the server closed is retried once
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+                                                         context=self._tls) if self._tls else \
+                    http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
             try:
-                headers = {"Content-Type": content_type} if payload is not None else {}
+                headers = {**self._headers, "Content-Type": content_type} if payload is not None else self._headers
                 self._conn.request(method, path, body=payload, headers=headers)
                 response = self._conn.getresponse()
                 data = response.read()
@@ -87,6 +100,21 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _tls_context(connection: Connection) -> ssl.SSLContext:
+    """Verify the server against the kubeconfig's CA (else the system's); present its client certificate."""
+    context = ssl.create_default_context(cadata=connection.ca_pem) if connection.ca_pem else \
+        ssl.create_default_context()
+    if connection.client_cert_pem and connection.client_key_pem:
+        # The ssl module loads a certificate chain from files only: a private folder, removed at once.
+        with tempfile.TemporaryDirectory() as folder:
+            cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+            for path, text in ((cert, connection.client_cert_pem), (key, connection.client_key_pem)):
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                    f.write(text)
+            context.load_cert_chain(cert, key)
+    return context
 
 
 def collection_path(kind: Any, namespace: str | None) -> str:
