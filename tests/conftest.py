@@ -7,8 +7,12 @@ with real SQLite and real qemu-img; only the hypervisor is simulated.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +42,63 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Served:
+    """A real `vmquota serve` child process on `test:///default`, its data directory and its URL."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, data_dir: Path, log: Path) -> None:
+        self.process = process
+        self.url = url
+        self.data_dir = data_dir
+        self.log = log
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.data_dir / "admin.kubeconfig"
+
+    def children(self) -> list[int]:
+        """Its API processes: the children of all its threads (a replacement is started by another thread)."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            try:
+                found += map(int, (task / "children").read_text().split())
+            except FileNotFoundError:
+                pass  # a thread that ended meanwhile (one per HTTP connection)
+        return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped
+
+
+@contextlib.contextmanager
+def vmquota_serve(tmp_path: Path, *, processes: int = 1, args: tuple[str, ...] = ()) -> Iterator[Served]:
+    """`vmquota serve` with `processes` API processes, until the block ends; then it and its children end."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "vmquota", "serve", "--hypervisor", "test:///default",
+                                    "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}",
+                                    "--api-processes", str(processes), *args], stderr=out)
+    server = Served(process, f"http://127.0.0.1:{port}", tmp_path / "data", log)
+    # Not /healthz: an API process answers as soon as it serves, before the first process has started the rest.
+    wait_until(lambda: b"vmquota serving on" in log.read_bytes() or process.poll() is not None, timeout=30,
+               what="the server to say it serves")
+    assert process.poll() is None, f"vmquota serve ended at once: {log.read_text()}"
+    children = server.children()
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            children += server.children()  # and any started since in place of one that died
+            process.terminate()
+            process.wait(timeout=30)
+        wait_until(lambda: all(gone(pid) for pid in children), timeout=10, what="the API processes to end")
 
 
 def vm_manifest(name: str, *, cores: int = 2, memory: str = "2Gi", disk: str | None = "5Gi",

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, vm_manifest, wait_until
+from conftest import Served, free_port, gone, vm_manifest, vmquota_serve, wait_until
 
 from vmquota import errors, workers
 from vmquota.app import App
@@ -26,57 +26,15 @@ NS = "team"
 PROCESSES = 3
 
 
-class Served:
-    def __init__(self, process: subprocess.Popen[bytes], url: str) -> None:
-        self.process = process
-        self.url = url
-
-    def children(self) -> list[int]:
-        """Its API processes: the children of all its threads (a replacement is started by another thread)."""
-        found: list[int] = []
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            try:
-                found += map(int, (task / "children").read_text().split())
-            except FileNotFoundError:
-                pass  # a thread that ended meanwhile (one per HTTP connection)
-        return found
-
-
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    port = free_port()
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "vmquota", "serve", "--hypervisor", "test:///default",
-                                    "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}",
-                                    "--api-processes", str(PROCESSES)], stderr=out)
-    server = Served(process, f"http://127.0.0.1:{port}")
-    # Not /healthz: an API process answers as soon as it serves, before the first process has started the rest.
-    wait_until(lambda: b"vmquota serving on" in log.read_bytes() or process.poll() is not None, timeout=30,
-               what="the server to say it serves")
-    assert process.poll() is None, f"vmquota serve ended at once: {log.read_text()}"
-    children = server.children()
-    try:
+    with vmquota_serve(tmp_path, processes=PROCESSES) as server:
         yield server
-    finally:
-        if process.poll() is None:
-            children += server.children()  # and any started since in place of one that died
-            process.terminate()
-            process.wait(timeout=30)
-        wait_until(lambda: all(gone(pid) for pid in children), timeout=10, what="the API processes to end")
 
 
 def test_every_api_process_admits_against_the_same_quota_and_the_controller_hears_each(served: Served) -> None:
