@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmquota import accounting, errors, objects, quantity, usage, vmspec
@@ -26,7 +27,7 @@ from vmquota.objects import (
     Kind,
     Obj,
 )
-from vmquota.store import Reader, Store, Transaction
+from vmquota.store import Reader, Store, Transaction, Where
 
 MAX_LABELS = 64
 MAX_LABEL_LENGTH = 253
@@ -59,18 +60,37 @@ class Api:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def list_json(self, kind: Kind, namespace: str | None) -> bytes:
-        """The List of a kind as JSON, made of its items' stored JSON as it is.
+    def list_json(self, kind: Kind, namespace: str | None, *, where: Sequence[Where] = (),
+                  keep: Callable[[Obj], bool] | None = None) -> bytes:
+        """The List of a kind as JSON, made of its items' stored JSON as it is: those that meet every `where`
+        (SQLite checks them) and, when given, `keep` (which parses them; only selectors SQL cannot say need it).
 
         Parsing every item only to encode it again took 8.5 s and 1.1 GB for 100,000 VMs; this takes 0.4 s.
         """
         reader = self.store.reader()
         with reader.snapshot():
             revision = reader.revision()
-            items = ",".join(reader.bodies(kind, namespace))
+            bodies = reader.bodies(kind, namespace, where)
+            items = ",".join(bodies if keep is None else (body for body in bodies if keep(json.loads(body))))
         head = json.dumps({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
                            "metadata": {"resourceVersion": str(revision)}})
         return f'{head[:-1]}, "items": [{items}]}}'.encode()
+
+    def list_objects(self, kind: Kind, namespace: str | None, *, where: Sequence[Where] = (),
+                     keep: Callable[[Obj], bool] | None = None) -> tuple[str, list[Obj]]:
+        """(resourceVersion, the objects) of a list, parsed, as one snapshot."""
+        reader = self.store.reader()
+        with reader.snapshot():
+            found = [json.loads(body) for body in reader.bodies(kind, namespace, where)]
+            return str(reader.revision()), [obj for obj in found if keep is None or keep(obj)]
+
+    def list_parts(self, kind: Kind, namespace: str | None, columns: Sequence[tuple[str, ...] | str], *,
+                   where: Sequence[Where] = ()) -> tuple[str, list[tuple[Any, ...]]]:
+        """(resourceVersion, `columns` of each object) of a list, cut out by the store as one snapshot: what
+        a Table needs of 10,000 VMs, without parsing their bodies (`Reader.extract`)."""
+        reader = self.store.reader()
+        with reader.snapshot():
+            return str(reader.revision()), list(reader.extract(kind, namespace, columns, where))
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj:
         return existing(self.store.reader(), kind, namespace, name)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from vmquota import errors, objects
 from vmquota.api import Api
-from vmquota.apiserver import bodies, openapi_legacy
+from vmquota.apiserver import bodies, openapi_legacy, selectors, tables
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -63,7 +63,7 @@ class Handlers:
         kind, ns = target.kind, target.namespace
         assert kind is not None
         if request.method == "GET":
-            return Response.json(200, self.api.list_json(kind, ns))
+            return self._list(request, kind, ns)
         if request.method == "POST":
             if kind.namespaced and ns is None:
                 raise errors.MethodNotAllowed("create namespaced objects under /namespaces/{namespace}/")
@@ -74,7 +74,7 @@ class Handlers:
         kind, namespace, name = target.kind, target.namespace or "", target.name
         assert kind is not None and name is not None
         if request.method == "GET":
-            return Response.json(200, self.api.get(kind, namespace, name))
+            return self._get(request, kind, namespace, name)
         if request.method == "PUT":
             return Response.json(200, self.api.replace(kind, namespace, name, _body(request)))
         if request.method == "PATCH":
@@ -82,6 +82,42 @@ class Handlers:
         if request.method == "DELETE":
             return Response.json(200, self.api.delete(kind, namespace, name))
         raise errors.MethodNotAllowed(f"{request.method} is not supported here")
+
+    def _list(self, request: Request, kind: objects.Kind, namespace: str | None) -> Response:
+        """A list: selected by labelSelector and fieldSelector, as the List, a Table or a
+        PartialObjectMetadataList, as the Accept header asks."""
+        selection = selectors.parse(kind, request.param("labelSelector"), request.param("fieldSelector"))
+        keep = selection.matches if selection.needs_matching else None
+        target = tables.target(request.accept, listing=True)
+        if target is None:
+            return Response.json(200, self.api.list_json(kind, namespace, where=selection.where, keep=keep))
+        if target.kind == tables.PARTIAL_LIST:
+            if keep is not None:
+                rv, found = self.api.list_objects(kind, namespace, where=selection.where, keep=keep)
+                metadata = [json.dumps(objects.meta(obj)) for obj in found]
+            else:
+                rv, parts = self.api.list_parts(kind, namespace, ["json:metadata"], where=selection.where)
+                metadata = [part[0] for part in parts]
+            return Response(200, tables.partial_list(metadata, target, resource_version=rv), tables.CONTENT_TYPE)
+        options = tables.options(request.param("includeObject"), target.version)
+        if keep is not None:
+            rv, found = self.api.list_objects(kind, namespace, where=selection.where, keep=keep)
+            return Response(200, tables.to_table(kind, found, options, resource_version=rv), tables.CONTENT_TYPE)
+        rv, parts = self.api.list_parts(kind, namespace, tables.store_columns(kind, options), where=selection.where)
+        rows = tables.rows_of_values(kind, parts, options)
+        return Response(200, tables.table(kind, rows, options, resource_version=rv), tables.CONTENT_TYPE)
+
+    def _get(self, request: Request, kind: objects.Kind, namespace: str, name: str) -> Response:
+        """One object, or its Table (`kubectl get vm web-1`) or PartialObjectMetadata."""
+        target = tables.target(request.accept, listing=False)
+        obj = self.api.get(kind, namespace, name)
+        if target is None:
+            return Response.json(200, obj)
+        if target.kind == tables.PARTIAL:
+            return Response.json(200, tables.partial(obj, target))
+        options = tables.options(request.param("includeObject"), target.version)
+        rv = str(objects.meta(obj).get("resourceVersion", ""))
+        return Response(200, tables.to_table(kind, [obj], options, resource_version=rv), tables.CONTENT_TYPE)
 
     def _subresource(self, request: Request, target: Route) -> Response:
         ns, name, sub = target.namespace, target.name, target.subresource
