@@ -270,7 +270,8 @@ def test_a_watch_event_is_a_one_row_table_with_headers_once() -> None:
     assert later["columnDefinitions"] is None and later["rows"] == first["rows"]
     # The same row whether made from the object or from the store's extracted fields.
     fields = tables.PRINTERS["VirtualMachine"].fields
-    extracted = [(*(json.dumps(f.of(vm)) if f.whole else f.of(vm) for f in fields), json.dumps(vm["metadata"]))]
+    extracted = [(*(json.dumps(tables.value_of(f, vm)) if f.as_json else tables.value_of(f, vm) for f in fields),
+                  json.dumps(vm["metadata"]))]
     assert [json.loads(row) for row in tables.rows_of_values(objects.VIRTUAL_MACHINE, extracted, options, now=now)] \
         == [json.loads(row) for row in tables.rows_of_objects(objects.VIRTUAL_MACHINE, [vm], options, now=now)]
 

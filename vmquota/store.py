@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vmquota import errors, objects
 from vmquota.objects import Kind, Obj
@@ -143,6 +143,24 @@ class Where:
     default: str | None = None
 
 
+@dataclass(frozen=True)
+class Part:
+    """A part of each body that `Reader.extract` cuts out in SQLite:
+
+        Part(path)                     the scalar at `path` (text or number; a non-scalar as JSON text), or None
+        Part(path, as_json=True)       the JSON text at `path` (the whole body for path ()), or None
+        Part(path, item=(k, v, f))     of the array at `path`, field `f` of the first element whose `k` is `v`:
+                                       `.status.conditions[?(@.type=='Ready')].status`
+    """
+    path: tuple[str, ...]
+    as_json: bool = False
+    item: tuple[str, str, str] | None = None
+
+    BODY: ClassVar[Part]
+
+
+Part.BODY = Part((), as_json=True)
+
 EVENTS_KEPT_PER_NAMESPACE = 500
 PRUNE_EVERY = 64  # a namespace's events are pruned after every this many of them, not on each one
 
@@ -190,30 +208,33 @@ class Reader:
             rows = self._conn.execute(f"{_select(kind)} WHERE o.kind=? AND o.namespace=? ORDER BY o.name",
                                       (kind.kind, namespace))
         else:
-            rows = self._extract(kind, namespace, ("body",), where)
+            rows = self._extract(kind, namespace, ("b",), where)
         for (body,) in rows:
             yield body
 
-    def extract(self, kind: Kind, namespace: str | None, columns: Sequence[tuple[str, ...] | str],
+    def extract(self, kind: Kind, namespace: str | None, parts: Sequence[Part],
                 where: Sequence[Where] = ()) -> Iterator[tuple[Any, ...]]:
-        """Parts of every object of a kind that meets every `where`, cut out by SQLite, in namespace and name
+        """`parts` of every object of a kind that meets every `where`, cut out by SQLite, in namespace and name
         order: a table of 10,000 VMs needs a few fields of each, and parsing whole bodies in Python costs far
         more than listing them.
 
-        Each column is a path to a value, given as SQL text or number (`("metadata", "name")`), or one of
-        "body" (the object's JSON text), "json:" + a dotted path (that part's JSON text, or None).
+        SQLite parses a body once per JSON function that reads it, so the scalars are read by one
+        json_extract of several paths (one parse, one small array to decode) and the name and namespace come
+        from the key columns.
         """
-        yield from self._extract(kind, namespace, columns, where)
+        plan = _ExtractPlan(parts)
+        for row in self._extract(kind, namespace, plan.columns, where):
+            yield tuple(plan.split(row))
 
-    def _extract(self, kind: Kind, namespace: str | None, columns: Sequence[tuple[str, ...] | str],
+    def _extract(self, kind: Kind, namespace: str | None, columns: Sequence[str],
                  where: Sequence[Where]) -> Iterator[tuple[Any, ...]]:
-        select, params = _columns_sql(columns)
+        select = ", ".join(column for column in columns)
         scope, scope_params = ("AND o.namespace=?", [namespace]) if namespace is not None else ("", [])
         conditions, condition_params = _where_sql(where)
         # The body as a reader sees it (a quota's status put back), named b, beside the key columns.
         body = _select(kind)[len("SELECT "):].replace(" FROM ", " AS b, o.namespace AS ns, o.name AS nm FROM ", 1)
         sql = f"SELECT {select} FROM (SELECT {body} WHERE o.kind=? {scope}) WHERE {conditions} ORDER BY ns, nm"
-        yield from self._conn.execute(sql, [*params, kind.kind, *scope_params, *condition_params])
+        yield from self._conn.execute(sql, [kind.kind, *scope_params, *condition_params])
 
     def revision(self) -> int:
         """The newest committed resourceVersion: lists report it, as Kubernetes does."""
@@ -534,18 +555,84 @@ def _json_path(path: Sequence[str]) -> str:
     return "$" + "".join(f'."{step}"' for step in path)
 
 
-def _columns_sql(columns: Sequence[tuple[str, ...] | str]) -> tuple[str, list[str]]:
-    parts, params = [], []
-    for column in columns:
-        if column == "body":
-            parts.append("b")
-        elif isinstance(column, str) and column.startswith("json:"):
-            parts.append("b -> ?")
-            params.append(_json_path(column[len("json:"):].split(".")))
+class _ExtractPlan:
+    """The SQL columns that cut `parts` out of each body, and how a result row becomes one value per part.
+
+    `split` runs once per object of a list, so what it does per part is worked out here, once: each part is
+    an index into the row's columns followed by json_extract's values; an `item` part is then picked out.
+    """
+
+    def __init__(self, parts: Sequence[Part]) -> None:
+        self.columns: list[str] = []
+        scalars = [p for p in parts if not p.as_json and p.path not in _KEY_COLUMNS]
+        self._many = len(scalars) > 1
+        for part in parts:
+            if part.as_json or part.path in _KEY_COLUMNS:
+                self.columns.append("b" if part == Part.BODY else _KEY_COLUMNS.get(part.path) or
+                                    f"b -> {_sql_text(_json_path(part.path))}")
+        direct = len(self.columns)
+        self._index = [self._column_of(part, direct, scalars) for part in parts]
+        self._decoded = [i for i, part in enumerate(parts) if part in scalars and self._many and part.item is None]
+        self._items = [(i, part.item, not self._many) for i, part in enumerate(parts) if part.item is not None]
+        if scalars:
+            # One parse for them all; with one path json_extract gives the value itself, not an array.
+            paths = ", ".join(_sql_text(_json_path(p.path)) for p in scalars)
+            self.columns.append(f"json_extract(b, {paths})" if self._many else f"b ->> {paths}")
+        self._has_scalars = bool(scalars)
+
+    def _column_of(self, part: Part, direct: int, scalars: list[Part]) -> int:
+        if part in scalars:
+            return direct + scalars.index(part)
+        sql = "b" if part == Part.BODY else _KEY_COLUMNS.get(part.path) or f"b -> {_sql_text(_json_path(part.path))}"
+        return self.columns.index(sql)
+
+    def split(self, row: tuple[Any, ...]) -> list[Any]:
+        if self._has_scalars:
+            flat = [*row[:-1], *(_DECODER.raw_decode(row[-1])[0] if self._many else (row[-1],))]
         else:
-            parts.append("b ->> ?")
-            params.append(_json_path(column))
-    return ", ".join(parts), params
+            flat = list(row)
+        values = [flat[i] for i in self._index]
+        for i in self._decoded:
+            value = values[i]
+            if value is not None and type(value) is not str:
+                values[i] = _as_sql_scalar(value)
+        for i, item, encoded in self._items:
+            values[i] = _pick(values[i], item, encoded=encoded)
+        return values
+
+
+def _pick(value: Any, item: tuple[str, str, str], *, encoded: bool) -> Any:
+    """Field `item[2]` of the first element of the array `value` whose `item[0]` is `item[1]`, as `->>` gives
+    a value; None when there is none."""
+    key, wanted, field = item
+    if encoded and isinstance(value, str):
+        value = json.loads(value)
+    for element in value if isinstance(value, list) else ():
+        if isinstance(element, dict) and element.get(key) == wanted:
+            return _as_sql_scalar(element.get(field))
+    return None
+
+
+_DECODER = json.JSONDecoder()
+
+
+_KEY_COLUMNS: dict[tuple[str, ...], str] = {("metadata", "name"): "nm", ("metadata", "namespace"): "ns"}
+
+
+def _as_sql_scalar(value: Any) -> Any:
+    if value is None or type(value) is str:  # nearly every value: the fast way out
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def _sql_text(text: str) -> str:
+    """A checked JSON path as an SQL string literal (paths hold no quote: callers pass checked keys only)."""
+    assert "'" not in text, text
+    return f"'{text}'"
 
 
 def _where_sql(where: Sequence[Where]) -> tuple[str, list[str]]:

@@ -96,14 +96,14 @@ class Handlers:
                 rv, found = self.api.list_objects(kind, namespace, where=selection.where, keep=keep)
                 metadata = [json.dumps(objects.meta(obj)) for obj in found]
             else:
-                rv, parts = self.api.list_parts(kind, namespace, ["json:metadata"], where=selection.where)
+                rv, parts = self.api.list_parts(kind, namespace, [tables.METADATA], where=selection.where)
                 metadata = [part[0] for part in parts]
             return Response(200, tables.partial_list(metadata, target, resource_version=rv), tables.CONTENT_TYPE)
         options = tables.options(request.param("includeObject"), target.version)
         if keep is not None:
             rv, found = self.api.list_objects(kind, namespace, where=selection.where, keep=keep)
             return Response(200, tables.to_table(kind, found, options, resource_version=rv), tables.CONTENT_TYPE)
-        rv, parts = self.api.list_parts(kind, namespace, tables.store_columns(kind, options), where=selection.where)
+        rv, parts = self.api.list_parts(kind, namespace, tables.store_parts(kind, options), where=selection.where)
         rows = tables.rows_of_values(kind, parts, options)
         return Response(200, tables.table(kind, rows, options, resource_version=rv), tables.CONTENT_TYPE)
 
