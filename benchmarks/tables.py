@@ -3,10 +3,11 @@
 A `vmquota serve` process (one API process, `test:///default`) over a store filled with 10,000 stopped VMs in
 10 namespaces, a tenth of them labelled `app=web`. Each round asks, on one kept-alive connection, for the plain
 VirtualMachineList and for the Table kubectl 1.32 asks for (its own Accept header), alternating which comes
-first; each figure is the median time to the response's last byte. The Table's cells and metadata are cut out
-of the bodies by SQLite (`Reader.extract`), so the ratio measures that against listing the stored bodies as
-they are. Two more figures, without targets: a list selected by label (SQLite evaluates the selector) and a
-Table of one name, against the same plain list.
+first; each figure is the median time to the response's last byte. A Table's cells and metadata are cut out
+of the bodies by SQLite (`Reader.extract`) and kept per object version in the API process (`PartsCache`), so
+the rounds measure a repeated `kubectl get` (SQLite reads the key columns only); the first Table, made
+before anything was kept, is reported apart, from one run. Two more figures, without targets: a list
+selected by label (SQLite evaluates the selector) and a Table of one name, against the same plain list.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def tables_section(vms: int = 10_000, rounds: int = 15, namespaces: int = 10) ->
         server.start()
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
         try:
-            progress("warming up")
+            progress("warming up; the first Table is made with nothing kept yet")
             _timed_get(conn, VMS_PATH, "application/json")
-            _timed_get(conn, VMS_PATH, KUBECTL_ACCEPT)
+            first_table, _ = _timed_get(conn, VMS_PATH, KUBECTL_ACCEPT)
             plain: list[float] = []
             table: list[float] = []
             selected: list[float] = []
@@ -86,12 +87,14 @@ def tables_section(vms: int = 10_000, rounds: int = 15, namespaces: int = 10) ->
     rows = [
         Row("tables", f"Table of {vms:,} VMs (kubectl's Accept) vs the plain list", fmt_ms(median(table)),
             f"{fmt_ms(base)} plain list", f"{ratio:.2f}", f"<= {TARGET_RATIO}", ratio <= TARGET_RATIO),
+        Row("tables", f"first Table of {vms:,} VMs, nothing kept yet (one run)", fmt_ms(first_table),
+            f"{fmt_ms(base)} plain list", f"{first_table / base:.2f}"),
         Row("tables", f"list selected by label (1 in 10 of {vms:,}) vs the plain list", fmt_ms(median(selected)),
             f"{fmt_ms(base)} plain list", f"{median(selected) / base:.2f}"),
         Row("tables", f"Table of one name (fieldSelector) among {vms:,}", fmt_ms(median(one)),
             f"{fmt_ms(base)} plain list", f"{median(one) / base:.3f}"),
     ]
-    details = {"vms": vms, "rounds": rounds, "bytes": sizes,
+    details = {"vms": vms, "rounds": rounds, "bytes": sizes, "first_table_ms": first_table * 1000,
                "plain_ms": [s * 1000 for s in plain], "table_ms": [s * 1000 for s in table],
                "selected_ms": [s * 1000 for s in selected], "one_name_ms": [s * 1000 for s in one]}
     return SectionResult(rows, details)

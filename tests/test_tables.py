@@ -157,6 +157,24 @@ def test_namespaces_projects_and_clones(cluster: Cluster) -> None:
     assert [row[0] for row in cells(table)] == ["c1"] and cells(table)[0][2:] == ["web-1", "web-2"]
 
 
+def test_a_table_follows_every_change_of_its_objects(cluster: Cluster) -> None:
+    """Rows are kept per object version: a changed, deleted or new VM shows in the next Table at once."""
+    for i in range(8):
+        labelled_vm(cluster, f"vm-{i}")
+    path = vms_path(cluster.ns)
+    assert [row[2] for row in cells(get(cluster, path)[2])] == ["Stopped"] * 8
+    cluster.action("vm-3", "start")
+    cluster.wait_status("vm-3", "Running")
+    statuses = {row[0]: row[2] for row in cells(get(cluster, path)[2])}
+    assert statuses["vm-3"] == "Running" and list(statuses.values()).count("Stopped") == 7
+    cluster.delete_vm("vm-5")
+    labelled_vm(cluster, "vm-9", app="new")
+    table = get(cluster, path)[2]
+    assert [row[0] for row in cells(table)] == ["vm-0", "vm-1", "vm-2", "vm-3", "vm-4", "vm-6", "vm-7", "vm-9"]
+    assert table["rows"][-1]["object"]["metadata"]["labels"] == {"app": "new"}
+    assert table["metadata"]["resourceVersion"] == cluster.client.get(path)["metadata"]["resourceVersion"]
+
+
 # -- selectors on lists -----------------------------------------------------------------------------------
 
 

@@ -18,6 +18,10 @@ Tables:
 Cluster-scoped objects have namespace ''. Triggers keep `vm_states` equal to what the VM
 bodies say, in the same transaction: it is an index, never written directly.
 
+Selected reads: `bodies(..., where)` and `extract(..., parts, where)` let SQLite evaluate a selector's
+conditions (`Where`) and cut out the few fields a Table needs (`Part`), so the API server never parses a body
+it drops or needs only a few fields of.
+
 A ResourceQuota's or Project's status is kept apart from its body, in `quota_status`: every start and stop
 changes it, and rewriting two small rows costs a start far less than rewriting two objects (JSON in and
 out). Reads put it back into the body, so nobody outside the store sees the difference, except that the
@@ -151,6 +155,7 @@ class Part:
         Part(path, as_json=True)       the JSON text at `path` (the whole body for path ()), or None
         Part(path, item=(k, v, f))     of the array at `path`, field `f` of the first element whose `k` is `v`:
                                        `.status.conditions[?(@.type=='Ready')].status`
+    metadata.name, metadata.namespace and metadata.resourceVersion are read from the key columns.
     """
     path: tuple[str, ...]
     as_json: bool = False
@@ -232,7 +237,8 @@ class Reader:
         scope, scope_params = ("AND o.namespace=?", [namespace]) if namespace is not None else ("", [])
         conditions, condition_params = _where_sql(where)
         # The body as a reader sees it (a quota's status put back), named b, beside the key columns.
-        body = _select(kind)[len("SELECT "):].replace(" FROM ", " AS b, o.namespace AS ns, o.name AS nm FROM ", 1)
+        keys = " AS b, o.namespace AS ns, o.name AS nm, o.rv AS rv FROM "
+        body = _select(kind)[len("SELECT "):].replace(" FROM ", keys, 1)
         sql = f"SELECT {select} FROM (SELECT {body} WHERE o.kind=? {scope}) WHERE {conditions} ORDER BY ns, nm"
         yield from self._conn.execute(sql, [kind.kind, *scope_params, *condition_params])
 
@@ -616,7 +622,9 @@ def _pick(value: Any, item: tuple[str, str, str], *, encoded: bool) -> Any:
 _DECODER = json.JSONDecoder()
 
 
-_KEY_COLUMNS: dict[tuple[str, ...], str] = {("metadata", "name"): "nm", ("metadata", "namespace"): "ns"}
+# What the key columns hold, read without parsing a body.
+_KEY_COLUMNS: dict[tuple[str, ...], str] = {("metadata", "name"): "nm", ("metadata", "namespace"): "ns",
+                                            ("metadata", "resourceVersion"): "CAST(rv AS TEXT)"}
 
 
 def _as_sql_scalar(value: Any) -> Any:

@@ -4,6 +4,8 @@
     filters.py     the chain before any handler (errors as Status; authentication and authorization later)
     handlers.py    fixed paths and Kubernetes' verbs on the served kinds, each one `Api` call
     routing.py     paths to kinds, namespaces, names and subresources
+    selectors.py   labelSelector and fieldSelector: a predicate, and conditions the store evaluates
+    tables.py      meta.k8s.io Tables (what kubectl get prints) and PartialObjectMetadata, by the Accept header
     request.py     Request and Response, plain data
     bodies.py      request bodies to plain JSON values
 

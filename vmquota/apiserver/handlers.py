@@ -11,12 +11,13 @@ import json
 from collections.abc import Callable
 
 from vmquota import errors, objects
-from vmquota.api import Api
+from vmquota.api import Api, PartsCache
 from vmquota.apiserver import bodies, openapi_legacy, selectors, tables
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
 NonResourceHandler = Callable[[Api, Request], Response]
+TABLE_CACHE_OBJECTS = 20_000
 
 
 def _healthz(api: Api, request: Request) -> Response:
@@ -41,6 +42,9 @@ class Handlers:
 
     def __init__(self, api: Api) -> None:
         self.api = api
+        # What Tables need of each object version this process has listed: a repeated `kubectl get` of
+        # 10,000 VMs then parses no body (about 600 bytes an object).
+        self.table_parts = PartsCache(TABLE_CACHE_OBJECTS)
 
     def __call__(self, request: Request) -> Response:
         fixed = NON_RESOURCE.get(request.path)
@@ -103,7 +107,8 @@ class Handlers:
         if keep is not None:
             rv, found = self.api.list_objects(kind, namespace, where=selection.where, keep=keep)
             return Response(200, tables.to_table(kind, found, options, resource_version=rv), tables.CONTENT_TYPE)
-        rv, parts = self.api.list_parts(kind, namespace, tables.store_parts(kind, options), where=selection.where)
+        rv, parts = self.api.list_parts(kind, namespace, tables.store_parts(kind, options), where=selection.where,
+                                        cache=self.table_parts)
         rows = tables.rows_of_values(kind, parts, options)
         return Response(200, tables.table(kind, rows, options, resource_version=rv), tables.CONTENT_TYPE)
 
