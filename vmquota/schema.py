@@ -439,7 +439,7 @@ _VM_DOMAIN = obj("Specification of the desired behavior of the VirtualMachineIns
     "ioThreadsPolicy": string("Controls whether or not disks will share IOThreads. One of: shared, auto, "
                               "supplementalPool"),
     "rebootPolicy": string("RebootPolicy specifies how the guest should behave on reboot."),
-}, required=("devices",))
+})
 
 _VOLUME = obj("Volume represents a named volume in a vmi.", {
     "name": string("Volume's name. Must be a DNS_LABEL and unique within the vmi.", pattern=NAME_PATTERN),
@@ -508,7 +508,29 @@ _VMI_SPEC = obj("VirtualMachineInstance Spec contains the VirtualMachineInstance
         ("utilityVolumes", "List of utility volumes that can be mounted to the vmi virt-launcher pod without having "
                            "a matching disk in the domain."),
     )},
-}, required=("domain",))
+})
+
+def _claim(description: str) -> Schema:
+    return obj(description, {
+        "resources": obj("Resources represents the minimum resources the volume should have.", {
+            "requests": Schema("object", "Requests describes the minimum amount of storage required: "
+                                         "requests.storage is the disk's size.",
+                               values=ref(QUANTITY), keys=("storage",)),
+            "limits": map_of(ref(QUANTITY), "Limits describes the maximum amount of compute resources "
+                                            "allowed."),
+        }),
+        "accessModes": array(string(""), "AccessModes contains the desired access modes the volume should "
+                                         "have."),
+        "storageClassName": string("Name of the StorageClass required by the claim."),
+        "volumeMode": string("volumeMode defines what type of volume is required by the claim (Filesystem, "
+                             "Block)."),
+        "volumeName": string("VolumeName is the binding reference to the PersistentVolume backing this "
+                             "claim."),
+        "selector": preserved("A label query over volumes to consider for binding."),
+        "dataSource": preserved("The source of the data to populate the volume with."),
+        "dataSourceRef": preserved("The object from which to populate the volume with data."),
+    })
+
 
 _DATA_VOLUME_TEMPLATE = obj("A DataVolume the VM owns: a persistent disk made by the server when the VM is "
                             "created, charged in requests.storage whatever the VM's state.", {
@@ -518,30 +540,14 @@ _DATA_VOLUME_TEMPLATE = obj("A DataVolume the VM owns: a persistent disk made by
         "name": string("The DataVolume's name, unique in the namespace.", pattern=NAME_PATTERN, max_length=63),
     }, preserve_unknown=True),
     "spec": obj("DataVolumeSpec contains the DataVolume specification.", {
-        "storage": obj("Storage is the requirements of the disk to be made.", {
-            "resources": obj("Resources represents the minimum resources the volume should have.", {
-                "requests": Schema("object", "Requests describes the minimum amount of storage required: "
-                                             "requests.storage is the disk's size.",
-                                   values=ref(QUANTITY), keys=("storage",)),
-                "limits": map_of(ref(QUANTITY), "Limits describes the maximum amount of compute resources "
-                                                "allowed."),
-            }),
-            "accessModes": array(string(""), "AccessModes contains the desired access modes the volume should "
-                                             "have."),
-            "storageClassName": string("Name of the StorageClass required by the claim."),
-            "volumeMode": string("volumeMode defines what type of volume is required by the claim (Filesystem, "
-                                 "Block)."),
-            "volumeName": string("VolumeName is the binding reference to the PersistentVolume backing this "
-                                 "claim."),
-            "selector": preserved("A label query over volumes to consider for binding."),
-            "dataSource": preserved("The source of the data to populate the volume with."),
-            "dataSourceRef": preserved("The object from which to populate the volume with data."),
-        }),
+        "storage": _claim("Storage is the requirements of the disk to be made: its size, "
+                          "resources.requests.storage, is charged in requests.storage."),
+        "pvc": _claim("PVC is the PVC specification; vmquota reads the disk's size from it when storage is not "
+                      "given."),
         "source": preserved("Source is the src of the data for the requested DataVolume: http: {url}, blank: {}, "
                             "pvc: {namespace, name}."),
         **{name: preserved(text) for name, text in (
             ("sourceRef", "SourceRef is an indirect reference to the source of data for the requested DataVolume"),
-            ("pvc", "PVC is the PVC specification"),
             ("checkpoints", "Checkpoints is a list of DataVolumeCheckpoints, representing stages in a multistage "
                             "import."),
         )},
@@ -554,7 +560,7 @@ _DATA_VOLUME_TEMPLATE = obj("A DataVolume the VM owns: a persistent disk made by
     }),
     "status": preserved("DataVolumeTemplateDummyStatus is here simply for backwards compatibility with a previous "
                         "API."),
-}, required=("spec",))
+})
 
 _RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted", "Once")
 
@@ -587,7 +593,7 @@ _VIRTUAL_MACHINE = obj("VirtualMachine handles the VirtualMachines that are not 
         "preference": preserved("PreferenceMatcher references a set of preference that is used to fill fields in "
                                 "Template"),
         "updateVolumesStrategy": string("UpdateVolumesStrategy is the strategy to apply on volumes updates"),
-    }, required=("template",)),
+    }),
     # Written by the server only; vmquota keeps its own bookkeeping beside KubeVirt's fields (phase, lastExit,
     # runningSince), so a body read back and sent again must never fail on them.
     "status": obj("Status holds the current state of the controller and brief information about its associated "
@@ -696,14 +702,14 @@ IGNORE, WARN, STRICT = "Ignore", "Warn", "Strict"
 DEFAULT_FIELD_VALIDATION = WARN  # kube-apiserver's default since 1.27, when a request names none
 
 
-def unknown_fields(kind: Kind, body: Any) -> list[str]:
+def unknown_fields(kind: Kind, body: Any, *, merge_patch: bool = False) -> list[str]:
     """The fields of `body` the schema of `kind` does not know, as Kubernetes names them (`spec.foo`,
     `spec.template.spec.volumes[0].bar`), in the order they appear. Values of the wrong type are not looked into:
-    that is validation's to refuse."""
-    return list(_unknown(kind_schema(kind), body, ""))
+    that is validation's to refuse. In a merge patch, a null removes a field: removing an unknown one is fine."""
+    return list(_unknown(kind_schema(kind), body, "", merge_patch))
 
 
-def _unknown(node: Schema, value: Any, path: str) -> Iterator[str]:
+def _unknown(node: Schema, value: Any, path: str, merge_patch: bool) -> Iterator[str]:
     node = resolve(node)
     if node.preserve_unknown and not node.properties:
         return
@@ -711,14 +717,15 @@ def _unknown(node: Schema, value: Any, path: str) -> Iterator[str]:
         for key, item in value.items():
             child = f"{path}.{key}" if path else key
             if key in node.properties:
-                yield from _unknown(node.properties[key], item, child)
+                yield from _unknown(node.properties[key], item, child, merge_patch)
             elif node.values is not None:
-                yield from _unknown(node.values, item, child)
-            elif not node.preserve_unknown:
+                yield from _unknown(node.values, item, child, merge_patch)
+            elif not node.preserve_unknown and not (merge_patch and item is None):
                 yield child
     elif isinstance(value, list) and node.items is not None:
         for index, item in enumerate(value):
-            yield from _unknown(node.items, item, f"{path}[{index}]")
+            # A merge patch replaces a list whole: its elements are plain values again.
+            yield from _unknown(node.items, item, f"{path}[{index}]", False)
 
 
 class _Keys(dict[str, Any]):
@@ -771,13 +778,13 @@ def _repeated(value: Any, path: str) -> Iterator[str]:
 
 
 def check_fields(kind: Kind, body: Any, mode: str | None, warnings: list[str], *, raw: bytes = b"",
-                 content_type: str = "application/json") -> None:
+                 content_type: str = "application/json", merge_patch: bool = False) -> None:
     """Kubernetes' `fieldValidation` for a write of `body` (parsed from `raw`, when given, for duplicate keys).
 
     Strict: a 400 BadRequest naming every unknown and duplicate field, as kube-apiserver words it; Warn (the
     default): one warning each, appended to `warnings` (they become `Warning: 299` headers), and the request
     goes on; Ignore: nothing. Any other value is a 400. Unknown fields are never dropped here: the contract keeps
-    them.
+    them. `merge_patch`: `body` is a JSON merge patch (or a strategic one), whose nulls remove fields.
     """
     mode = DEFAULT_FIELD_VALIDATION if mode in (None, "") else mode
     if mode not in (IGNORE, WARN, STRICT):
@@ -786,7 +793,7 @@ def check_fields(kind: Kind, body: Any, mode: str | None, warnings: list[str], *
     if mode == IGNORE:
         return
     problems = [f'duplicate field "{path}"' for path in (duplicate_fields(raw, content_type) if raw else [])]
-    problems += [f'unknown field "{path}"' for path in unknown_fields(kind, body)]
+    problems += [f'unknown field "{path}"' for path in unknown_fields(kind, body, merge_patch=merge_patch)]
     if not problems:
         return
     if mode == STRICT:
