@@ -792,8 +792,9 @@ def check_fields(kind: Kind, body: Any, mode: str | None, warnings: list[str], *
                                 f'"", "Ignore", "Strict", "Warn"')
     if mode == IGNORE:
         return
-    problems = [f'duplicate field "{path}"' for path in (duplicate_fields(raw, content_type) if raw else [])]
-    problems += [f'unknown field "{path}"' for path in unknown_fields(kind, body, merge_patch=merge_patch)]
+    # Quoted with only ASCII in the result (as Go's strconv.QuoteToASCII): each problem may become an HTTP header.
+    problems = [f"duplicate field {json.dumps(path)}" for path in (duplicate_fields(raw, content_type) if raw else [])]
+    problems += [f"unknown field {json.dumps(path)}" for path in unknown_fields(kind, body, merge_patch=merge_patch)]
     if not problems:
         return
     if mode == STRICT:

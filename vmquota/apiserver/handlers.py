@@ -85,7 +85,8 @@ class Handlers:
         self.api = api
 
     def __call__(self, request: Request) -> Response:
-        fixed = NON_RESOURCE.get(request.path)
+        # Kubernetes serves its fixed paths with a trailing slash too (the official Python client asks /version/).
+        fixed = NON_RESOURCE.get(request.path) or NON_RESOURCE.get(request.path.rstrip("/") or "/")
         if fixed is not None:
             if request.method != "GET":
                 raise errors.MethodNotAllowed(f"only GET is supported on {request.path}")
