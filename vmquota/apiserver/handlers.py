@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from vmquota import errors, objects, schema
 from vmquota.api import Api
-from vmquota.apiserver import bodies, discovery, openapi
+from vmquota.apiserver import bodies, discovery, openapi, openapi_pb
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -38,12 +38,14 @@ def _discovery(legacy: bytes, aggregated: bytes) -> NonResourceHandler:
 
 
 def _openapi_v2(api: Api, request: Request) -> Response:
-    """Swagger 2.0 as JSON only: client-go asks for gnostic's protobuf form first, and gets a 406 rather than
-    JSON it would fail to decode as protobuf; kubectl falls back to OpenAPI v3 then."""
-    accept = request.accept
+    """Swagger 2.0 in gnostic's protobuf when the Accept header asks for it (client-go always does), else JSON."""
+    accept, etag = request.accept, {"Etag": f'"{openapi.V2.hash}"', "Vary": "Accept"}
+    if openapi_pb.ACCEPT in accept:
+        return Response(200, openapi.V2_PROTOBUF, openapi_pb.CONTENT_TYPE, etag)
     if accept and not any(t in accept for t in ("application/json", "*/*")):
-        raise errors.NotAcceptable(f"only application/json is served at /openapi/v2, not {accept[:100]}")
-    return Response(200, openapi.V2.body, headers={"Etag": f'"{openapi.V2.hash}"'})
+        raise errors.NotAcceptable(f"/openapi/v2 is served as application/json or {openapi_pb.ACCEPT}, "
+                                   f"not {accept[:100]}")
+    return Response(200, openapi.V2.body, headers=etag)
 
 
 def _openapi_v3(served: openapi.Served) -> NonResourceHandler:

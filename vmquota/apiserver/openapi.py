@@ -1,6 +1,7 @@
 """The OpenAPI documents the server serves, all rendered from `vmquota.schema` and the kind registry.
 
-    /openapi/v2                      swagger 2.0, as kube-apiserver serves it (kubectl's fallback, explain v2)
+    /openapi/v2                      swagger 2.0, as JSON or in gnostic's protobuf (`openapi_pb.py`), which
+                                     client-go asks for: kubectl's client-side validation, explain v2
     /openapi/v3                      the index: one document per group-version, by `serverRelativeURL`
     /openapi/v3/api/v1, /openapi/v3/apis/{group}/{version}   OpenAPI 3.0 per group-version (kubectl explain,
                                      apply's patch types, and its test for server-side field validation)
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmquota import objects, schema
+from vmquota.apiserver import openapi_pb
 from vmquota.objects import Kind, Subresource
 from vmquota.schema import Schema
 
@@ -136,10 +138,14 @@ def _kind_paths(kind: Kind) -> Iterator[PathItem]:
     if "update" in kind.verbs:
         ops.append(Operation("put", f"replace{gv}{scope}{kind.kind}", "put", f"replace the specified {kind.kind}",
                              _WRITE_QUERY, defn, body=defn, gvk=kind))
-    if "patch" in kind.verbs:
-        ops.append(Operation("patch", f"patch{gv}{scope}{kind.kind}", "patch", f"partially update the specified "
-                             f"{kind.kind}", (*_WRITE_QUERY, "force"), defn, body=PATCH, body_types=patch_types,
-                             gvk=kind))
+    # Every kind has a PATCH operation, even one vmquota refuses to patch (405): kubectl finds out whether the
+    # server validates fields by looking at the PATCH operation of the kind, and without one it falls back to
+    # /openapi/v2 in protobuf and fails `kubectl create -f` itself.
+    patchable = "patch" in kind.verbs
+    ops.append(Operation("patch", f"patch{gv}{scope}{kind.kind}", "patch",
+                         f"partially update the specified {kind.kind}" if patchable else
+                         f"{kind.plural} are not patched: answered 405 MethodNotAllowed", (*_WRITE_QUERY, "force"),
+                         defn, body=PATCH, body_types=patch_types, gvk=kind))
     if "delete" in kind.verbs:
         ops.append(Operation("delete", f"delete{gv}{scope}{kind.kind}", "delete", f"delete a {kind.kind}",
                              ("dryRun", "gracePeriodSeconds", "propagationPolicy"), defn, body=DELETE_OPTIONS,
@@ -238,7 +244,9 @@ def render(node: Schema, refs: str, *, v3: bool) -> dict[str, Any]:
             out[key] = value
     if node.enum:
         out["enum"] = list(node.enum)
-    if node.properties:
+    # In v2, a subtree that keeps unknown fields has no properties, as kube-apiserver publishes CRDs: kubectl's
+    # client-side validation (v2 only) would otherwise refuse the fields vmquota keeps there.
+    if node.properties and not (node.preserve_unknown and not v3):
         out["properties"] = {name: render(child, refs, v3=v3) for name, child in node.properties.items()}
     if node.required:
         out["required"] = list(node.required)
@@ -411,6 +419,7 @@ def _served(document: dict[str, Any]) -> Served:
 
 
 V2 = _served(v2_document())
+V2_PROTOBUF = openapi_pb.document(json.loads(V2.body))
 V3: dict[str, Served] = {gv_key(*gv): _served(v3_document(*gv)) for gv in group_versions()}
 V3_INDEX = _served({"paths": {key: {"serverRelativeURL": f"/openapi/v3/{key}?hash={served.hash}"}
                               for key, served in V3.items()}})
