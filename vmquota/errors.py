@@ -8,6 +8,7 @@
      │    ├── Forbidden         403  any other refusal
      │    ├── NotFound          404
      │    ├── MethodNotAllowed  405
+     │    ├── NotAcceptable     406  no answer in a media type the Accept header takes
      │    ├── AlreadyExists     409
      │    └── Conflict          409  stale resourceVersion, or a state that forbids the action
      └── HypervisorError              libvirt or qemu-img failed (wraps the library error)
@@ -76,6 +77,11 @@ class NotFound(ApiError):
 class MethodNotAllowed(ApiError):
     code = 405
     reason = "MethodNotAllowed"
+
+
+class NotAcceptable(ApiError):
+    code = 406
+    reason = "NotAcceptable"
 
 
 class AlreadyExists(ApiError):
