@@ -120,12 +120,8 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                 query.setdefault(name, value)  # the first value counts, as in Kubernetes
             request = Request(method, target.path, query, self.headers, body)
             response = serve_request(request)
-            for warning in request.warnings:
-                # Kubernetes' form: code 299, agent "-", the text quoted (RFC 7234).
-                escaped = warning.replace("\\", "\\\\").replace('"', '\\"')
-                response.headers.setdefault("Warning", "")
-                response.headers["Warning"] = ", ".join(
-                    part for part in (response.headers["Warning"], f'299 - "{escaped}"') if part)
+            if request.warnings:
+                response.headers["Warning"] = ", ".join(_warning_value(w) for w in request.warnings)
             self._send(response)
 
         def _discard(self, length: int) -> None:
@@ -158,6 +154,14 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
             self._handle("DELETE")
 
     return Handler
+
+
+def _warning_value(text: str) -> str:
+    """Kubernetes' form of a warning: code 299, agent "-", the text quoted (RFC 7234). Headers are Latin-1 on
+    the wire, so anything else is escaped rather than allowed to fail the response."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    safe = escaped.encode("ascii", "backslashreplace").decode("ascii")
+    return f'299 - "{safe}"'
 
 
 class Server(ThreadingHTTPServer):
