@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from vmquota import errors, objects
 from vmquota.api import Api
-from vmquota.apiserver import bodies, openapi_legacy
+from vmquota.apiserver import bodies, openapi_legacy, paging, watch
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -39,8 +39,9 @@ NON_RESOURCE: dict[str, NonResourceHandler] = {
 class Handlers:
     """The innermost handler of the chain, for one `Api`."""
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, feed: watch.Feed) -> None:
         self.api = api
+        self.feed = feed  # this process's follower of the change log, for watches
 
     def __call__(self, request: Request) -> Response:
         fixed = NON_RESOURCE.get(request.path)
@@ -63,6 +64,10 @@ class Handlers:
         kind, ns = target.kind, target.namespace
         assert kind is not None
         if request.method == "GET":
+            if request.flag("watch"):
+                return watch.serve(self.feed, self.api.store, kind, watch.options(request, ns))
+            if request.param("limit") or request.param("continue"):
+                return Response.json(200, paging.list_page(self.api.store, kind, ns, paging.options(request)))
             return Response.json(200, self.api.list_json(kind, ns))
         if request.method == "POST":
             if kind.namespaced and ns is None:
