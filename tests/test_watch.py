@@ -122,6 +122,10 @@ def test_a_watch_from_a_lists_version_sees_each_change_once_in_order_with_the_ob
     statuses = [e["object"]["status"].get("printableStatus") for e in vms.until(
         lambda e: e["object"]["status"].get("printableStatus") == "Running")]
     assert statuses[-1] == "Running"  # a VM's printableStatus is a change of its own too
+    late = watch(cluster, quotas_path(cluster.ns), watches, resourceVersion=listing["metadata"]["resourceVersion"])
+    replayed = late.take(len(events))  # from the log this time: the same events, and only the quota's
+    assert [summary(e) for e in replayed] == [summary(e) for e in events]
+    assert late.events.empty()
 
 
 def test_without_a_version_a_watch_first_adds_every_object_then_follows(cluster: Cluster,

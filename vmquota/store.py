@@ -242,11 +242,14 @@ class Reader:
         row = self._conn.execute("SELECT value FROM counters WHERE name='pruned'").fetchone()
         return row[0] if row else 0
 
-    def changes(self, after: int, *, until: int | None = None, limit: int = 1000) -> builtins.list[Change]:
-        """The logged changes with `after` < rv (<= `until`), oldest first, at most `limit` of them."""
+    def changes(self, after: int, *, until: int | None = None, kind: str | None = None,
+                limit: int = 1000) -> builtins.list[Change]:
+        """The logged changes with `after` < rv (<= `until`), of one kind or all, oldest first, at most `limit`
+        of them (a batch ends at a resourceVersion: the next batch goes on from the last one's)."""
         rows = self._conn.execute(
             "SELECT rv, type, kind, namespace, name, body, previous FROM changes WHERE rv > ? AND rv <= ? "
-            "ORDER BY rv LIMIT ?", (after, until if until is not None else 1 << 62, limit))
+            f"{'AND kind = ?' if kind else ''} ORDER BY rv LIMIT ?",
+            (after, until if until is not None else 1 << 62, *([kind] if kind else []), limit))
         return [Change(*row) for row in rows]
 
     def bodies_at(self, kind: Kind, namespace: str | None, at: int, *,

@@ -344,7 +344,7 @@ class _Stream:
             while self.sent < until:
                 with reader.snapshot():
                     pruned = reader.pruned()
-                    changes = [] if self.sent < pruned else reader.changes(self.sent, until=until, limit=BATCH)
+                    changes = [] if self.sent < pruned else reader.changes(self.sent, until=until, kind=self.kind.kind, limit=BATCH)
                 if self.sent < pruned:
                     yield _expired(after, pruned)
                     return False
@@ -401,6 +401,8 @@ class _Stream:
         cacher does (a DELETED shows the object as it last matched, at the change's resourceVersion).
         """
         opts = self.opts
+        if change.kind != self.kind.kind:
+            return None
         if opts.namespace is not None and change.namespace != opts.namespace:
             return None
         if opts.name is not None and change.name != opts.name:
