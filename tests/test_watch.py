@@ -12,8 +12,6 @@ import http.client
 import json
 import queue
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from conftest import Cluster, free_port, quotas_path, vm_manifest, wait_until
+from conftest import Cluster, quotas_path, vm_manifest, vmquota_serve
 
 from vmquota.apiserver import paging
 from vmquota.client import Client, ClientError
@@ -300,16 +298,8 @@ def test_two_api_processes_every_watcher_sees_every_change_once_in_order(tmp_pat
                                                                           watches: list[Watch]) -> None:
     """Writers on many connections reach both processes; watchers on either see the same sequence: no change
     lost, none twice, none out of order, and replaying it gives exactly what a fresh list shows."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "vmquota", "serve", "--hypervisor", "test:///default",
-                                    "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}",
-                                    "--api-processes", "2"], stderr=out)
-    try:
-        wait_until(lambda: b"vmquota serving on" in log.read_bytes() or process.poll() is not None, timeout=30,
-                   what="the server to serve")
+    with vmquota_serve(tmp_path, processes=2) as served:
+        url = served.url
         client = Client(url)
         client.post("/api/v1/namespaces", {"metadata": {"name": "team"}})
         start = client.get(quotas_path("team"))["metadata"]["resourceVersion"]
@@ -346,6 +336,3 @@ def test_two_api_processes_every_watcher_sees_every_change_once_in_order(tmp_pat
         assert list(state.values()) != [] and sorted(state.items()) == sorted(
             (q["metadata"]["name"], q) for q in client.get(quotas_path("team"))["items"])
         client.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
