@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from conftest import Cluster, quotas_path, vm_manifest, vmquota_serve
+from conftest import Cluster, quotas_path, vm_manifest, vmquota_serve, wait_until
 
 from vmquota.apiserver import paging
 from vmquota.client import Client, ClientError
@@ -336,3 +336,20 @@ def test_two_api_processes_every_watcher_sees_every_change_once_in_order(tmp_pat
         assert list(state.values()) != [] and sorted(state.items()) == sorted(
             (q["metadata"]["name"], q) for q in client.get(quotas_path("team"))["items"])
         client.close()
+
+
+def test_a_watcher_that_falls_too_far_behind_is_ended_and_the_others_go_on(cluster: Cluster,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """As kube-apiserver ends an unresponsive watcher: the slow one's stream ends (it watches again from the
+    last version it saw), and nobody waits for it."""
+    from vmquota.apiserver import watch as watching
+    monkeypatch.setattr(watching, "MAX_QUEUED", 3)
+    feed = cluster.app.server.feed
+    slow, keeping_up = feed.subscribe("Namespace"), feed.subscribe("Namespace")
+    seen = []
+    for i in range(6):
+        cluster.create_namespace(f"{cluster.ns}-n{i}")
+        seen += wait_until(lambda: keeping_up.take(0.1), what="the change to reach the watcher that keeps up")
+    assert slow.ended == "too slow" and slow.take(0) == []
+    assert keeping_up.ended is None and [c.name for c in seen] == [f"{cluster.ns}-n{i}" for i in range(6)]
+    feed.unsubscribe(keeping_up)

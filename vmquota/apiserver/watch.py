@@ -43,7 +43,7 @@ from vmquota.store import ADDED, DELETED, MODIFIED, Change, Store
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.025  # how soon a change committed by another API process reaches this one's watchers
+POLL_SECONDS = 0.01  # how soon a change committed by another API process reaches this one's watchers
 BOOKMARK_SECONDS = 5.0  # between BOOKMARK events when allowed (kube-apiserver: about a minute)
 HEARTBEAT_SECONDS = 10.0  # an idle stream checks this often whether its client is still there
 MAX_QUEUED = 1_000  # changes waiting for one watcher before it is ended as too slow
@@ -85,12 +85,17 @@ class Subscription:
                 self.ended = why
             self._ready.notify()
 
-    def take(self, timeout: float) -> Change | None:
-        """The next queued change, or None after `timeout` seconds or once ended (see `ended`)."""
+    def take(self, timeout: float) -> list[Change]:
+        """Every queued change (a burst goes out in one write), or none after `timeout` seconds or once ended
+        (see `ended`)."""
         with self._ready:
             if not self._queue and self.ended is None:
                 self._ready.wait(timeout)
-            return self._queue.popleft() if self._queue and self.ended is None else None
+            if self.ended is not None:
+                return []
+            taken = list(self._queue)
+            self._queue.clear()
+            return taken
 
     @property
     def idle(self) -> bool:
@@ -344,7 +349,8 @@ class _Stream:
             while self.sent < until:
                 with reader.snapshot():
                     pruned = reader.pruned()
-                    changes = [] if self.sent < pruned else reader.changes(self.sent, until=until, kind=self.kind.kind, limit=BATCH)
+                    changes = [] if self.sent < pruned else reader.changes(self.sent, until=until,
+                                                                           kind=self.kind.kind, limit=BATCH)
                 if self.sent < pruned:
                     yield _expired(after, pruned)
                     return False
@@ -367,8 +373,8 @@ class _Stream:
             wait = min(deadline - now, HEARTBEAT_SECONDS)
             if self.opts.bookmarks:
                 wait = max(0.0, min(wait, next_bookmark - now))
-            change = subscription.take(wait)
-            if change is None:
+            changes = subscription.take(wait)
+            if not changes:
                 if subscription.ended is not None:
                     return
                 if self.opts.bookmarks and time.monotonic() >= next_bookmark:
@@ -380,12 +386,15 @@ class _Stream:
                 else:
                     yield b""  # nothing to send: http.py checks that the client is still there
                 continue
-            if change.rv <= self.sent:
-                continue  # the current state or the log had it already
-            self.sent = change.rv
-            line = self._line(change)
-            if line:
-                yield line
+            lines = []
+            for change in changes:
+                if change.rv <= self.sent:
+                    continue  # the current state or the log had it already
+                self.sent = change.rv
+                line = self._line(change)
+                if line:
+                    lines.append(line)
+            yield b"".join(lines)  # empty: nothing for this watcher, a moment to check on its client
 
     def _bookmark(self, version: int, *, initial_events_end: bool = False) -> bytes:
         metadata: Obj = {"resourceVersion": str(version)}
