@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from vmquota import errors, objects, schema
 from vmquota.api import Api
-from vmquota.apiserver import bodies, discovery, openapi, openapi_pb
+from vmquota.apiserver import bodies, discovery, openapi, openapi_pb, paging, watch
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -83,8 +83,9 @@ NON_RESOURCE: dict[str, NonResourceHandler] = _non_resource()
 class Handlers:
     """The innermost handler of the chain, for one `Api`."""
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, feed: watch.Feed) -> None:
         self.api = api
+        self.feed = feed  # this process's follower of the change log, for watches
 
     def __call__(self, request: Request) -> Response:
         # Kubernetes serves its fixed paths with a trailing slash too (the official Python client asks /version/).
@@ -108,6 +109,10 @@ class Handlers:
         kind, ns = target.kind, target.namespace
         assert kind is not None
         if request.method == "GET":
+            if request.flag("watch"):
+                return watch.serve(self.feed, self.api.store, kind, watch.options(request, ns))
+            if request.param("limit") or request.param("continue"):
+                return Response.json(200, paging.list_page(self.api.store, kind, ns, paging.options(request)))
             return Response.json(200, self.api.list_json(kind, ns))
         if request.method == "POST":
             if kind.namespaced and ns is None:
