@@ -289,8 +289,15 @@ def wait_for_phase(client: Client, namespace: str, name: str, wanted: str, timeo
 
 
 def cmd_lifecycle(client: Client, args: argparse.Namespace) -> int:
-    body = {"gracePeriod": args.grace_period} if getattr(args, "grace_period", None) is not None else None
-    client.put(action_path(args.namespace, args.vm, args.command), body)
+    body: dict[str, Any] = {}
+    if getattr(args, "grace_period", None) is not None:
+        body["gracePeriod"] = args.grace_period
+    if args.dry_run:
+        body["dryRun"] = ["All"]  # in the options body, as KubeVirt's virtctl sends it
+    client.put(action_path(args.namespace, args.vm, args.command), body or None)
+    if args.dry_run:  # admitted, changing nothing; a refusal was raised above with its exact words
+        print(f"VM {args.vm} would be admitted to {args.command} (server dry run)")
+        return EXIT_OK
     if args.wait:
         wait_for_phase(client, args.namespace, args.vm, "Stopped" if args.command == "stop" else "Running",
                        args.timeout)
@@ -378,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
         namespaced(p)
         p.add_argument("--wait", action="store_true", help="return once the VM is there, or fail with the reason")
         p.add_argument("--timeout", type=float, default=300)
+        p.add_argument("--dry-run", action="store_true",
+                       help="only ask whether it would be admitted now (quota included); change nothing")
         if action == "stop":
             p.add_argument("--grace-period", type=int, help="seconds to wait for the guest before forcing it off")
 
