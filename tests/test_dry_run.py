@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import Cluster, clones_path, events_path, quotas_path, vm_manifest, vms_path
 
+from vmquota import objects
 from vmquota.client import ClientError, action_path
+from vmquota.store import Store
 
 KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"
 DRY = "?dryRun=All"
@@ -54,6 +56,29 @@ def state(cluster: Cluster) -> dict[str, Any]:
 def unchanged(cluster: Cluster, before: dict[str, Any]) -> None:
     assert cluster.app.controller.queue.idle(), "a dry run queued controller work"
     assert state(cluster) == before
+
+
+def test_a_dry_run_transaction_sees_its_own_writes_then_keeps_none(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.db")
+    with store.transaction() as txn:
+        txn.create(objects.NAMESPACE, {"metadata": {"name": "dev"}})
+    revision, called = store.revision, []
+    with store.transaction(dry_run=True) as txn:
+        txn.create(objects.NAMESPACE, {"metadata": {"name": "dry"}})
+        txn.set_charge("dev", "web-1", {})
+        txn.after_commit(lambda: called.append("callback"))
+        assert txn.exists(objects.NAMESPACE, "", "dry")
+        with store.transaction() as nested:  # joins the dry run, and is undone with it
+            nested.delete(objects.NAMESPACE, "", "dev")
+    reader = store.reader()
+    assert [n for _, n in reader.names(objects.NAMESPACE)] == ["dev"]
+    assert list(reader.charges()) == [] and called == [] and store.revision == revision
+    with store.transaction() as txn:  # the next real write takes the next resourceVersion
+        assert txn.create(objects.NAMESPACE, {"metadata": {"name": "b"}})["metadata"]["resourceVersion"] == \
+            str(revision + 1)
+        with pytest.raises(RuntimeError), store.transaction(dry_run=True):  # it would be committed with it
+            pass
+    store.close()
 
 
 @pytest.fixture

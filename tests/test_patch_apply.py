@@ -19,6 +19,8 @@ import pytest
 import yaml
 from conftest import Cluster, quotas_path, vm_manifest, vms_path
 
+from vmquota.apiserver import protobuf
+
 KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"
 MERGE, STRATEGIC, JSON_PATCH, APPLY = ("application/merge-patch+json", "application/strategic-merge-patch+json",
                                        "application/json-patch+json", "application/apply-patch+yaml")
@@ -292,6 +294,19 @@ def test_protobuf_namespace_and_quota_are_decoded(cluster: Cluster) -> None:
     code, quota, _ = request(cluster, "POST", "/api/v1/namespaces/dev/resourcequotas", QUOTA_PB, PROTOBUF)
     assert code == 201, quota
     assert quota["spec"] == {"hard": {"cpu": "2", "limits.memory": "4Gi"}}
+
+
+def test_the_protobuf_decoder_reads_what_kubectl_auth_can_i_sends() -> None:
+    # `kubectl auth can-i create vms -n dev`: a kind is decoded once its table is there (the tenancy issue
+    # serves the review itself).
+    body = bytes.fromhex(
+        "6b3873000a320a17617574686f72697a6174696f6e2e6b38732e696f2f7631121753656c665375626a65637441636365737352"
+        "657669657712510a100a0012001a0022002a0032003800420012330a310a0364657612066372656174651a0b6b75626576697274"
+        "2e696f22002a0f7669727475616c6d616368696e657332003a001a08080012001a0020001a002200")
+    assert protobuf.decode(body) == {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": {"namespace": "dev", "verb": "create", "group": "kubevirt.io",
+                                        "resource": "virtualmachines"}}}
 
 
 @pytest.mark.parametrize("body", [

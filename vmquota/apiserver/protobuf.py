@@ -17,11 +17,11 @@ Unknown field numbers are skipped, as protobuf readers do.
 from __future__ import annotations
 
 import base64
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from vmquota import errors
+from vmquota.apiserver import bodies
 
 MEDIA_TYPE = "application/vnd.kubernetes.protobuf"
 MAGIC = b"k8s\x00"
@@ -59,11 +59,20 @@ MESSAGES: dict[str, dict[int, Field]] = {
     "ScopedResourceSelectorRequirement": {1: ("scopeName", "string"), 2: ("operator", "string"),
                                           3: ("values", "[]string")},
     "Quantity": {1: ("string", "string")},
+    # authorization.k8s.io/v1, what `kubectl auth can-i` sends; served with the tenancy issue's authorization.
+    "SelfSubjectAccessReview": {1: ("metadata", "ObjectMeta"), 2: ("spec", "SelfSubjectAccessReviewSpec")},
+    "SelfSubjectAccessReviewSpec": {1: ("resourceAttributes", "ResourceAttributes"),
+                                    2: ("nonResourceAttributes", "NonResourceAttributes")},
+    "ResourceAttributes": {1: ("namespace", "string"), 2: ("verb", "string"), 3: ("group", "string"),
+                           4: ("version", "string"), 5: ("resource", "string"), 6: ("subresource", "string"),
+                           7: ("name", "string")},
+    "NonResourceAttributes": {1: ("path", "string"), 2: ("verb", "string")},
 }
 # (apiVersion, kind) of each kind decoded from protobuf, to its top message.
 KINDS: dict[tuple[str, str], str] = {
     ("v1", "Namespace"): "Namespace",
     ("v1", "ResourceQuota"): "ResourceQuota",
+    ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
 }
 
 
@@ -151,10 +160,7 @@ def _value(value: bytes | int, wire: int, type_: str, depth: int, key: str) -> A
     if type_ == "bytes":
         return base64.b64encode(value).decode()
     if type_ == "json":
-        try:
-            return json.loads(value)
-        except ValueError as e:
-            raise errors.BadRequest(f"protobuf field {key}: not JSON") from e
+        return bodies.parse_body(value, "application/json")  # with every check a JSON body has
     if type_ == "quantity":
         return _message(value, "Quantity", depth + 1).get("string", "")
     if type_ == "time":
