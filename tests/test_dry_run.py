@@ -97,9 +97,9 @@ def test_dry_run_create_answers_the_object_and_keeps_nothing(quota: Cluster) -> 
     assert "resourceVersion" not in vm["metadata"]  # none was taken
     assert vm["status"]["printableStatus"] == "Stopped"
     unchanged(quota, before)
-    # The name is still free: the real create succeeds, at the next resourceVersion.
+    # The name is still free: the real create succeeds, after the resourceVersion the dry run left.
     created = quota.create_vm(vm_manifest("web-1"))
-    assert int(created["metadata"]["resourceVersion"]) == before["revision"] + 1
+    assert int(created["metadata"]["resourceVersion"]) == before["revision"] + 1 + len(before["quotas"])
 
 
 def test_dry_run_create_is_refused_exactly_as_the_real_one(quota: Cluster) -> None:
@@ -257,20 +257,13 @@ def test_cli_start_dry_run_says_whether_it_would_be_admitted(quota: Cluster) -> 
     quota.settle()
     before = state(quota)
     fits = vmquota_cli(quota, "start", "web-1", "-n", quota.ns, "--dry-run")
-    assert (fits.returncode, fits.stdout) == (0, "VM web-1 would be admitted to start (server dry run)\n"), fits
+    assert (fits.returncode, fits.stdout) == (0, "VM web-1 would be admitted to start now (dry run: nothing "
+                                                 "changed)\n"), fits
     unchanged(quota, before)
 
 
 # -- kubectl --dry-run=server ------------------------------------------------------------------------
 
-# kubectl maps kinds to paths through discovery, which the schema branch serves; until it is merged, these
-# tests are expected to fail, and strictly: once discovery is there they must pass.
-try:
-    import vmquota.apiserver.discovery  # noqa: F401
-    DISCOVERY = True
-except ImportError:
-    DISCOVERY = False
-needs_discovery = pytest.mark.xfail(not DISCOVERY, strict=True, reason="kubectl needs discovery (schema branch)")
 
 
 def kubectl(cluster: Cluster, tmp_path: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -287,7 +280,6 @@ def test_kubectl_create_namespace_dry_run_server_creates_nothing(cluster: Cluste
     assert missing.value.code == 404
 
 
-@needs_discovery
 def test_kubectl_apply_dry_run_server_of_a_new_vm_leaves_it_absent(quota: Cluster, tmp_path: Path) -> None:
     manifest = vm_manifest("web-9")
     manifest["metadata"]["namespace"] = quota.ns

@@ -371,14 +371,6 @@ def test_a_chunked_body_over_the_limit_is_a_413_and_changes_nothing(quota: Clust
 
 # -- kubectl ------------------------------------------------------------------------------------------
 
-# kubectl maps kinds to paths through discovery, which the schema branch serves; until it is merged, the tests
-# marked so are expected to fail, and strictly: once discovery is there they must pass.
-try:
-    import vmquota.apiserver.discovery  # noqa: F401
-    DISCOVERY = True
-except ImportError:
-    DISCOVERY = False
-needs_discovery = pytest.mark.xfail(not DISCOVERY, strict=True, reason="kubectl needs discovery (schema branch)")
 
 DEMO = """\
 apiVersion: v1
@@ -441,7 +433,6 @@ def test_kubectl_replace_raw_sends_a_chunked_body(quota: Cluster, tmp_path: Path
     assert stored(quota, quota_path(quota))["spec"]["hard"]["limits.cpu"] == "3"
 
 
-@needs_discovery
 def test_kubectl_apply_of_the_demo_creates_then_is_unchanged_then_configured(cluster: Cluster, tmp_path: Path) -> None:
     assert ok(cluster, tmp_path, "apply", "-f", "-", stdin=DEMO) == (
         "namespace/dev created\nresourcequota/compute created\nvirtualmachine.kubevirt.io/web-1 created\n")
@@ -458,7 +449,6 @@ def test_kubectl_apply_of_the_demo_creates_then_is_unchanged_then_configured(clu
     assert "labels" not in vm["metadata"] or "app" not in vm["metadata"]["labels"]
 
 
-@needs_discovery
 def test_kubectl_server_side_apply_conflicts_and_force(cluster: Cluster, tmp_path: Path) -> None:
     ok(cluster, tmp_path, "apply", "-f", "-", stdin=DEMO)  # client-side first: kubectl moves its fields over
     assert ok(cluster, tmp_path, "apply", "--server-side", "-f", "-", stdin=DEMO) == (
@@ -481,7 +471,6 @@ def test_kubectl_server_side_apply_conflicts_and_force(cluster: Cluster, tmp_pat
     assert cluster.client.get("/api/v1/namespaces/dev/resourcequotas/compute")["spec"]["hard"]["limits.cpu"] == "8"
 
 
-@needs_discovery
 def test_kubectl_patch_merge_twice_then_json(quota: Cluster, tmp_path: Path) -> None:
     args = ("patch", "quota", "compute", "-n", quota.ns, "--type", "merge", "-p", '{"metadata":{"labels":{"a":"b"}}}')
     assert ok(quota, tmp_path, *args) == "resourcequota/compute patched\n"
