@@ -56,6 +56,7 @@ def state(cluster: Cluster) -> dict[str, Any]:
 def unchanged(cluster: Cluster, before: dict[str, Any]) -> None:
     assert cluster.app.controller.queue.idle(), "a dry run queued controller work"
     assert state(cluster) == before
+    assert cluster.app.store.reader().changes(before["revision"]) == [], "a watcher would see a dry run"
 
 
 def test_a_dry_run_transaction_sees_its_own_writes_then_keeps_none(tmp_path: Path) -> None:
