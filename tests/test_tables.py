@@ -108,9 +108,10 @@ def test_quotas_as_kubectl_request_and_limit(cluster: Cluster) -> None:
     cluster.create_quota({"limits.cpu": "4", "limits.memory": "4Gi", "requests.storage": "20Gi",
                           "count/virtualmachines.kubevirt.io": "3"})
     labelled_vm(cluster, "web-1")
+    assert cells(get(cluster, quotas_path(cluster.ns))[2])[0][3] == "limits.cpu: 0/4, limits.memory: 0/4Gi"
     cluster.action("web-1", "start")
     cluster.wait_status("web-1", "Running")
-    code, _, table = get(cluster, quotas_path(cluster.ns))
+    code, _, table = get(cluster, quotas_path(cluster.ns))  # the same quota, its status changed since
     assert code == 200
     assert [c[0] for c in columns(table)] == ["Name", "Age", "Request", "Limit"]
     [(name, _age, request, limit)] = cells(table)
@@ -259,6 +260,62 @@ def test_a_selected_table_is_the_same_whether_or_not_python_matches(cluster: Clu
     by_store = get(cluster, vms_path(cluster.ns) + "?labelSelector=" + quote("tier in (2,3)"))[2]
     assert cells(by_python) == cells(by_store) and [r[0] for r in cells(by_store)] == ["vm-2", "vm-3"]
     assert by_python["rows"][0]["object"] == by_store["rows"][0]["object"]
+
+
+def watch_lines(cluster: Cluster, path: str, accept: str = KUBECTL_ACCEPT) -> list[dict[str, Any]]:
+    """The events of a watch that ends by itself (timeoutSeconds=1)."""
+    request = urllib.request.Request(cluster.app.url + path + "&watch=true&timeoutSeconds=1",
+                                     headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return [json.loads(line) for line in response.read().splitlines() if line.strip()]
+
+
+def test_a_watch_with_the_table_accept_sends_one_row_tables(cluster: Cluster) -> None:
+    """`kubectl get -w`: each event's object is a Table of one row; the columns come with the first only."""
+    labelled_vm(cluster, "web-1", app="web")
+    labelled_vm(cluster, "db-1", app="db")
+    cluster.settle()  # its disks made: no change left to come
+    events = watch_lines(cluster, vms_path(cluster.ns) + "?labelSelector=app%3Dweb")
+    assert [e["type"] for e in events] == ["ADDED"]
+    first = events[0]["object"]
+    assert first["kind"] == "Table" and [c[0] for c in columns(first)] == ["Name", "Age", "Status", "Ready"]
+    assert cells(first)[0][0] == "web-1" and cells(first)[0][2] == "Stopped"
+    rv = first["metadata"]["resourceVersion"]
+    cluster.action("web-1", "start")
+    cluster.wait_status("web-1", "Running")
+    later = watch_lines(cluster, vms_path(cluster.ns) + f"?labelSelector=app%3Dweb&resourceVersion={rv}")
+    assert later and all(e["type"] == "MODIFIED" for e in later)
+    assert later[0]["object"]["columnDefinitions"] is not None
+    assert all(e["object"]["columnDefinitions"] is None for e in later[1:])
+    assert cells(later[-1]["object"])[0][2] == "Running"
+
+
+def test_a_watch_selects_events_by_involved_object(cluster: Cluster) -> None:
+    """What `kubectl describe` and `kubectl events --for` watch: events of one object."""
+    labelled_vm(cluster, "web-1")
+    labelled_vm(cluster, "web-2")
+    cluster.action("web-1", "start")
+    cluster.action("web-2", "start")
+    cluster.wait_status("web-1", "Running")
+    cluster.wait_status("web-2", "Running")
+    events = watch_lines(cluster, f"/api/v1/namespaces/{cluster.ns}/events?fieldSelector=involvedObject.name%3Dweb-2",
+                         "application/json")
+    assert events and {e["object"]["involvedObject"]["name"] for e in events} == {"web-2"}
+
+
+def test_paged_tables(cluster: Cluster) -> None:
+    """kubectl asks for pages of 500: each page is a Table, with the List's continue token."""
+    for i in range(3):
+        labelled_vm(cluster, f"vm-{i}", app="web")
+    labelled_vm(cluster, "other")
+    path = vms_path(cluster.ns) + "?labelSelector=app%3Dweb&limit=2"
+    first = get(cluster, path)[2]
+    assert first["kind"] == "Table" and [row[0] for row in cells(first)] == ["vm-0", "vm-1"]
+    token = first["metadata"]["continue"]
+    second = get(cluster, f"{path}&continue={quote(token)}")[2]
+    assert [row[0] for row in cells(second)] == ["vm-2"] and "continue" not in second["metadata"]
+    assert second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    assert names(cluster, vms_path(cluster.ns) + "?labelSelector=app%3Dweb&limit=5") == ["vm-0", "vm-1", "vm-2"]
 
 
 # -- pure parts ---------------------------------------------------------------------------------------------

@@ -525,6 +525,18 @@ def without_headers(options: TableOptions) -> TableOptions:
     return replace(options, no_headers=True)
 
 
+def event_renderer(kind: Kind, options: TableOptions) -> Callable[[Obj], Obj]:
+    """What one watch turns each event's object into: a one-row Table, with the column definitions in the
+    first one only, as kube-apiserver's watch encoder does."""
+    state = {"options": options}
+
+    def render(obj: Obj) -> Obj:
+        table_ = table_for_event(kind, obj, state["options"])
+        state["options"] = without_headers(options)
+        return table_
+    return render
+
+
 def partial_list(metadata: Iterable[str], target_: Target, *, resource_version: str,
                  continue_token: str | None = None, remaining: int | None = None) -> bytes:
     """A PartialObjectMetadataList of the metadata JSON texts (the store's "json:metadata")."""
