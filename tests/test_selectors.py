@@ -210,3 +210,18 @@ def test_the_store_selects_what_the_predicate_matches(store: Store, population: 
     by_store = [o["metadata"]["name"] for o in stored if not selection.needs_matching or selection.matches(o)]
     by_predicate = [o["metadata"]["name"] for o in reader.list(VM, "sel") if selection.matches(o)]
     assert by_store == by_predicate
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(label=st.text(alphabet=st.sampled_from(list("ab=!,()<> \t-./_x9inotI\"'\\\0é")), max_size=30),
+       field=st.text(alphabet=st.sampled_from(list("metadname.spc=!,\\ 'é\"")), max_size=30),
+       kind=st.sampled_from(objects.KINDS))
+def test_any_selector_is_parsed_or_refused_with_a_400_and_the_store_runs_what_parses(
+        store: Store, label: str, field: str, kind: objects.Kind) -> None:
+    try:
+        selection = selectors.parse(kind, label, field)
+    except SelectorError as refused:
+        assert refused.code == 400 and refused.message
+        return
+    list(store.reader().bodies(kind, None, selection.where))  # no SQL error, whatever the values hold
+    selection.matches(vm())
