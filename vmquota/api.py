@@ -150,6 +150,10 @@ class Api:
                 found[i] = read
         return revision, [values for values in found if values is not None]
 
+    def parts_of(self, texts: Sequence[str], parts: Sequence[Part]) -> list[tuple[Any, ...]]:
+        """`parts` of objects given as JSON text (a page of a list), cut out as `list_parts` does."""
+        return list(self.store.reader().cut(texts, parts))
+
     def get(self, kind: Kind, namespace: str, name: str) -> Obj:
         return existing(self.store.reader(), kind, namespace, name)
 

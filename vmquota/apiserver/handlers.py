@@ -206,14 +206,14 @@ class Handlers:
         if target is None:
             return Response.json(200, paging.list_json(kind, page))
         if target.kind == tables.PARTIAL_LIST:
-            metadata = [json.dumps(objects.meta(json.loads(body))) for body in page.items]
+            metadata = [row[0] for row in self.api.parts_of(page.items, [tables.METADATA])]
             return Response(200, tables.partial_list(metadata, target, resource_version=page.resource_version,
                                                      continue_token=page.continue_token,
                                                      remaining=page.remaining), tables.CONTENT_TYPE)
         options = tables.options(request.param("includeObject"), target.version)
-        found = [json.loads(body) for body in page.items]
-        return Response(200, tables.to_table(kind, found, options, resource_version=page.resource_version,
-                                             continue_token=page.continue_token, remaining=page.remaining),
+        rows = tables.rows_of_values(kind, self.api.parts_of(page.items, tables.store_parts(kind, options)), options)
+        return Response(200, tables.table(kind, rows, options, resource_version=page.resource_version,
+                                          continue_token=page.continue_token, remaining=page.remaining),
                         tables.CONTENT_TYPE)
 
     def _patch(self, request: Request, kind: objects.Kind, namespace: str, name: str) -> Response:
