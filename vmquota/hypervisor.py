@@ -110,9 +110,12 @@ def _observed(state: int, reason: int, uid: str) -> Observed:
 
 
 class Hypervisor:
-    def __init__(self, uri: str, *, instance: str) -> None:
+    def __init__(self, uri: str, *, instance: str, use_emulation: bool = False) -> None:
         self.uri = uri
         self.instance = instance  # only domains whose metadata names this instance are ours
+        # KubeVirt's useEmulation: plain QEMU (TCG) even where KVM works. A Debian kernel crawls under the
+        # nested KVM of some hosts, and boots in seconds under emulation.
+        self.use_emulation = use_emulation
         self._conn: Any = None
         self._lock = threading.Lock()
         self._on_event: EventCallback | None = None
@@ -172,6 +175,8 @@ class Hypervisor:
     def _domain_type(self, conn: Any) -> str:
         if conn.getType().lower() == "test":
             return "test"
+        if self.use_emulation:
+            return "qemu"
         try:
             conn.getDomainCapabilities(None, None, None, "kvm")
             return "kvm"
