@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vmquota import accounting, domainxml, errors, objects, usage, vmspec, vmstatus
+from vmquota import accounting, domainxml, errors, imports, objects, usage, vmspec, vmstatus
 from vmquota.disks import Disks
 from vmquota.hypervisor import ABSENT, DomainState, ExitCause, Hypervisor, Observed
 from vmquota.objects import VIRTUAL_MACHINE as VM
@@ -104,6 +104,8 @@ class Controller:
         # How soon refused and failed automatic starts are tried again (tests shorten these).
         self.unschedulable_retry_seconds = UNSCHEDULABLE_RETRY_SECONDS
         self.backoff_base_seconds = BACKOFF_BASE_SECONDS
+        self.imports = imports.Runner(disks, report=self._import_progress,
+                                      finished=lambda job: self.queue.add((job.namespace, job.name)))
 
     # -- life of the controller -----------------------------------------------------------------
 
@@ -177,6 +179,10 @@ class Controller:
         spec = vmspec.read(vm)
         phase = Phase.STARTING if wants_running(spec.run_strategy, last_exit(vm)) else Phase.STOPPED
         self._transition(txn, vm, phase, spec=spec, enforce=True)
+        first = {vmspec.SourceKind.BLANK: imports.Phase.PENDING, vmspec.SourceKind.HTTP: imports.Phase.IMPORT_SCHEDULED,
+                 vmspec.SourceKind.PVC: imports.Phase.CLONE_SCHEDULED}
+        for disk in spec.disks:
+            set_volume_status(vm, disk.name, imports.Progress(first[disk.source.kind]))
 
     def admit_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
         """A changed spec: charge only the difference, admitted when it rises (a resize)."""
@@ -319,7 +325,8 @@ class Controller:
     def _reconcile_starting(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
         if not up:
             try:
-                self._ensure_disks(vm, spec)
+                if not self._ensure_disks(vm, spec):
+                    return  # a start waits for its disks: the import queues the VM when it ends
                 self.hypervisor.start(*key, vm["metadata"]["uid"], self._domain_xml(vm, spec))
             except errors.HypervisorUnavailable:
                 raise
@@ -493,6 +500,9 @@ class Controller:
 
     def _finalize(self, key: Key, vm: Obj) -> None:
         uid = vm["metadata"]["uid"]
+        if not self.imports.cancel(uid):  # an import still in qemu-img: remove its files once it has ended
+            self.queue.add(key, after=5.0)
+            return
         self.hypervisor.undefine(*key, uid)
         if self._clones_to_copy(key[0], key[1], uid):  # they copy their disks from ours: keep (or make) ours
             self._ensure_disks(vm, vmspec.read(vm))
@@ -534,19 +544,63 @@ class Controller:
 
     # -- disks and domains ---------------------------------------------------------------------
 
-    def _ensure_disks(self, vm: Obj, spec: VMSpec) -> None:
-        """Create missing disks (copying them for a clone), grow resized ones, then say DataVolumesReady."""
-        ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
+    def _ensure_disks(self, vm: Obj, spec: VMSpec) -> bool:
+        """Create missing disks (copying them for a clone, from their source otherwise), grow resized ones,
+        then say DataVolumesReady. False while an import still runs (it queues the VM when it ends); a failed
+        import raises its error."""
+        ns, name, uid = vm["metadata"]["namespace"], vm["metadata"]["name"], vm["metadata"]["uid"]
         source = objects.meta(vm).get("annotations", {}).get(CLONE_SOURCE_ANNOTATION)
         missing = [d for d in spec.disks if not self.disks.path(ns, uid, d.name).exists()]
         if missing and source:
             self._copy_from_source(vm, source, missing)
+        importing = False
         for disk in spec.disks:
-            self.disks.ensure(self.disks.path(ns, uid, disk.name), disk.size)
+            path = self.disks.path(ns, uid, disk.name)
+            if not path.exists() and disk.source.kind is vmspec.SourceKind.HTTP:
+                failed = self.imports.ensure(imports.Job(ns, name, uid, disk, path))
+                if failed is not None:
+                    raise errors.HypervisorError(f"disk {disk.name}: {failed.message}")
+                importing = True
+                continue
+            if not path.exists() and disk.source.kind is vmspec.SourceKind.PVC:
+                self._clone_pvc(vm, disk, path)
+            self.disks.ensure(path, disk.size)
+        if importing:
+            return False
         if not volumes_ready(vm):
             self._update(_key(vm), _volumes_ready, expect_uid=uid)
             for clone in self._clones_to_copy(ns, vm["metadata"]["name"], uid):  # they may have found no disk to copy
                 self.queue.add((ns, clone))
+        return True
+
+    def _clone_pvc(self, vm: Obj, disk: vmspec.Disk, target: Path) -> None:
+        """A disk whose source is another VM's disk of the namespace (CDI's pvc source): a copy of it, live
+        (point in time) if that VM runs."""
+        ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
+        owner = data_volume_owner(self.store.reader().list(VM, ns), disk.source.pvc, exclude_uid=uid)
+        if owner is None:
+            raise errors.HypervisorError(f"disk {disk.name}: the source data volume {disk.source.pvc} does not exist")
+        src_name, src_uid = owner["metadata"]["name"], owner["metadata"]["uid"]
+        source_path = self.disks.path(ns, src_uid, disk.source.pvc)
+        if not source_path.exists():
+            raise errors.HypervisorError(f"disk {disk.name}: the source data volume {disk.source.pvc} is not "
+                                         f"made yet; trying again")
+        if self.hypervisor.observe(ns, src_name).up:
+            self._copy_live(ns, src_name, src_uid, vmspec.read(owner), {disk.source.pvc: target})
+        if not target.exists():
+            self.disks.copy(source_path, target)
+
+    def _import_progress(self, job: imports.Job, progress: imports.Progress) -> None:
+        """An import's phase and percentage in the VM's status, as a DataVolume's status shows them."""
+        def write(txn: Transaction, vm: Obj) -> None:
+            set_volume_status(vm, job.disk.name, progress)
+            if progress.phase is imports.Phase.FAILED:
+                self._disks_failed(txn, vm, f"disk {job.disk.name}: {progress.message}")
+            elif not volumes_ready(vm):
+                set_volumes_condition(vm, ready=False, reason=progress.phase.value,
+                                      message=f"disk {job.disk.name}: {progress.phase.value} {progress.progress}")
+
+        self._update((job.namespace, job.name), write, expect_uid=job.uid)
 
     def _copy_from_source(self, vm: Obj, source: str, missing: list[vmspec.Disk]) -> None:
         """Copy a clone's disks from its source VM: live (point in time) if the source runs."""
@@ -708,6 +762,30 @@ def set_volumes_condition(vm: Obj, *, ready: bool, reason: str, message: str) ->
 
 def _volumes_ready(txn: Transaction, vm: Obj) -> None:
     set_volumes_condition(vm, ready=True, reason="AllDVsReady", message="all of the VM's disks exist")
+    for entry in (vm.get("status") or {}).get("dataVolumes") or []:
+        entry.update({"phase": imports.Phase.SUCCEEDED.value, "progress": "100.0%"})
+        entry.pop("message", None)
+
+
+def set_volume_status(vm: Obj, disk: str, progress: imports.Progress) -> None:
+    """One disk's entry of status.dataVolumes: CDI's phase and progress of the DataVolume it stands for."""
+    entries = vm.setdefault("status", {}).setdefault("dataVolumes", [])
+    entry = {"name": disk, "phase": progress.phase.value, "progress": progress.progress}
+    if progress.message:
+        entry["message"] = progress.message
+    entries[:] = [e for e in entries if e.get("name") != disk] + [entry]
+    entries.sort(key=lambda e: e.get("name", ""))
+
+
+def data_volume_owner(vms: list[Obj], data_volume: str, *, exclude_uid: str | None = None) -> Obj | None:
+    """The VM of a namespace whose dataVolumeTemplates make the data volume (disk) of this name."""
+    for vm in vms:
+        if vm["metadata"].get("uid") == exclude_uid or deleting(vm):
+            continue
+        templates = (vm.get("spec") or {}).get("dataVolumeTemplates") or []
+        if any((t.get("metadata") or {}).get("name") == data_volume for t in templates if isinstance(t, dict)):
+            return vm
+    return None
 
 
 def _key(vm: Obj) -> Key:
