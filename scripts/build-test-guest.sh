@@ -21,8 +21,8 @@ set -euo pipefail
 CACHE="${VMQUOTA_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmquota/test-guest}"
 TOOLS=(busybox-static syslinux syslinux-common mtools dosfstools)
 # The drivers the guest needs, loaded in this order after their dependencies: virtio disks and network,
-# the IDE CD-ROM a seed may be attached as, ISO 9660 for the seed, and the ACPI power button with evdev.
-MODULES=(virtio_pci virtio_blk virtio_net ata_piix sr_mod isofs button evdev)
+# the IDE or SATA CD-ROM a seed may be attached as, ISO 9660 for the seed, and the ACPI power button with evdev.
+MODULES=(virtio_pci virtio_blk virtio_net ata_piix ahci sr_mod isofs button evdev)
 IMAGE_MB=48
 
 say() { printf 'build-test-guest: %s\n' "$*" >&2; }
@@ -114,9 +114,18 @@ say "ip $(ip -4 -o addr show dev eth0 2>/dev/null | awk '{print $4}')"
 echo "vmquota-guest" >/var/www/index.html
 httpd -p 80 -h /var/www
 acpid -c /etc/acpi -l /run/acpid.log  # its default log folder, /var/log, does not exist here
+# A seed is an ISO 9660 CD-ROM or disk holding NoCloud's files (cidata) or a config drive's (config-2); told apart
+# by what it holds, as busybox's findfs misses some labels. The CD-ROM shows up a moment after its driver loads
+# (the SCSI scan is asynchronous): look for a few seconds.
 seed=""
-for label in cidata CIDATA config-2; do
-    dev="$(findfs "LABEL=$label" 2>/dev/null)" && mount -t iso9660 -o ro "$dev" /mnt/seed && seed="$label" && break
+for try in $(seq 50); do
+    for dev in /dev/sr* /dev/vd[b-z]; do
+        [ -b "$dev" ] && mount -t iso9660 -o ro "$dev" /mnt/seed 2>/dev/null || continue
+        if [ -f /mnt/seed/meta-data ]; then seed=cidata; elif [ -d /mnt/seed/openstack ]; then seed=config-2; fi
+        [ -n "$seed" ] && break 2
+        umount /mnt/seed
+    done
+    sleep 0.1
 done
 if [ -n "$seed" ]; then
     say "seed $seed found"

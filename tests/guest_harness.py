@@ -20,7 +20,7 @@ import yaml
 from kvm_harness import Kvm, Server
 
 REPO = Path(__file__).resolve().parent.parent
-BOOT_TIMEOUT = 120  # seconds from a start to the guest's "ready" line: ten under emulation, more on a busy host
+BOOT_TIMEOUT = 90  # seconds from a start to the guest's "ready" line: ten under emulation, more on a busy host
 
 
 @pytest.fixture(scope="session")

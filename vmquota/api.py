@@ -203,6 +203,11 @@ class Api:
     def restart(self, namespace: str, name: str) -> Obj:
         return self._vm_action(namespace, name, self.controller.request_restart)
 
+    def guest_action(self, namespace: str, name: str, action: str) -> Obj:
+        """KubeVirt's VMI subresources pause, unpause and softreboot."""
+        request = {"pause": "Pause", "unpause": "Unpause", "softreboot": "SoftReboot"}[action]
+        return self._vm_action(namespace, name, lambda txn, vm: self.controller.request_guest(txn, vm, request))
+
     # -- charges: who uses how much, and why ----------------------------------------------------
 
     def charges(self, namespace: str | None) -> Obj:

@@ -19,15 +19,16 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vmquota import accounting, domainxml, errors, imports, objects, usage, vmspec, vmstatus
+from vmquota import accounting, domainxml, errors, imports, objects, seeds, usage, vmspec, vmstatus
 from vmquota.disks import Disks
-from vmquota.hypervisor import ABSENT, DomainState, ExitCause, Hypervisor, Observed
+from vmquota.hypervisor import ABSENT, DomainState, ExitCause, GuestStream, Hypervisor, Observed
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.objects import Obj
 from vmquota.store import Store, Transaction
@@ -52,6 +53,9 @@ LIVE_COPY_TIMEOUT_SECONDS = 3600.0
 # the VM, not in the controller's memory, so a stop made through any API process, or before a restart, is kept.
 STOP_GRACE = "stopGracePeriodSeconds"
 STOP_DEADLINE = "stopDeadline"
+# A pause, unpause or soft reboot asked for and not yet done: KubeVirt's VMI subresources, acted on by reconcile.
+GUEST_REQUEST = "guestRequest"
+GUEST_ADDRESS = "10.0.2.15"  # what QEMU's user-mode DHCP gives the guest: the first address of 10.0.2.0/24
 
 
 def subject(name: str) -> str:
@@ -240,6 +244,23 @@ class Controller:
         self._transition(txn, vm, Phase.STOPPING, enforce=False)
         self.record(txn, vm, "Normal", "RestartRequested", "restart requested")
 
+    def request_guest(self, txn: Transaction, vm: Obj, action: str) -> None:
+        """Pause, Unpause or SoftReboot (KubeVirt's VMI subresources); the reconcile does it. A paused VM
+        still holds its runtime, so its charge does not change."""
+        phase = runtime_phase(vm)
+        if deleting(vm) or phase not in (Phase.RUNNING, Phase.PAUSED):
+            raise errors.Conflict("VMI is not running")
+        if action == "Pause" and phase is Phase.PAUSED:
+            raise errors.Conflict("VMI is already paused")
+        if action == "Unpause" and phase is not Phase.PAUSED:
+            raise errors.Conflict("VMI is not paused")
+        if action == "SoftReboot" and phase is Phase.PAUSED:
+            raise errors.Conflict("VMI is paused")
+        vm.setdefault("status", {})[GUEST_REQUEST] = action
+        key = _key(vm)
+        txn.after_commit(lambda: self.queue.add(key))
+        self.record(txn, vm, "Normal", f"{action}Requested", f"{action.lower()} requested")
+
     def request_delete(self, txn: Transaction, vm: Obj) -> None:
         """Mark for deletion; the worker stops the domain, removes it and the disks, then the object."""
         if not deleting(vm):
@@ -283,6 +304,14 @@ class Controller:
             status.pop(STOP_DEADLINE, None)
         if phase is Phase.RUNNING and previous != Phase.RUNNING.value:
             status["runningSince"] = self.clock()
+        if phase in (Phase.RUNNING, Phase.PAUSED) and spec.interfaces:
+            uid = vm["metadata"].get("uid", "")
+            status["interfaces"] = [{"name": i.name, "mac": vmspec.mac_address(i, uid), "ipAddress": GUEST_ADDRESS,
+                                     "ipAddresses": [GUEST_ADDRESS], "infoSource": "domain"} for i in spec.interfaces]
+        else:
+            status.pop("interfaces", None)
+        if phase not in (Phase.RUNNING, Phase.PAUSED):  # a pause or reboot ends with the runtime
+            status.pop(GUEST_REQUEST, None)
         txn.after_commit(lambda: self.queue.add((ns, name)))
 
     def record(self, txn: Transaction, vm: Obj, type_: str, reason: str, message: str) -> None:
@@ -327,6 +356,7 @@ class Controller:
             try:
                 if not self._ensure_disks(vm, spec):
                     return  # a start waits for its disks: the import queues the VM when it ends
+                self._write_seed(vm, spec)
                 self.hypervisor.start(*key, vm["metadata"]["uid"], self._domain_xml(vm, spec))
             except errors.HypervisorUnavailable:
                 raise
@@ -426,6 +456,10 @@ class Controller:
                     f"the guest was asked to shut down; it is forced off if it is still running in {grace} s")
 
     def _reconcile_running(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
+        request = (vm.get("status") or {}).get(GUEST_REQUEST)
+        if up and request:
+            self._guest_request(key, vm, request)
+            observed = self.hypervisor.observe(*key)
         if up:
             phase = Phase.PAUSED if observed.state is DomainState.PAUSED else Phase.RUNNING
             if phase is not runtime_phase(vm):
@@ -435,6 +469,52 @@ class Controller:
             return
         cause = observed.cause if observed.uid == vm["metadata"]["uid"] else ExitCause.DESTROYED
         self._update(key, lambda txn, vm: self._went_off(txn, vm, cause))
+
+    def _guest_request(self, key: Key, vm: Obj, request: str) -> None:
+        uid = vm["metadata"]["uid"]
+        act = {"Pause": self.hypervisor.suspend, "Unpause": self.hypervisor.resume,
+               "SoftReboot": self.hypervisor.reboot}[request]
+        try:
+            act(*key, uid)
+            reason = {"Pause": "Paused", "Unpause": "Unpaused", "SoftReboot": "SoftRebooted"}[request]
+            message, type_ = f"{request.lower()} done", "Normal"
+        except errors.HypervisorUnavailable:
+            raise
+        except errors.HypervisorError as e:
+            reason, message, type_ = f"{request}Failed", str(e), "Warning"
+
+        def done(txn: Transaction, vm: Obj) -> None:
+            if vm.setdefault("status", {}).pop(GUEST_REQUEST, None) == request:
+                self.record(txn, vm, type_, reason, message)
+
+        self._update(key, done, expect_uid=uid)
+
+    # -- streams to a running guest: for the console and portforward subresources ------------------
+
+    def _running_vm(self, namespace: str, name: str) -> Obj:
+        vm = self.store.reader().get(VM, namespace, name)
+        if vm is None:
+            raise errors.NotFound(f'virtualmachineinstances.kubevirt.io "{name}" not found')
+        if runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
+            raise errors.Conflict(f'virtualmachineinstances.kubevirt.io "{name}": VMI is not running')
+        return vm
+
+    def open_console(self, namespace: str, name: str) -> GuestStream:
+        """The serial console of a running VM, as a stream (`recv`, `sendall`, `close`)."""
+        vm = self._running_vm(namespace, name)
+        return self.hypervisor.open_console(namespace, name, vm["metadata"]["uid"])
+
+    def open_port(self, namespace: str, name: str, port: int) -> socket.socket:
+        """A TCP connection to `port` of a running VM's guest, through its masquerade interface."""
+        vm = self._running_vm(namespace, name)
+        spec = vmspec.read(vm)
+        if not spec.interfaces:
+            raise errors.BadRequest(f'virtualmachineinstances.kubevirt.io "{name}" has no network interface')
+        allowed = spec.interfaces[0].ports
+        if allowed and port not in allowed:
+            raise errors.BadRequest(f"port {port} is not among the ports of interface {spec.interfaces[0].name}: "
+                                    + ", ".join(map(str, allowed)))
+        return self.hypervisor.open_port(namespace, name, vm["metadata"]["uid"], port)
 
     def _went_off(self, txn: Transaction, vm: Obj, cause: ExitCause) -> None:
         """A running VM whose domain is off with no stop asked: record why, then restart it if its strategy says."""
@@ -640,12 +720,25 @@ class Controller:
     def _attached_targets(spec: VMSpec) -> dict[str, str]:
         return dict(zip(spec.attached, domainxml.disk_targets(len(spec.attached)), strict=True))
 
+    def _seed_path(self, vm: Obj) -> Path:
+        # A fixed name: the volume's name, like everything else the user wrote, stays out of paths.
+        return self.disks.vm_dir(vm["metadata"]["namespace"], vm["metadata"]["uid"]) / "cloudinit.iso"
+
+    def _write_seed(self, vm: Obj, spec: VMSpec) -> None:
+        """The cloud-init seed, written afresh at every start: user data edited while stopped takes effect."""
+        if spec.cloud_init is not None:
+            seeds.write(spec.cloud_init, self._seed_path(vm), uid=vm["metadata"]["uid"],
+                        hostname=vm["metadata"]["name"])
+
     def _domain_xml(self, vm: Obj, spec: VMSpec) -> str:
         ns, name, uid = vm["metadata"]["namespace"], vm["metadata"]["name"], vm["metadata"]["uid"]
         disks = [domainxml.DomainDisk(self.disks.path(ns, uid, disk), target)
                  for disk, target in self._attached_targets(spec).items()]
+        seed = None if spec.cloud_init is None else domainxml.Seed(self._seed_path(vm), spec.cloud_init.cdrom)
+        nics = tuple(domainxml.Nic(vmspec.mac_address(i, uid), i.model) for i in spec.interfaces)
         return domainxml.build(namespace=ns, name=name, uid=uid, instance=self.store.instance_id, spec=spec,
-                               disks=disks, domain_type=self.hypervisor.domain_type)
+                               disks=disks, domain_type=self.hypervisor.domain_type, seed=seed, nics=nics,
+                               console_log=self.disks.vm_dir(ns, uid) / "console.log")
 
     # -- the periodic recount --------------------------------------------------------------------
 

@@ -93,9 +93,11 @@ class Handlers:
         if sub == "usage":
             _only(request, "GET")
             return Response.json(200, self.api.project_usage(name or ""))
-        assert sub in objects.VM_ACTIONS and ns is not None and name is not None
+        assert sub in (*objects.VM_ACTIONS, *objects.VMI_ACTIONS) and ns is not None and name is not None
         _only(request, "PUT")
-        if sub == "start":
+        if sub in objects.VMI_ACTIONS:
+            self.api.guest_action(ns, name, sub)
+        elif sub == "start":
             self.api.start(ns, name)
         elif sub == "stop":
             self.api.stop(ns, name, _body(request))
