@@ -3,6 +3,9 @@
 `NON_RESOURCE` maps fixed paths (health, version, discovery, OpenAPI) to their handler. Every other path is
 routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update, patch, delete,
 and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
+
+Here a request's options become the call's arguments: `dryRun`, `fieldManager` (else the User-Agent), `force`,
+the patch type (`patch.py`) and the body's media type (JSON, YAML, or protobuf: `protobuf.py`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from vmquota import errors, objects
+from vmquota import errors, fieldmanager, objects, schema
 from vmquota.api import Api
-from vmquota.apiserver import bodies, openapi_legacy
+from vmquota.apiserver import bodies, discovery, openapi, openapi_pb, paging, patch, protobuf, watch
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -23,27 +26,73 @@ def _healthz(api: Api, request: Request) -> Response:
     return Response(200, b"ok", "text/plain")
 
 
-_OPENAPI_JSON = json.dumps(openapi_legacy.document()).encode()
+def _fixed(body: bytes, content_type: str = "application/json") -> NonResourceHandler:
+    return lambda api, request: Response(200, body, content_type)
 
 
-def _openapi_json(api: Api, request: Request) -> Response:
-    return Response(200, _OPENAPI_JSON)
+def _discovery(legacy: bytes, aggregated: bytes) -> NonResourceHandler:
+    """`/api` or `/apis`: aggregated discovery when the Accept header asks for it first, else the legacy list.
+    Caches must keep the two apart (Vary)."""
+    def handle(api: Api, request: Request) -> Response:
+        if discovery.wants_aggregated(request.accept):
+            return Response(200, aggregated, discovery.AGGREGATED_V2, {"Vary": "Accept"})
+        return Response(200, legacy, headers={"Vary": "Accept"})
+    return handle
 
 
-NON_RESOURCE: dict[str, NonResourceHandler] = {
-    "/healthz": _healthz,
-    "/openapi.json": _openapi_json,
-}
+def _openapi_v2(api: Api, request: Request) -> Response:
+    """Swagger 2.0 in gnostic's protobuf when the Accept header asks for it (client-go always does), else JSON."""
+    accept, etag = request.accept, {"Etag": f'"{openapi.V2.hash}"', "Vary": "Accept"}
+    if openapi_pb.ACCEPT in accept:
+        return Response(200, openapi.V2_PROTOBUF, openapi_pb.CONTENT_TYPE, etag)
+    if accept and not any(t in accept for t in ("application/json", "*/*")):
+        raise errors.NotAcceptable(f"/openapi/v2 is served as application/json or {openapi_pb.ACCEPT}, "
+                                   f"not {accept[:100]}")
+    return Response(200, openapi.V2.body, headers=etag)
+
+
+def _openapi_v3(served: openapi.Served) -> NonResourceHandler:
+    # The index names each document by its hash: a client may cache that URL for good.
+    return lambda api, request: Response(200, served.body, headers={
+        "Etag": f'"{served.hash}"', "Cache-Control": "public, immutable" if request.param("hash") else "no-cache"})
+
+
+def _non_resource() -> dict[str, NonResourceHandler]:
+    paths: dict[str, NonResourceHandler] = {
+        "/healthz": _healthz,
+        "/openapi.json": _fixed(json.dumps(openapi.document()).encode()),
+        "/version": _fixed(discovery.encoded(discovery.version_info())),
+        "/api": _discovery(discovery.encoded(discovery.api_versions()),
+                           discovery.encoded(discovery.aggregated(core=True))),
+        "/apis": _discovery(discovery.encoded(discovery.api_group_list()),
+                            discovery.encoded(discovery.aggregated(core=False))),
+        "/openapi/v2": _openapi_v2,
+        "/openapi/v3": _fixed(openapi.V3_INDEX.body),
+    }
+    for group, version in discovery.GROUP_VERSIONS:
+        resources = discovery.api_resource_list(group, version)
+        assert resources is not None
+        paths[f"/apis/{group}/{version}" if group else f"/api/{version}"] = _fixed(discovery.encoded(resources))
+        if group:
+            paths[f"/apis/{group}"] = _fixed(discovery.encoded(discovery.api_group(group) or {}))
+    for key, served in openapi.V3.items():
+        paths[f"/openapi/v3/{key}"] = _openapi_v3(served)
+    return paths
+
+
+NON_RESOURCE: dict[str, NonResourceHandler] = _non_resource()
 
 
 class Handlers:
     """The innermost handler of the chain, for one `Api`."""
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, feed: watch.Feed) -> None:
         self.api = api
+        self.feed = feed  # this process's follower of the change log, for watches
 
     def __call__(self, request: Request) -> Response:
-        fixed = NON_RESOURCE.get(request.path)
+        # Kubernetes serves its fixed paths with a trailing slash too (the official Python client asks /version/).
+        fixed = NON_RESOURCE.get(request.path) or NON_RESOURCE.get(request.path.rstrip("/") or "/")
         if fixed is not None:
             if request.method != "GET":
                 raise errors.MethodNotAllowed(f"only GET is supported on {request.path}")
@@ -63,11 +112,17 @@ class Handlers:
         kind, ns = target.kind, target.namespace
         assert kind is not None
         if request.method == "GET":
+            if request.flag("watch"):
+                return watch.serve(self.feed, self.api.store, kind, watch.options(request, ns))
+            if request.param("limit") or request.param("continue"):
+                return Response.json(200, paging.list_page(self.api.store, kind, ns, paging.options(request)))
             return Response.json(200, self.api.list_json(kind, ns))
         if request.method == "POST":
             if kind.namespaced and ns is None:
                 raise errors.MethodNotAllowed("create namespaced objects under /namespaces/{namespace}/")
-            return Response.json(201, self.api.create(kind, ns or "", _body(request)))
+            dry_run = _dry_run(request, "CreateOptions")
+            return Response.json(201, self.api.create(kind, ns or "", _object_body(request, kind), dry_run=dry_run,
+                                                      manager=_manager(request), warnings=request.warnings))
         raise errors.MethodNotAllowed(f"{request.method} is not supported on a list")
 
     def _item(self, request: Request, target: Route) -> Response:
@@ -76,12 +131,35 @@ class Handlers:
         if request.method == "GET":
             return Response.json(200, self.api.get(kind, namespace, name))
         if request.method == "PUT":
-            return Response.json(200, self.api.replace(kind, namespace, name, _body(request)))
+            dry_run = _dry_run(request, "UpdateOptions")
+            return Response.json(200, self.api.replace(kind, namespace, name, _object_body(request, kind),
+                                                       dry_run=dry_run, manager=_manager(request),
+                                                       warnings=request.warnings))
         if request.method == "PATCH":
-            return Response.json(200, self.api.patch(kind, namespace, name, _body(request)))
+            return self._patch(request, kind, namespace, name)
         if request.method == "DELETE":
-            return Response.json(200, self.api.delete(kind, namespace, name))
+            options = _body(request)
+            dry_run = _dry_run(request, "DeleteOptions", options)
+            return Response.json(200, self.api.delete(kind, namespace, name, dry_run=dry_run))
         raise errors.MethodNotAllowed(f"{request.method} is not supported here")
+
+    def _patch(self, request: Request, kind: objects.Kind, namespace: str, name: str) -> Response:
+        media = patch.patch_type(kind, request.content_type)
+        dry_run = _dry_run(request, "PatchOptions")
+        manager = request.param("fieldManager")
+        if media == patch.APPLY_PATCH:
+            written = self.api.apply(kind, namespace, name, _checked_body(request, kind),
+                                     manager=manager or "", force=request.flag("force"), dry_run=dry_run,
+                                     warnings=request.warnings)
+            return Response.json(201 if written.created else 200, written.obj)
+        if request.param("force") is not None:
+            raise errors.Invalid('PatchOptions.meta.k8s.io "" is invalid: force: Forbidden: may not be specified '
+                                 "for non-apply patch")
+        if media in (patch.MERGE_PATCH, patch.STRATEGIC_MERGE_PATCH):
+            _checked_body(request, kind, merge_patch=True)  # fieldValidation on the fields the patch sends
+        change = patch.change(kind, media, request.body)
+        return Response.json(200, self.api.update_with(kind, namespace, name, change, dry_run=dry_run,
+                                                       manager=_manager(request), warnings=request.warnings))
 
     def _subresource(self, request: Request, target: Route) -> Response:
         ns, name, sub = target.namespace, target.name, target.subresource
@@ -97,12 +175,16 @@ class Handlers:
         _only(request, "PUT")
         if sub in objects.VMI_ACTIONS:
             self.api.guest_action(ns, name, sub)
-        elif sub == "start":
-            self.api.start(ns, name)
+            return Response.success(202)
+        body = _body(request)
+        # KubeVirt's start, stop and restart options carry dryRun in the body; the query is taken too.
+        dry_run = _dry_run(request, f"{sub.capitalize()}Options", body)
+        if sub == "start":
+            self.api.start(ns, name, dry_run=dry_run)
         elif sub == "stop":
-            self.api.stop(ns, name, _body(request))
+            self.api.stop(ns, name, body, dry_run=dry_run)
         else:
-            self.api.restart(ns, name)
+            self.api.restart(ns, name, dry_run=dry_run)
         return Response.success(202)
 
 
@@ -113,3 +195,53 @@ def _only(request: Request, allowed: str) -> None:
 
 def _body(request: Request) -> object:
     return bodies.parse_body(request.body, request.content_type)
+
+
+def _object_body(request: Request, kind: objects.Kind) -> object:
+    """A created or replaced object: JSON, YAML, or protobuf for the kinds kubectl sends that way."""
+    if request.content_type.split(";")[0].strip().lower() == protobuf.MEDIA_TYPE:
+        if not protobuf.takes(kind.api_version, kind.kind):
+            raise errors.UnsupportedMediaType(["application/json", "application/yaml"])
+        return protobuf.decode(request.body)
+    return _checked_body(request, kind)
+
+
+DRY_RUN_ALL = "All"
+
+
+def _dry_run(request: Request, options_kind: str, options: object = None) -> bool:
+    """Kubernetes' dryRun: absent, or `All`; from the query, or from an options body (DeleteOptions, KubeVirt's
+    StartOptions). Any other value is refused as kube-apiserver refuses it, before anything is done."""
+    values: list[object] = []
+    if request.param("dryRun") is not None:
+        values.append(request.param("dryRun"))
+    if isinstance(options, dict) and options.get("dryRun") is not None:
+        body_values = options["dryRun"]
+        values += body_values if isinstance(body_values, list) else [body_values]
+    unsupported = [value for value in values if value != DRY_RUN_ALL]
+    if unsupported:
+        shown = ", ".join(json.dumps(value) for value in unsupported)
+        raise errors.Invalid(f'{options_kind}.meta.k8s.io "" is invalid: dryRun: Unsupported value: '
+                             f'[]string{{{shown}}}: supported values: "{DRY_RUN_ALL}"')
+    return bool(values)
+
+
+def _manager(request: Request) -> str:
+    """Who makes this write, for managedFields: `fieldManager`, else the User-Agent as Kubernetes reads it."""
+    manager = request.param("fieldManager")
+    if manager is None:
+        return fieldmanager.manager_from_user_agent(request.headers.get("User-Agent")) or "unknown"
+    fieldmanager.check_manager(manager)
+    return manager
+
+
+def _checked_body(request: Request, kind: objects.Kind, *, merge_patch: bool = False) -> object:
+    """The body of a write, after `fieldValidation` (Strict, Warn or Ignore) has looked at its fields. A merge
+    patch has the object's own shape, so the fields it sends are checked the same way (a JSON patch, a list of
+    operations, is not); fields already stored are not the request's doing."""
+    body = _body(request)
+    if isinstance(body, dict):
+        schema.check_fields(kind, body, request.param("fieldValidation"), request.warnings, raw=request.body,
+                            content_type=request.content_type,
+                            merge_patch=merge_patch and "apply-patch" not in request.content_type)
+    return body
