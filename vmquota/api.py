@@ -20,9 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmquota import accounting, errors, fieldmanager, objects, quantity, usage, vmspec
+from vmquota import accounting, errors, fieldmanager, imports, objects, quantity, usage, vmspec
 from vmquota import resources as r
-from vmquota.controller import CLONE_DISKS_ANNOTATION, CLONE_SOURCE_ANNOTATION, Controller, runtime_phase
+from vmquota.controller import (
+    CLONE_DISKS_ANNOTATION,
+    CLONE_SOURCE_ANNOTATION,
+    Controller,
+    data_volume_owner,
+    runtime_phase,
+)
 from vmquota.objects import (
     EVENT,
     NAMESPACE,
@@ -169,6 +175,7 @@ class Api:
             metadata.pop(server_field, None)
         obj.pop("status", None)
         rules = self.rules[kind.kind]
+        rules.prepare(obj)
         with self.store.transaction(dry_run=dry_run) as txn:
             rules.check_namespace(txn, namespace)
             rules.validate(txn, obj, None)
@@ -339,6 +346,12 @@ class Api:
     def restart(self, namespace: str, name: str, *, dry_run: bool = False) -> Obj:
         return self._vm_action(namespace, name, self.controller.request_restart, dry_run=dry_run)
 
+    def guest_action(self, namespace: str, name: str, action: str) -> Obj:
+        """KubeVirt's VMI subresources pause, unpause and softreboot."""
+        request = {"pause": "Pause", "unpause": "Unpause", "softreboot": "SoftReboot"}[action]
+        return self._vm_action(namespace, name, lambda txn, vm: self.controller.request_guest(txn, vm, request),
+                               dry_run=False)
+
     # -- charges: who uses how much, and why ----------------------------------------------------
 
     def charges(self, namespace: str | None) -> Obj:
@@ -504,6 +517,9 @@ class _Rules:
 
     def __init__(self, api: Api) -> None:
         self.api = api
+
+    def prepare(self, obj: Obj) -> None:
+        """Checks of a new object that wait on the network: made before the store transaction, never inside."""
 
     def check_namespace(self, reader: Reader, namespace: str) -> None:
         if self.kind.namespaced and not reader.exists(NAMESPACE, "", namespace):
@@ -678,13 +694,51 @@ class _QuotaRules(_Rules):
 class _VMRules(_Rules):
     kind = VIRTUAL_MACHINE
 
-    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+    def prepare(self, obj: Obj) -> None:
+        """An image to import is probed now, so a 404, a file that is no disk image or an image larger than its
+        disk is refused synchronously, before the VM is admitted and charged (compressed images are checked
+        once unpacked: their import fails instead)."""
         try:
-            vmspec.read(obj)
+            spec = vmspec.read(obj)
+        except vmspec.FieldError:
+            return  # validate says why, in the transaction
+        for i, disk in enumerate(spec.disks):
+            if disk.source.kind is vmspec.SourceKind.HTTP:
+                try:
+                    imports.probe(disk.source.url, disk.size)
+                except imports.ImportFailed as e:
+                    raise invalid(VIRTUAL_MACHINE, obj["metadata"]["name"],
+                                  f"spec.dataVolumeTemplates[{i}].spec.source.http.url",
+                                  f"Invalid value: {objects.quote(disk.source.url)}: {e}") from e
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        try:
+            spec = vmspec.read(obj)
         except vmspec.FieldError as e:
-            raise invalid(VIRTUAL_MACHINE, obj["metadata"]["name"], e.path, e.message) from e
+            raise invalid(VIRTUAL_MACHINE, name, e.path, e.message) from e
         if old is not None and old["metadata"].get("deletionTimestamp"):
-            raise errors.Conflict(f'{VIRTUAL_MACHINE.resource} "{obj["metadata"]["name"]}" is being deleted')
+            raise errors.Conflict(f'{VIRTUAL_MACHINE.resource} "{name}" is being deleted')
+        clones = [(i, d) for i, d in enumerate(spec.disks) if d.source.kind is vmspec.SourceKind.PVC]
+        if clones and old is None:
+            self._check_pvc_sources(txn, obj, clones)
+
+    def _check_pvc_sources(self, txn: Transaction, obj: Obj, clones: list[tuple[int, vmspec.Disk]]) -> None:
+        """A pvc source names a disk of another VM of the namespace, no larger than the disk made from it."""
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        others = [vm for vm in txn.list(VIRTUAL_MACHINE, namespace) if vm["metadata"]["name"] != name]
+        for i, disk in clones:
+            field = f"spec.dataVolumeTemplates[{i}].spec.source.pvc.name"
+            owner = data_volume_owner(others, disk.source.pvc)
+            if owner is None:
+                raise invalid(VIRTUAL_MACHINE, name, field, f"Not found: {objects.quote(disk.source.pvc)}: no VM of "
+                                                            f"namespace {namespace} has this data volume")
+            [source] = [d for d in vmspec.read(owner).disks if d.name == disk.source.pvc]
+            if source.size > disk.size:
+                raise invalid(VIRTUAL_MACHINE, name, field,
+                              f"Invalid value: {objects.quote(disk.source.pvc)}: the source is "
+                              f"{quantity.format(source.size)}, larger than the requested storage "
+                              f"{quantity.format(disk.size)}")
 
     def before_create(self, txn: Transaction, obj: Obj) -> None:
         self.api.controller.admit_new(txn, obj)

@@ -244,8 +244,11 @@ class Handlers:
         if sub == "usage":
             _only(request, "GET")
             return Response.json(200, self.api.project_usage(name or ""))
-        assert sub in objects.VM_ACTIONS and ns is not None and name is not None
+        assert sub in (*objects.VM_ACTIONS, *objects.VMI_ACTIONS) and ns is not None and name is not None
         _only(request, "PUT")
+        if sub in objects.VMI_ACTIONS:
+            self.api.guest_action(ns, name, sub)
+            return Response.success(202)
         body = _body(request)
         # KubeVirt's start, stop and restart options carry dryRun in the body; the query is taken too.
         dry_run = _dry_run(request, f"{sub.capitalize()}Options", body)
