@@ -56,16 +56,43 @@ Render = Callable[[Obj], Obj]  # what a watcher sees of each object (a Table row
 
 
 class Lines:
-    """The event line of each change as a watcher without selectors sees it, encoded once for all of them."""
+    """What the watchers of one hand-out share, made once for all of them: each change's event line, and for the
+    watchers without selectors, of one kind and the same namespace and name, their changes, their chunk's data
+    and the chunk on the wire."""
 
     def __init__(self) -> None:
         self._lines: dict[int, bytes] = {}
+        self._subsets: dict[tuple[str, str | None, str | None], list[Change]] = {}
+        self._joined: dict[tuple[str, str | None, str | None], bytes] = {}
+        self._framed: dict[int, tuple[bytes, bytes]] = {}  # by the id of the data, which it keeps alive
 
     def plain(self, change: Change) -> bytes:
         line = self._lines.get(change.rv)
         if line is None:
             line = self._lines[change.rv] = event_line(change.type, change.body)
         return line
+
+    def subset(self, key: tuple[str, str | None, str | None], changes: list[Change]) -> list[Change]:
+        """The changes of the namespace and name of `key` (kind, namespace, name); None is any."""
+        subset = self._subsets.get(key)
+        if subset is None:
+            _, namespace, name = key
+            subset = self._subsets[key] = [c for c in changes if (namespace is None or c.namespace == namespace)
+                                           and (name is None or c.name == name)]
+        return subset
+
+    def joined(self, key: tuple[str, str | None, str | None], changes: list[Change]) -> bytes:
+        """The lines of `changes`, the subset of `key`, as one chunk's data."""
+        data = self._joined.get(key)
+        if data is None:
+            data = self._joined[key] = b"".join(self.plain(c) for c in changes)
+        return data
+
+    def framed(self, data: bytes, frame: Callable[[bytes], bytes]) -> bytes:
+        kept = self._framed.get(id(data))
+        if kept is None or kept[0] is not data:
+            kept = self._framed[id(data)] = (data, frame(data))
+        return kept[1]
 
 
 Select = Callable[[list[Change], Lines], bytes]  # a watcher's events of a burst of changes, as one chunk's data
@@ -84,6 +111,7 @@ class Subscription:
 
     def __init__(self, kind: str, position: int, *, namespace: str | None = None, name: str | None = None) -> None:
         self.kind, self.namespace, self.name = kind, namespace, name
+        self.key = (kind, namespace, name)
         self.position = position  # every change after this reaches the watcher, and none before it
         self._queue: deque[Change] = deque()
         self._unsent = b""  # the part of a chunk the socket did not take at once; the watcher's thread sends it
@@ -99,8 +127,7 @@ class Subscription:
             if self.ended is not None:
                 return False
             if self.namespace is not None or self.name is not None:
-                changes = [c for c in changes if (self.namespace is None or c.namespace == self.namespace)
-                           and (self.name is None or c.name == self.name)]
+                changes = lines.subset(self.key, changes)
             if not changes:
                 return True
             if self._writing or self._live is None:
@@ -108,7 +135,7 @@ class Subscription:
             wire, select = self._live
             data = select(changes, lines)
             if data:
-                framed = wire.frame(data)
+                framed = lines.framed(data, wire.frame)
                 try:
                     sent = wire.send_now(framed)
                 except OSError:
@@ -513,7 +540,12 @@ class _Stream(Stream):
 
     def _select(self, changes: list[Change], lines: Lines) -> bytes:
         """This watcher's events of a burst of changes, one line each, skipping those it has had already (the
-        current state or the log had them)."""
+        current state or the log had them). Without selectors, the same as every such watcher's of the burst:
+        made once."""
+        opts = self.opts
+        if opts.predicate is None and opts.render is None and changes and changes[0].rv > self.sent:
+            self.sent = changes[-1].rv
+            return lines.joined((self.kind.kind, opts.namespace, opts.name), changes)
         out = []
         for change in changes:
             if change.rv <= self.sent:
