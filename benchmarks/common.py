@@ -166,6 +166,8 @@ class ServerProcess:
                 [sys.executable, "-m", "vmquota", "serve", "--hypervisor", self.hypervisor,
                  "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
                  "--resync-interval", str(self.resync_interval),
+                 # the baseline: plain HTTP with no authentication (kube-apiserver's own switches)
+                 "--plain-http", "--anonymous-auth", "--authorization-mode", "AlwaysAllow",
                  *([] if self.api_processes is None else ["--api-processes", str(self.api_processes)])],
                 stdout=log, stderr=subprocess.STDOUT)
         client = Client(self.url, timeout=5)

@@ -5,7 +5,9 @@
      │    ├── BadRequest        400  the body is not JSON/YAML, the path is wrong
      │    ├── Invalid           422  a field breaks a rule (names the field)
      │    ├── QuotaExceeded     403  admission refused (names quota, resource, requested/used/limited)
+     │    ├── Unauthorized      401  no valid credentials (the message is always "Unauthorized")
      │    ├── Forbidden         403  any other refusal
+     │    ├── TooManyRequests   429  a user has too many requests in flight
      │    ├── NotFound          404
      │    ├── MethodNotAllowed  405
      │    ├── AlreadyExists     409
@@ -53,6 +55,20 @@ class BadRequest(ApiError):
 class Invalid(ApiError):
     code = 422
     reason = "Invalid"
+
+
+class Unauthorized(ApiError):
+    """Kubernetes' 401: it never says why (a wrong token and an unknown one look the same to a client)."""
+    code = 401
+    reason = "Unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Unauthorized")
+
+
+class TooManyRequests(ApiError):
+    code = 429
+    reason = "TooManyRequests"
 
 
 class Forbidden(ApiError):

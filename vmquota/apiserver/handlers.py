@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 from vmquota import errors, objects
 from vmquota.api import Api
@@ -63,7 +64,7 @@ class Handlers:
         kind, ns = target.kind, target.namespace
         assert kind is not None
         if request.method == "GET":
-            return Response.json(200, self.api.list_json(kind, ns))
+            return Response.json(200, self.api.list_json(kind, ns, only=request.visible_namespaces))
         if request.method == "POST":
             if kind.namespaced and ns is None:
                 raise errors.MethodNotAllowed("create namespaced objects under /namespaces/{namespace}/")
@@ -92,7 +93,10 @@ class Handlers:
             return Response.json(200, self.api.charges(ns))
         if sub == "usage":
             _only(request, "GET")
-            return Response.json(200, self.api.project_usage(name or ""))
+            return Response.json(200, _masked(self.api.project_usage(name or ""), request.visible_namespaces))
+        if sub == "token":
+            _only(request, "POST")
+            return Response.json(201, self.api.create_token(ns or "", name or "", _body(request)))
         assert sub in objects.VM_ACTIONS and ns is not None and name is not None
         _only(request, "PUT")
         if sub == "start":
@@ -102,6 +106,16 @@ class Handlers:
         else:
             self.api.restart(ns, name)
         return Response.success(202)
+
+
+def _masked(usage: dict[str, Any], visible: frozenset[str] | None) -> dict[str, Any]:
+    """A project's usage for a member: every namespace's total, but only the VMs of the namespaces it may see."""
+    if visible is None:
+        return usage
+    for entry in usage.get("namespaces", []):
+        if entry.get("namespace") not in visible:
+            entry["virtualMachines"] = []
+    return usage
 
 
 def _only(request: Request, allowed: str) -> None:

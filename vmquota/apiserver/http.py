@@ -18,10 +18,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from vmquota.api import Api
-from vmquota.apiserver import filters
+from vmquota.apiserver import filters, tls
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
 from vmquota.apiserver.request import Request, Response, status
+from vmquota.apiserver.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the conn
 DISCARD_TIMEOUT = 5.0
 
 
-def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
-    serve_request = filters.chain(Handlers(api), filters.FILTERS)
+def make_handler(api: Api, security: Security | None = None) -> type[BaseHTTPRequestHandler]:
+    chain = filters.with_security(security.filters) if security is not None else filters.FILTERS
+    serve_request = filters.chain(Handlers(api), chain)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -118,7 +120,11 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
             query: dict[str, str] = {}
             for name, value in parse_qsl(target.query, keep_blank_values=True):
                 query.setdefault(name, value)  # the first value counts, as in Kubernetes
-            request = Request(method, target.path, query, self.headers, body)
+            request = Request(method, target.path, query, self.headers, body,
+                              remote_address=str(self.client_address[0]) if self.client_address else "")
+            if isinstance(self.connection, tls.TLSSocket):
+                request.client_certificate = self.connection.peer_certificate()
+                request.client_certificate_trusted = self.connection.verdict.trusted
             response = serve_request(request)
             for warning in request.warnings:
                 # Kubernetes' form: code 299, agent "-", the text quoted (RFC 7234).
@@ -164,16 +170,36 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    tls_context: Any = None  # pyOpenSSL's SSL.Context when serving TLS
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the TLS handshake (with a timeout, so a client that stalls in it
+        holds only its own thread, and only for a while), then HTTP."""
+        if self.tls_context is not None:
+            connection = tls.TLSSocket(request, self.tls_context)
+            try:
+                connection.handshake()
+            except OSError as e:
+                log.debug("TLS handshake with %s failed: %s", client_address, e)
+                return  # the raw socket is closed by the caller
+            request = connection
+        self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
 
 
-def serve(api: Api, host: str, port: int) -> Server:
+def _server(address: tuple[Any, ...], api: Api, security: Security | None, *, bind: bool = True) -> Server:
+    server = Server(address, make_handler(api, security), bind_and_activate=bind)
+    server.tls_context = security.tls_context if security is not None else None
+    return server
+
+
+def serve(api: Api, host: str, port: int, security: Security | None = None) -> Server:
     """A bound server; the caller runs `serve_forever()` (tests do it on a thread)."""
-    return Server((host, port), make_handler(api))
+    return _server((host, port), api, security)
 
 
-def serve_on(api: Api, listening: socket.socket) -> Server:
+def serve_on(api: Api, listening: socket.socket, security: Security | None = None) -> Server:
     """A server accepting on a socket another process has bound and listens on (`workers.py`)."""
-    server = Server(listening.getsockname()[:2], make_handler(api), bind_and_activate=False)
+    server = _server(listening.getsockname()[:2], api, security, bind=False)
     server.socket.close()
     server.socket = listening
     return server

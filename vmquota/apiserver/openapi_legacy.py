@@ -53,6 +53,11 @@ _SPECS: dict[str, dict[str, Any]] = {
         "target": {"type": "object", "properties": {"kind": {"type": "string"}, "name": _NAME}}},
         "required": ["source", "target"]},
     "Event": {"type": "object"},
+    "ServiceAccount": {"type": "object"},
+    "Role": {"type": "object"},
+    "ClusterRole": {"type": "object"},
+    "RoleBinding": {"type": "object"},
+    "ClusterRoleBinding": {"type": "object"},
 }
 
 _STATUS = {"type": "object", "properties": {
