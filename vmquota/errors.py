@@ -30,21 +30,25 @@ class ApiError(VmquotaError):
     code = 500
     reason = "InternalError"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, details: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details  # Kubernetes' StatusDetails (name, group, kind), where it gives them
 
     def status(self) -> dict[str, object]:
         """The Kubernetes `Status` object an HTTP client receives."""
-        return {
+        status: dict[str, object] = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
             "status": "Failure",
             "message": self.message,
             "reason": self.reason,
-            "code": self.code,
         }
+        if self.details is not None:
+            status["details"] = self.details
+        status["code"] = self.code
+        return status
 
 
 class BadRequest(ApiError):

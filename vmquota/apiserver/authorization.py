@@ -70,15 +70,18 @@ def attributes(request: Request, user: UserInfo) -> rbac.Attributes:
 def forbidden(a: rbac.Attributes, reason: str = "") -> errors.Forbidden:
     """Kubernetes' 403, word for word (responsewriters.Forbidden)."""
     user = a.user.name
+    details: dict[str, str] = {}
     if not a.resource_request:
         message = f'forbidden: User "{user}" cannot {a.verb} path "{a.path}"'
     else:
+        details = {key: value for key, value in (("name", a.name), ("group", a.api_group), ("kind", a.resource))
+                   if value}
         resource = f"{a.resource}/{a.subresource}" if a.subresource else a.resource
         scope = f'in the namespace "{a.namespace}"' if a.namespace else "at the cluster scope"
         what = f'User "{user}" cannot {a.verb} resource "{resource}" in API group "{a.api_group}" {scope}'
         qualified = f"{a.resource}.{a.api_group}" if a.api_group else a.resource
         message = f'{qualified} "{a.name}" is forbidden: {what}' if a.name else f"{qualified} is forbidden: {what}"
-    return errors.Forbidden(message + (f": {reason}" if reason else ""))
+    return errors.Forbidden(message + (f": {reason}" if reason else ""), details=details)
 
 
 class _Snapshot:

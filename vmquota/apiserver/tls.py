@@ -79,9 +79,9 @@ class TLSSocket:
         self._tls.set_accept_state()
         self._timeout: float | None = None
 
-    def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        """Complete the handshake within `timeout` seconds; OSError (TimeoutError) otherwise."""
-        saved, self._timeout = self._timeout, timeout
+    def handshake(self, timeout: float | None = None) -> None:
+        """Complete the handshake within `timeout` seconds (HANDSHAKE_TIMEOUT); OSError (TimeoutError) otherwise."""
+        saved, self._timeout = self._timeout, HANDSHAKE_TIMEOUT if timeout is None else timeout
         try:
             self._retry(self._tls.do_handshake)
         finally:
