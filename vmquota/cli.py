@@ -351,6 +351,11 @@ def wait_for_phase(client: Client, namespace: str, name: str, wanted: str, timeo
 
 def cmd_lifecycle(client: Client, args: argparse.Namespace) -> int:
     body = {"gracePeriod": args.grace_period} if getattr(args, "grace_period", None) is not None else None
+    if getattr(args, "dry_run", False):
+        # The server runs the admission and changes nothing: a refusal comes back as it would for real.
+        client.put(action_path(args.namespace, args.vm, args.command) + "?dryRun=All", body)
+        print(f"VM {args.vm} would be admitted to {args.command} now (dry run: nothing changed)")
+        return EXIT_OK
     client.put(action_path(args.namespace, args.vm, args.command), body)
     if args.wait:
         wait_for_phase(client, args.namespace, args.vm, "Stopped" if args.command == "stop" else "Running",
@@ -361,13 +366,21 @@ def cmd_lifecycle(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_clone(client: Client, args: argparse.Namespace) -> int:
+    if args.dry_run and (args.start or args.wait):
+        raise UsageError("--dry-run checks the clone's admission only: a start of the target can be checked once "
+                         "it exists (vmquota start TARGET --dry-run)")
     clone_name = f"clone-{args.target}"[:56] + "-" + format(int(time.time() * 1000) % 16**6, "06x")
-    client.post(collection_path(objects.VIRTUAL_MACHINE_CLONE, args.namespace), {
+    query = "?dryRun=All" if args.dry_run else ""
+    client.post(collection_path(objects.VIRTUAL_MACHINE_CLONE, args.namespace) + query, {
         "apiVersion": objects.VIRTUAL_MACHINE_CLONE.api_version, "kind": objects.VIRTUAL_MACHINE_CLONE.kind,
         "metadata": {"name": clone_name},
         "spec": {"source": {"kind": "VirtualMachine", "name": args.source},
                  "target": {"kind": "VirtualMachine", "name": args.target}},
     })
+    if args.dry_run:
+        print(f"virtualmachine.kubevirt.io/{args.target} would be admitted as a clone of {args.source} now "
+              f"(dry run: nothing changed)")
+        return EXIT_OK
     if args.start:
         client.put(action_path(args.namespace, args.target, "start"))
     if args.wait:
@@ -465,6 +478,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=300)
         if action == "stop":
             p.add_argument("--grace-period", type=int, help="seconds to wait for the guest before forcing it off")
+        else:
+            p.add_argument("--dry-run", action="store_true",
+                           help="would it be admitted now? exit 0, or 1 with the refusal; nothing changes")
 
     clone = sub.add_parser("clone", help="clone a VM with copies of its disks")
     clone.add_argument("source")
@@ -472,6 +488,8 @@ def parser() -> argparse.ArgumentParser:
     namespaced(clone)
     clone.add_argument("--start", action="store_true")
     clone.add_argument("--wait", action="store_true")
+    clone.add_argument("--dry-run", action="store_true",
+                       help="would the clone be admitted now? exit 0, or 1 with the refusal; nothing changes")
     clone.add_argument("--timeout", type=float, default=600)
     for name, command in sub.choices.items():  # like kubectl's global flags, these may follow the command
         if name not in ("serve", "kubeconfig", "audit"):

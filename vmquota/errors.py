@@ -10,8 +10,10 @@
      │    ├── TooManyRequests   429  a user has too many requests in flight
      │    ├── NotFound          404
      │    ├── MethodNotAllowed  405
+     │    ├── NotAcceptable     406  no answer in a media type the Accept header takes
      │    ├── AlreadyExists     409
-     │    └── Conflict          409  stale resourceVersion, or a state that forbids the action
+     │    ├── Conflict          409  stale resourceVersion, or a state that forbids the action
+     │    └── Expired           410  a continue token older than the change log keeps
      └── HypervisorError              libvirt or qemu-img failed (wraps the library error)
           └── HypervisorUnavailable   temporary: the daemon does not answer; retry later
 
@@ -98,6 +100,11 @@ class MethodNotAllowed(ApiError):
     reason = "MethodNotAllowed"
 
 
+class NotAcceptable(ApiError):
+    code = 406
+    reason = "NotAcceptable"
+
+
 class AlreadyExists(ApiError):
     code = 409
     reason = "AlreadyExists"
@@ -118,3 +125,20 @@ class HypervisorError(VmquotaError):
 
 class HypervisorUnavailable(HypervisorError):
     """The hypervisor does not answer now; the caller may retry later."""
+
+
+class Expired(ApiError):
+    """410: what the request names is older than the server keeps (a continue token, a resourceVersion).
+    `continue_token`, when set, lets the client go on without a consistent snapshot, as Kubernetes offers."""
+    code = 410
+    reason = "Expired"
+
+    def __init__(self, message: str, *, continue_token: str | None = None) -> None:
+        super().__init__(message)
+        self.continue_token = continue_token
+
+    def status(self) -> dict[str, object]:
+        body = super().status()
+        if self.continue_token:
+            body["metadata"] = {"continue": self.continue_token}
+        return body

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from reliability import profile
 from reliability.invariants import PROJECTS, look, violations, vms_path
 
-from vmquota.apiserver import openapi_legacy as openapi
+from vmquota.apiserver import openapi
 from vmquota.app import App
 from vmquota.client import Client
 

@@ -4,6 +4,9 @@
     filters.py     the chain before any handler (errors as Status; authentication and authorization later)
     handlers.py    fixed paths and Kubernetes' verbs on the served kinds, each one `Api` call
     routing.py     paths to kinds, namespaces, names and subresources
+    discovery.py   /version, /api, /apis and per-group-version discovery, legacy and aggregated (v2)
+    openapi.py     /openapi/v2, /openapi/v3 and /openapi.json, rendered from `vmquota.schema`
+    openapi_pb.py  OpenAPI v2 in gnostic's protobuf, the form client-go asks for
     request.py     Request and Response, plain data
     bodies.py      request bodies to plain JSON values
 

@@ -11,9 +11,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from vmquota import errors, objects
+from vmquota import errors, objects, schema
 from vmquota.api import Api
-from vmquota.apiserver import bodies, openapi_legacy
+from vmquota.apiserver import bodies, discovery, openapi, openapi_pb, paging, watch
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -24,27 +24,73 @@ def _healthz(api: Api, request: Request) -> Response:
     return Response(200, b"ok", "text/plain")
 
 
-_OPENAPI_JSON = json.dumps(openapi_legacy.document()).encode()
+def _fixed(body: bytes, content_type: str = "application/json") -> NonResourceHandler:
+    return lambda api, request: Response(200, body, content_type)
 
 
-def _openapi_json(api: Api, request: Request) -> Response:
-    return Response(200, _OPENAPI_JSON)
+def _discovery(legacy: bytes, aggregated: bytes) -> NonResourceHandler:
+    """`/api` or `/apis`: aggregated discovery when the Accept header asks for it first, else the legacy list.
+    Caches must keep the two apart (Vary)."""
+    def handle(api: Api, request: Request) -> Response:
+        if discovery.wants_aggregated(request.accept):
+            return Response(200, aggregated, discovery.AGGREGATED_V2, {"Vary": "Accept"})
+        return Response(200, legacy, headers={"Vary": "Accept"})
+    return handle
 
 
-NON_RESOURCE: dict[str, NonResourceHandler] = {
-    "/healthz": _healthz,
-    "/openapi.json": _openapi_json,
-}
+def _openapi_v2(api: Api, request: Request) -> Response:
+    """Swagger 2.0 in gnostic's protobuf when the Accept header asks for it (client-go always does), else JSON."""
+    accept, etag = request.accept, {"Etag": f'"{openapi.V2.hash}"', "Vary": "Accept"}
+    if openapi_pb.ACCEPT in accept:
+        return Response(200, openapi.V2_PROTOBUF, openapi_pb.CONTENT_TYPE, etag)
+    if accept and not any(t in accept for t in ("application/json", "*/*")):
+        raise errors.NotAcceptable(f"/openapi/v2 is served as application/json or {openapi_pb.ACCEPT}, "
+                                   f"not {accept[:100]}")
+    return Response(200, openapi.V2.body, headers=etag)
+
+
+def _openapi_v3(served: openapi.Served) -> NonResourceHandler:
+    # The index names each document by its hash: a client may cache that URL for good.
+    return lambda api, request: Response(200, served.body, headers={
+        "Etag": f'"{served.hash}"', "Cache-Control": "public, immutable" if request.param("hash") else "no-cache"})
+
+
+def _non_resource() -> dict[str, NonResourceHandler]:
+    paths: dict[str, NonResourceHandler] = {
+        "/healthz": _healthz,
+        "/openapi.json": _fixed(json.dumps(openapi.document()).encode()),
+        "/version": _fixed(discovery.encoded(discovery.version_info())),
+        "/api": _discovery(discovery.encoded(discovery.api_versions()),
+                           discovery.encoded(discovery.aggregated(core=True))),
+        "/apis": _discovery(discovery.encoded(discovery.api_group_list()),
+                            discovery.encoded(discovery.aggregated(core=False))),
+        "/openapi/v2": _openapi_v2,
+        "/openapi/v3": _fixed(openapi.V3_INDEX.body),
+    }
+    for group, version in discovery.GROUP_VERSIONS:
+        resources = discovery.api_resource_list(group, version)
+        assert resources is not None
+        paths[f"/apis/{group}/{version}" if group else f"/api/{version}"] = _fixed(discovery.encoded(resources))
+        if group:
+            paths[f"/apis/{group}"] = _fixed(discovery.encoded(discovery.api_group(group) or {}))
+    for key, served in openapi.V3.items():
+        paths[f"/openapi/v3/{key}"] = _openapi_v3(served)
+    return paths
+
+
+NON_RESOURCE: dict[str, NonResourceHandler] = _non_resource()
 
 
 class Handlers:
     """The innermost handler of the chain, for one `Api`."""
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, feed: watch.Feed) -> None:
         self.api = api
+        self.feed = feed  # this process's follower of the change log, for watches
 
     def __call__(self, request: Request) -> Response:
-        fixed = NON_RESOURCE.get(request.path)
+        # Kubernetes serves its fixed paths with a trailing slash too (the official Python client asks /version/).
+        fixed = NON_RESOURCE.get(request.path) or NON_RESOURCE.get(request.path.rstrip("/") or "/")
         if fixed is not None:
             if request.method != "GET":
                 raise errors.MethodNotAllowed(f"only GET is supported on {request.path}")
@@ -64,11 +110,17 @@ class Handlers:
         kind, ns = target.kind, target.namespace
         assert kind is not None
         if request.method == "GET":
+            visible = _visible(kind, request.visible_namespaces)
+            if request.flag("watch"):
+                return watch.serve(self.feed, self.api.store, kind, watch.options(request, ns, predicate=visible))
+            if request.param("limit") or request.param("continue"):
+                return Response.json(200, paging.list_page(self.api.store, kind, ns, paging.options(request),
+                                                           predicate=visible))
             return Response.json(200, self.api.list_json(kind, ns, only=request.visible_namespaces))
         if request.method == "POST":
             if kind.namespaced and ns is None:
                 raise errors.MethodNotAllowed("create namespaced objects under /namespaces/{namespace}/")
-            return Response.json(201, self.api.create(kind, ns or "", _body(request)))
+            return Response.json(201, self.api.create(kind, ns or "", _checked_body(request, kind)))
         raise errors.MethodNotAllowed(f"{request.method} is not supported on a list")
 
     def _item(self, request: Request, target: Route) -> Response:
@@ -77,9 +129,10 @@ class Handlers:
         if request.method == "GET":
             return Response.json(200, self.api.get(kind, namespace, name))
         if request.method == "PUT":
-            return Response.json(200, self.api.replace(kind, namespace, name, _body(request)))
+            return Response.json(200, self.api.replace(kind, namespace, name, _checked_body(request, kind)))
         if request.method == "PATCH":
-            return Response.json(200, self.api.patch(kind, namespace, name, _body(request)))
+            return Response.json(200, self.api.patch(kind, namespace, name,
+                                                     _checked_body(request, kind, merge_patch=True)))
         if request.method == "DELETE":
             return Response.json(200, self.api.delete(kind, namespace, name))
         raise errors.MethodNotAllowed(f"{request.method} is not supported here")
@@ -108,6 +161,15 @@ class Handlers:
         return Response.success(202)
 
 
+def _visible(kind: objects.Kind, only: frozenset[str] | None) -> Callable[[dict[str, Any]], bool] | None:
+    """A tenant's view of a list across namespaces (`authorization.py`): the objects of the namespaces (or,
+    for a cluster-scoped kind, the names) it may see."""
+    if only is None:
+        return None
+    field = "namespace" if kind.namespaced else "name"
+    return lambda obj: (obj.get("metadata") or {}).get(field) in only
+
+
 def _masked(usage: dict[str, Any], visible: frozenset[str] | None) -> dict[str, Any]:
     """A project's usage for a member: every namespace's total, but only the VMs of the namespaces it may see."""
     if visible is None:
@@ -125,3 +187,15 @@ def _only(request: Request, allowed: str) -> None:
 
 def _body(request: Request) -> object:
     return bodies.parse_body(request.body, request.content_type)
+
+
+def _checked_body(request: Request, kind: objects.Kind, *, merge_patch: bool = False) -> object:
+    """The body of a write, after `fieldValidation` (Strict, Warn or Ignore) has looked at its fields. A merge
+    patch has the object's own shape, so the fields it sends are checked the same way (a JSON patch, a list of
+    operations, is not); fields already stored are not the request's doing."""
+    body = _body(request)
+    if isinstance(body, dict):
+        schema.check_fields(kind, body, request.param("fieldValidation"), request.warnings, raw=request.body,
+                            content_type=request.content_type,
+                            merge_patch=merge_patch and "apply-patch" not in request.content_type)
+    return body

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -18,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from vmquota.api import Api
-from vmquota.apiserver import filters, tls
+from vmquota.apiserver import filters, tls, watch
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
 from vmquota.apiserver.request import Request, Response, status
@@ -30,9 +31,9 @@ MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the conn
 DISCARD_TIMEOUT = 5.0
 
 
-def make_handler(api: Api, security: Security | None = None) -> type[BaseHTTPRequestHandler]:
+def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -> type[BaseHTTPRequestHandler]:
     chain = filters.with_security(security.filters) if security is not None else filters.FILTERS
-    serve_request = filters.chain(Handlers(api), chain)
+    serve_request = filters.chain(Handlers(api, feed), chain)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -66,6 +67,9 @@ def make_handler(api: Api, security: Security | None = None) -> type[BaseHTTPReq
                     if chunk:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         self.wfile.flush()
+                    elif self._client_gone():  # an empty chunk: the stream is idle, a moment to look
+                        self.close_connection = True
+                        return
                 self.wfile.write(b"0\r\n\r\n")
             except OSError:
                 self.close_connection = True  # the client went away mid-stream
@@ -73,6 +77,14 @@ def make_handler(api: Api, security: Security | None = None) -> type[BaseHTTPReq
                 close = getattr(chunks, "close", None)
                 if close is not None:
                     close()  # a generator's own clean-up (a watcher unsubscribes) runs now, not at collection
+
+        def _client_gone(self) -> bool:
+            """Whether the client closed its end: an idle watch would otherwise notice only at its next event."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                return True
 
         def _fail(self, code: int, reason: str, message: str) -> None:
             self._send(Response.json(code, status(code, reason, message)))
@@ -126,12 +138,8 @@ def make_handler(api: Api, security: Security | None = None) -> type[BaseHTTPReq
                 request.client_certificate = self.connection.peer_certificate()
                 request.client_certificate_trusted = self.connection.verdict.trusted
             response = serve_request(request)
-            for warning in request.warnings:
-                # Kubernetes' form: code 299, agent "-", the text quoted (RFC 7234).
-                escaped = warning.replace("\\", "\\\\").replace('"', '\\"')
-                response.headers.setdefault("Warning", "")
-                response.headers["Warning"] = ", ".join(
-                    part for part in (response.headers["Warning"], f'299 - "{escaped}"') if part)
+            if request.warnings:
+                response.headers["Warning"] = ", ".join(_warning_value(w) for w in request.warnings)
             self._send(response)
 
         def _discard(self, length: int) -> None:
@@ -166,7 +174,16 @@ def make_handler(api: Api, security: Security | None = None) -> type[BaseHTTPReq
     return Handler
 
 
+def _warning_value(text: str) -> str:
+    """Kubernetes' form of a warning: code 299, agent "-", the text quoted (RFC 7234). Headers are Latin-1 on
+    the wire, so anything else is escaped rather than allowed to fail the response."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    safe = escaped.encode("ascii", "backslashreplace").decode("ascii")
+    return f'299 - "{safe}"'
+
+
 class Server(ThreadingHTTPServer):
+    """The HTTP server of one process, with the feed that its watches follow (`watch.py`)."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -185,21 +202,25 @@ class Server(ThreadingHTTPServer):
             request = connection
         self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
 
+    def __init__(self, address: tuple[str, int], api: Api, *, bind_and_activate: bool = True,
+                 security: Security | None = None) -> None:
+        self.feed = watch.Feed(api.store)
+        self.tls_context = security.tls_context if security is not None else None
+        super().__init__(address, make_handler(api, self.feed, security), bind_and_activate)
 
-def _server(address: tuple[Any, ...], api: Api, security: Security | None, *, bind: bool = True) -> Server:
-    server = Server(address, make_handler(api, security), bind_and_activate=bind)
-    server.tls_context = security.tls_context if security is not None else None
-    return server
+    def server_close(self) -> None:
+        self.feed.close()  # every watch stream ends cleanly, as when kube-apiserver shuts down
+        super().server_close()
 
 
 def serve(api: Api, host: str, port: int, security: Security | None = None) -> Server:
     """A bound server; the caller runs `serve_forever()` (tests do it on a thread)."""
-    return _server((host, port), api, security)
+    return Server((host, port), api, security=security)
 
 
 def serve_on(api: Api, listening: socket.socket, security: Security | None = None) -> Server:
     """A server accepting on a socket another process has bound and listens on (`workers.py`)."""
-    server = _server(listening.getsockname()[:2], api, security, bind=False)
+    server = Server(listening.getsockname()[:2], api, bind_and_activate=False, security=security)
     server.socket.close()
     server.socket = listening
     return server
