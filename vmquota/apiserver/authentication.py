@@ -119,7 +119,7 @@ class Authenticator:
         header = request.headers.get("Authorization")
         if header is not None:
             return self._bearer(header)
-        if self.anonymous or request.path in PUBLIC_PATHS:
+        if self.anonymous or (request.path.rstrip("/") or "/") in PUBLIC_PATHS:
             return identity.anonymous()
         raise errors.Unauthorized()
 
