@@ -13,7 +13,9 @@
      │    ├── NotAcceptable     406  no answer in a media type the Accept header takes
      │    ├── AlreadyExists     409
      │    ├── Conflict          409  stale resourceVersion, or a state that forbids the action
-     │    └── Expired           410  a continue token older than the change log keeps
+     │    │    └── ApplyConflict      a server-side apply would change fields other managers own
+     │    ├── Expired           410  a continue token older than the change log keeps
+     │    └── UnsupportedMediaType 415  a body or patch type this path does not take
      └── HypervisorError              libvirt or qemu-img failed (wraps the library error)
           └── HypervisorUnavailable   temporary: the daemon does not answer; retry later
 
@@ -113,6 +115,26 @@ class AlreadyExists(ApiError):
 class Conflict(ApiError):
     code = 409
     reason = "Conflict"
+
+
+class ApplyConflict(Conflict):
+    """`causes` are Kubernetes' `details.causes`: one FieldManagerConflict per field and manager."""
+
+    def __init__(self, message: str, *, causes: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.causes = causes
+
+    def status(self) -> dict[str, object]:
+        return {**super().status(), "details": {"causes": self.causes}}
+
+
+class UnsupportedMediaType(ApiError):
+    code = 415
+    reason = "UnsupportedMediaType"
+
+    def __init__(self, accepted: list[str]) -> None:
+        super().__init__("the body of the request was in an unknown format - accepted media types include: "
+                         + ", ".join(accepted))
 
 
 class StoreError(VmquotaError):

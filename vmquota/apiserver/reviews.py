@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmquota import errors, rbac
-from vmquota.apiserver import bodies
+from vmquota.apiserver import handlers
 from vmquota.apiserver.authorization import Authorizer
 from vmquota.apiserver.request import Request, Response
 from vmquota.identity import UserInfo
@@ -28,7 +28,7 @@ PATHS = (ACCESS, RULES, *WHOAMI)
 
 
 def _spec(request: Request) -> dict[str, Any]:
-    body = bodies.parse_body(request.body, request.content_type)
+    body = handlers.typed_body(request)
     if body is None:
         return {}
     if not isinstance(body, dict):
