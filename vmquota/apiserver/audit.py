@@ -130,8 +130,8 @@ class Auditor:
         try:
             response = handler(request)
         except errors.ApiError as e:
-            status = {k: v for k, v in e.status().items() if k not in ("kind", "apiVersion")}  # as Kubernetes logs it
-            self._record(request, received, e.code, status, quota)
+            logged = {k: v for k, v in e.status().items() if k not in ("kind", "apiVersion")}  # as Kubernetes logs it
+            self._record(request, received, e.code, logged, quota)
             raise
         if write or response.code in _REFUSALS:
             status: dict[str, Any] = {"metadata": {}, "code": response.code}
