@@ -24,6 +24,12 @@ APT_PACKAGES=(
     pkg-config
     gcc
     python3-dev
+    # scripts/build-test-guest.sh: the real Linux guest of the end-to-end tests (its kernel is downloaded, not installed)
+    busybox-static
+    syslinux
+    syslinux-common
+    mtools
+    dosfstools
 )
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }

@@ -31,8 +31,9 @@ URI = "qemu:///system"
 class Server:
     """A `vmquota serve` process that can be killed and started again on the same data directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        self.args = args  # more `vmquota serve` options, such as --use-emulation
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -44,7 +45,7 @@ class Server:
                 [sys.executable, "-m", "vmquota", "serve", "--hypervisor", URI, "--data-dir", str(self.data_dir),
                  "--listen", f"127.0.0.1:{self.port}", "--resync-interval", "2",
                  # plain HTTP, everyone allowed, as these tests predate tenants (kube-apiserver's own switches)
-                 "--plain-http", "--anonymous-auth", "--authorization-mode", "AlwaysAllow"],
+                 "--plain-http", "--anonymous-auth", "--authorization-mode", "AlwaysAllow", *self.args],
                 stdout=log, stderr=subprocess.STDOUT)
         client = Client(self.url)
         try:

@@ -86,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         app = App.open(data_dir=data_dir, hypervisor_uri=args.hypervisor, host=host.strip("[]"), port=int(port),
                        overhead=OverheadModel(args.memory_overhead), resync_interval=args.resync_interval,
-                       api_processes=api_processes, tls=not args.plain_http, tls_cert_file=args.tls_cert_file,
+                       api_processes=api_processes, use_emulation=args.use_emulation,
+                       tls=not args.plain_http, tls_cert_file=args.tls_cert_file,
                        tls_private_key_file=args.tls_private_key_file, anonymous_auth=args.anonymous_auth,
                        token_auth_file=args.token_auth_file, authorization_mode=args.authorization_mode,
                        max_requests_inflight_per_user=args.max_requests_inflight_per_user)
@@ -416,6 +417,8 @@ def parser() -> argparse.ArgumentParser:
                        help="memory charged on top of the guest's: none (default) or kubevirt")
     serve.add_argument("--resync-interval", type=float, default=30.0,
                        help="seconds between full recounts from the hypervisor (default 30)")
+    serve.add_argument("--use-emulation", action="store_true",
+                       help="run guests under plain QEMU emulation even where KVM works (KubeVirt's useEmulation)")
     serve.add_argument("--api-processes", type=int, default=None,
                        help="processes answering HTTP, one of them also running the controller "
                             "(default: one per core, at most 8)")
