@@ -19,12 +19,12 @@ import libvirt
 
 from benchmarks.common import Row, SectionResult
 
-SECTIONS = ("admission", "durable", "http", "kvm", "realtime", "recount", "tables", "watch")
+SECTIONS = ("admission", "durable", "http", "kvm", "realtime", "recount", "tables", "watch", "tenants")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
     """The sections to run with their sizes; --quick keeps their shape and shrinks the counts."""
-    from benchmarks import admission, http_load, kvm, recount, tables, watch
+    from benchmarks import admission, http_load, kvm, recount, tables, tenants, watch
 
     steps: list[tuple[str, Callable[[], SectionResult]]] = []
     if "admission" in wanted:
@@ -50,6 +50,10 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
                                                            idle_watchers=200 if quick else 1_000,
                                                            hold=3.0 if quick else 10.0,
                                                            requests=300 if quick else 3_000)))
+    if "tenants" in wanted:
+        steps.append(("tenants", lambda: tenants.tenants_section(requests=600 if quick else 3_000,
+                                                                 rounds=1 if quick else 3,
+                                                                 decisions=2_000 if quick else 20_000)))
     return steps
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from vmquota import accounting, objects, usage, vmspec, vmstatus
 from vmquota.client import Client
+from vmquota.kubeconfig import Connection
 from vmquota.store import Store, Transaction
 from vmquota.usage import OverheadModel
 from vmquota.vmstatus import Phase
@@ -150,11 +151,12 @@ class ServerProcess:
     """`vmquota serve` as a child process on a loopback port, with its own data directory."""
 
     def __init__(self, data_dir: Path, hypervisor: str, *, resync_interval: float = 3600.0,
-                 api_processes: int | None = None) -> None:
+                 api_processes: int | None = None, secure: bool = False) -> None:
         self.data_dir = data_dir
         self.api_processes = api_processes  # None: the server's default
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.secure = secure  # serve's defaults (TLS, authentication, RBAC, audit); else plain HTTP, no auth
+        self.url = f"{'https' if secure else 'http'}://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"server-{self.port}.log"
         self.hypervisor = hypervisor
         self.resync_interval = resync_interval
@@ -166,17 +168,25 @@ class ServerProcess:
                 [sys.executable, "-m", "vmquota", "serve", "--hypervisor", self.hypervisor,
                  "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
                  "--resync-interval", str(self.resync_interval),
+                 # the baseline: plain HTTP with no authentication (kube-apiserver's own switches)
+                 *(() if self.secure else ("--plain-http", "--anonymous-auth", "--authorization-mode",
+                                           "AlwaysAllow")),
                  *([] if self.api_processes is None else ["--api-processes", str(self.api_processes)])],
                 stdout=log, stderr=subprocess.STDOUT)
-        client = Client(self.url, timeout=5)
+        client = Client(self.url, timeout=5)  # /healthz needs no credentials
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"vmquota serve exited with {self.process.returncode}: {self.log_tail()}")
                 try:
-                    client.get("/healthz")
-                    return
+                    if not self.secure or (self.data_dir / "pki" / "ca.crt").exists():
+                        if self.secure:  # verify the server against its own CA, once it made one
+                            client.close()
+                            client = Client(Connection(server=self.url, ca_pem=(
+                                self.data_dir / "pki" / "ca.crt").read_text()), timeout=5)
+                        client.get("/healthz")
+                        return
                 except Exception:
                     client.close()
                 if time.monotonic() > deadline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import tempfile
 import time
 from collections import Counter
@@ -44,8 +45,9 @@ def _request(path: str) -> bytes:
 
 
 async def _client(port: int, requests: list[bytes], latencies: list[float], codes: Counter[int],
-                  go: asyncio.Event) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                  go: asyncio.Event, tls: ssl.SSLContext | None = None) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls,
+                                                   server_hostname="127.0.0.1" if tls else None)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     await go.wait()
     try:
@@ -65,11 +67,12 @@ async def _client(port: int, requests: list[bytes], latencies: list[float], code
         await writer.wait_closed()
 
 
-async def _load(port: int, plans: list[list[bytes]]) -> tuple[list[float], Counter[int], float]:
+async def _load(port: int, plans: list[list[bytes]],
+                tls: ssl.SSLContext | None = None) -> tuple[list[float], Counter[int], float]:
     latencies: list[float] = []
     codes: Counter[int] = Counter()
     go = asyncio.Event()
-    tasks = [asyncio.create_task(_client(port, plan, latencies, codes, go)) for plan in plans]
+    tasks = [asyncio.create_task(_client(port, plan, latencies, codes, go, tls)) for plan in plans]
     await asyncio.sleep(0.2)  # every connection is open before the first request
     t0 = time.perf_counter()
     go.set()

@@ -76,16 +76,26 @@ def gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped
 
 
+# What the tests that predate tenants run with, as kube-apiserver's own switches allow: plain HTTP on loopback,
+# requests without credentials anonymous, and everything allowed. Tests of tenancy pass `secure=True`.
+INSECURE_SERVE_ARGS = ("--plain-http", "--anonymous-auth", "--authorization-mode", "AlwaysAllow")
+INSECURE_APP = {"tls": False, "anonymous_auth": True, "authorization_mode": "AlwaysAllow", "audit": False}
+
+
 @contextlib.contextmanager
-def vmquota_serve(tmp_path: Path, *, processes: int = 1, args: tuple[str, ...] = ()) -> Iterator[Served]:
-    """`vmquota serve` with `processes` API processes, until the block ends; then it and its children end."""
+def vmquota_serve(tmp_path: Path, *, processes: int = 1, args: tuple[str, ...] = (),
+                  secure: bool = False) -> Iterator[Served]:
+    """`vmquota serve` with `processes` API processes, until the block ends; then it and its children end.
+
+    Secure (TLS, authentication, RBAC, audit: the defaults of `serve`) only when asked for."""
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "vmquota", "serve", "--hypervisor", "test:///default",
                                     "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}",
-                                    "--api-processes", str(processes), *args], stderr=out)
-    server = Served(process, f"http://127.0.0.1:{port}", tmp_path / "data", log)
+                                    "--api-processes", str(processes),
+                                    *(() if secure else INSECURE_SERVE_ARGS), *args], stderr=out)
+    server = Served(process, f"{'https' if secure else 'http'}://127.0.0.1:{port}", tmp_path / "data", log)
     # Not /healthz: an API process answers as soon as it serves, before the first process has started the rest.
     wait_until(lambda: b"vmquota serving on" in log.read_bytes() or process.poll() is not None, timeout=30,
                what="the server to say it serves")
@@ -220,7 +230,7 @@ class Cluster:
 def open_app(data_dir: Path, **kwargs: Any) -> App:
     app = App.open(data_dir=data_dir, hypervisor_uri="test:///default", host="127.0.0.1", port=0,
                    resync_interval=kwargs.pop("resync_interval", 3600.0),
-                   overhead=kwargs.pop("overhead", OverheadModel.NONE), **kwargs)
+                   overhead=kwargs.pop("overhead", OverheadModel.NONE), **{**INSECURE_APP, **kwargs})
     app.serve_in_thread()
     return app
 

@@ -43,7 +43,9 @@ class Server:
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vmquota", "serve", "--hypervisor", URI, "--data-dir", str(self.data_dir),
-                 "--listen", f"127.0.0.1:{self.port}", "--resync-interval", "2", *self.args],
+                 "--listen", f"127.0.0.1:{self.port}", "--resync-interval", "2",
+                 # plain HTTP, everyone allowed, as these tests predate tenants (kube-apiserver's own switches)
+                 "--plain-http", "--anonymous-auth", "--authorization-mode", "AlwaysAllow", *self.args],
                 stdout=log, stderr=subprocess.STDOUT)
         client = Client(self.url)
         try:

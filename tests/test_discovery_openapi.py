@@ -193,7 +193,8 @@ def test_aggregated_discovery_is_negotiated_by_the_accept_header(cluster: Cluste
     assert code == 200 and headers["Content-Type"] == discovery.AGGREGATED_V2
     assert body["kind"] == "APIGroupDiscoveryList"
     groups = {item["metadata"]["name"] for item in body["items"]}
-    assert {"kubevirt.io", "clone.kubevirt.io", "subresources.kubevirt.io", "vmquota.io"} == groups
+    assert {"kubevirt.io", "clone.kubevirt.io", "subresources.kubevirt.io", "vmquota.io",
+            "rbac.authorization.k8s.io"} == groups
     code, headers, body = request(cluster, "GET", "/api", headers={"Accept": AGGREGATED_ACCEPT})
     assert headers["Content-Type"] == discovery.AGGREGATED_V2 and body["items"][0]["metadata"] == {}
     code, headers, body = request(cluster, "GET", "/apis", headers={"Accept": "application/json"})
@@ -282,8 +283,8 @@ def test_kubectl_api_resources_lists_every_kind_and_says_nothing_else(cluster: C
 def test_kubectl_api_versions_and_version(cluster: Cluster, tmp_path: Path) -> None:
     result = kubectl(cluster, tmp_path, "api-versions")
     assert result.returncode == 0 and result.stderr == ""
-    assert result.stdout.split() == ["clone.kubevirt.io/v1beta1", "kubevirt.io/v1", "subresources.kubevirt.io/v1",
-                                     "v1", "vmquota.io/v1"]
+    assert result.stdout.split() == ["clone.kubevirt.io/v1beta1", "kubevirt.io/v1", "rbac.authorization.k8s.io/v1",
+                                     "subresources.kubevirt.io/v1", "v1", "vmquota.io/v1"]
     result = kubectl(cluster, tmp_path, "version", "-o", "json")
     assert result.returncode == 0 and result.stderr == ""
     assert json.loads(result.stdout)["serverVersion"]["minor"] == "32"

@@ -7,6 +7,7 @@ stderr); 2 bad usage or no server to talk to.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -80,10 +81,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_processes = workers.default_count() if args.api_processes is None else args.api_processes
     if not 1 <= api_processes <= workers.MAX_API_PROCESSES:
         raise UsageError(f"--api-processes takes 1 to {workers.MAX_API_PROCESSES}, got {api_processes}")
+    if args.authorization_mode not in ("RBAC", "AlwaysAllow"):
+        raise UsageError(f"--authorization-mode takes RBAC or AlwaysAllow, got {args.authorization_mode!r}")
     try:
         app = App.open(data_dir=data_dir, hypervisor_uri=args.hypervisor, host=host.strip("[]"), port=int(port),
                        overhead=OverheadModel(args.memory_overhead), resync_interval=args.resync_interval,
-                       api_processes=api_processes, use_emulation=args.use_emulation)
+                       api_processes=api_processes, use_emulation=args.use_emulation,
+                       tls=not args.plain_http, tls_cert_file=args.tls_cert_file,
+                       tls_private_key_file=args.tls_private_key_file, anonymous_auth=args.anonymous_auth,
+                       token_auth_file=args.token_auth_file, authorization_mode=args.authorization_mode,
+                       max_requests_inflight_per_user=args.max_requests_inflight_per_user)
     except errors.HypervisorUnavailable as e:
         print(f"vmquota: {e}\nvmquota: is libvirtd running? `make run` starts it (scripts/libvirtd-up.sh); "
               f"`--hypervisor test:///default` runs on libvirt's simulated host.", file=sys.stderr)
@@ -106,6 +113,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         app.close()
+    return EXIT_OK
+
+
+# -- admin commands on the server's host -----------------------------------------------------------
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    """A kubeconfig for a user, with a client certificate from the server's CA (like `kubeadm kubeconfig user`)."""
+    from vmquota import durations, pki
+
+    data_dir = Path(args.data_dir) if args.data_dir else kubeconfig.default_data_dir()
+    try:
+        lifetime = datetime.timedelta(seconds=durations.parse(args.expiration))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if lifetime.total_seconds() <= 0:
+        raise UsageError("--expiration must be longer than 0s")
+    try:
+        authority = pki.Authority.load(data_dir)
+        admin = kubeconfig.load([kubeconfig.admin_path(data_dir)])
+    except (OSError, ValueError) as e:
+        raise Refused(f"no CA in {data_dir}: has `vmquota serve --data-dir {data_dir}` run there with TLS? ({e})") \
+            from e
+    if not args.user.strip():
+        raise UsageError("--user takes a user name")
+    pair = authority.issue_client(args.user, args.group, lifetime)
+    config = kubeconfig.document(server=admin.server, user=args.user, namespace=args.namespace,
+                                 ca_pem=authority.cert_pem, client_cert_pem=pair.cert_pem,
+                                 client_key_pem=pair.key_pem)
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit log's events, oldest first, one JSON object a line."""
+    from vmquota import durations
+    from vmquota.apiserver import audit
+
+    data_dir = Path(args.data_dir) if args.data_dir else kubeconfig.default_data_dir()
+    since = None
+    if args.since:
+        try:
+            seconds = durations.parse(args.since)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        since = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
+    folder = audit.audit_dir(data_dir)
+    if not folder.exists():
+        raise Refused(f"no audit log in {data_dir}")
+    for event in audit.read(folder):
+        if args.user and (event.get("user") or {}).get("username") != args.user:
+            continue
+        if since and str(event.get("requestReceivedTimestamp", "")) < since:
+            continue
+        print(json.dumps(event, separators=(",", ":")))
     return EXIT_OK
 
 
@@ -360,6 +422,30 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-processes", type=int, default=None,
                        help="processes answering HTTP, one of them also running the controller "
                             "(default: one per core, at most 8)")
+    serve.add_argument("--tls-cert-file", help="the serving certificate (PEM; default: made by vmquota's CA in "
+                                               "<data-dir>/pki)")
+    serve.add_argument("--tls-private-key-file", help="the key of --tls-cert-file")
+    serve.add_argument("--plain-http", action="store_true",
+                       help="serve plain HTTP instead of TLS (refused on any address but loopback)")
+    serve.add_argument("--anonymous-auth", action="store_true",
+                       help="requests without credentials are system:anonymous instead of refused (401)")
+    serve.add_argument("--token-auth-file", help="Kubernetes' static token file: token,user,uid,\"group1,group2\"")
+    serve.add_argument("--authorization-mode", default="RBAC", help="RBAC (default) or AlwaysAllow")
+    serve.add_argument("--max-requests-inflight-per-user", type=int, default=64,
+                       help="requests one user may have in flight per API process before a 429 (default 64)")
+
+    issue = sub.add_parser("kubeconfig", help="print a kubeconfig for a user, with a certificate from the "
+                                              "server's CA (run on the server's host)")
+    issue.add_argument("--data-dir", help="the server's data directory (default: $XDG_DATA_HOME/vmquota)")
+    issue.add_argument("--user", required=True)
+    issue.add_argument("--group", action="append", default=[], help="a group of the user (repeatable)")
+    issue.add_argument("--namespace", help="the context's namespace")
+    issue.add_argument("--expiration", default="8760h", help="how long the certificate is valid (default 8760h)")
+
+    audit = sub.add_parser("audit", help="print the audit log (run on the server's host)")
+    audit.add_argument("--data-dir", help="the server's data directory (default: $XDG_DATA_HOME/vmquota)")
+    audit.add_argument("--user", help="only this user's events")
+    audit.add_argument("--since", help="only events this recent (e.g. 1h, 30m)")
 
     def namespaced(p: argparse.ArgumentParser) -> None:
         p.add_argument("-n", "--namespace", default=None, help="default: the kubeconfig context's, else default")
@@ -409,7 +495,7 @@ def parser() -> argparse.ArgumentParser:
                        help="would the clone be admitted now? exit 0, or 1 with the refusal; nothing changes")
     clone.add_argument("--timeout", type=float, default=600)
     for name, command in sub.choices.items():  # like kubectl's global flags, these may follow the command
-        if name != "serve":
+        if name not in ("serve", "kubeconfig", "audit"):
             command.add_argument("--server", default=argparse.SUPPRESS, help="the server URL")
             command.add_argument("--kubeconfig", default=argparse.SUPPRESS, help="the kubeconfig file")
     return top
@@ -417,6 +503,9 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"get": cmd_get, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
             "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone}
+
+
+LOCAL_COMMANDS = {"kubeconfig": cmd_kubeconfig, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -431,6 +520,8 @@ def run(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command in LOCAL_COMMANDS:
+            return LOCAL_COMMANDS[args.command](args)
         connection = kubeconfig.resolve(kubeconfig=args.kubeconfig, server=args.server, environ=os.environ,
                                         default=DEFAULT_SERVER)
         if getattr(args, "namespace", "") is None:  # -n not given: the context's namespace, as kubectl

@@ -5,7 +5,9 @@
      │    ├── BadRequest        400  the body is not JSON/YAML, the path is wrong
      │    ├── Invalid           422  a field breaks a rule (names the field)
      │    ├── QuotaExceeded     403  admission refused (names quota, resource, requested/used/limited)
+     │    ├── Unauthorized      401  no valid credentials (the message is always "Unauthorized")
      │    ├── Forbidden         403  any other refusal
+     │    ├── TooManyRequests   429  a user has too many requests in flight
      │    ├── NotFound          404
      │    ├── MethodNotAllowed  405
      │    ├── NotAcceptable     406  no answer in a media type the Accept header takes
@@ -32,21 +34,25 @@ class ApiError(VmquotaError):
     code = 500
     reason = "InternalError"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, details: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details  # Kubernetes' StatusDetails (name, group, kind), where it gives them
 
     def status(self) -> dict[str, object]:
         """The Kubernetes `Status` object an HTTP client receives."""
-        return {
+        status: dict[str, object] = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
             "status": "Failure",
             "message": self.message,
             "reason": self.reason,
-            "code": self.code,
         }
+        if self.details is not None:
+            status["details"] = self.details
+        status["code"] = self.code
+        return status
 
 
 class BadRequest(ApiError):
@@ -57,6 +63,20 @@ class BadRequest(ApiError):
 class Invalid(ApiError):
     code = 422
     reason = "Invalid"
+
+
+class Unauthorized(ApiError):
+    """Kubernetes' 401: it never says why (a wrong token and an unknown one look the same to a client)."""
+    code = 401
+    reason = "Unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Unauthorized")
+
+
+class TooManyRequests(ApiError):
+    code = 429
+    reason = "TooManyRequests"
 
 
 class Forbidden(ApiError):

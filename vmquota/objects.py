@@ -91,7 +91,17 @@ VIRTUAL_MACHINE_CLONE = Kind("VirtualMachineClone", "clone.kubevirt.io", "v1beta
                              verbs=("create", "delete", "get", "list", "watch"))
 EVENT = Kind("Event", "", "v1", "events", namespaced=True, short_names=("ev",), verbs=READ_VERBS)
 
-KINDS = (PROJECT, NAMESPACE, RESOURCE_QUOTA, VIRTUAL_MACHINE, VIRTUAL_MACHINE_CLONE, EVENT)
+# Who may do what (RBAC, `rbac.py`), and the identities of scripts (ServiceAccounts, with tokens from TokenRequest).
+SERVICE_ACCOUNT = Kind("ServiceAccount", "", "v1", "serviceaccounts", namespaced=True, short_names=("sa",))
+ROLE = Kind("Role", "rbac.authorization.k8s.io", "v1", "roles", namespaced=True)
+CLUSTER_ROLE = Kind("ClusterRole", "rbac.authorization.k8s.io", "v1", "clusterroles", namespaced=False)
+ROLE_BINDING = Kind("RoleBinding", "rbac.authorization.k8s.io", "v1", "rolebindings", namespaced=True)
+CLUSTER_ROLE_BINDING = Kind("ClusterRoleBinding", "rbac.authorization.k8s.io", "v1", "clusterrolebindings",
+                            namespaced=False)
+RBAC_KINDS = (ROLE, CLUSTER_ROLE, ROLE_BINDING, CLUSTER_ROLE_BINDING)
+
+KINDS = (PROJECT, NAMESPACE, RESOURCE_QUOTA, VIRTUAL_MACHINE, VIRTUAL_MACHINE_CLONE, EVENT, SERVICE_ACCOUNT,
+         *RBAC_KINDS)
 BY_KIND = {k.kind: k for k in KINDS}
 
 # KubeVirt serves a VM's lifecycle actions in an API group of their own; vmquota's views of its accounting
@@ -101,6 +111,7 @@ VMI_ACTIONS = ("pause", "unpause", "softreboot")  # KubeVirt's paths name the VM
 SUBRESOURCES = (
     *(Subresource(VIRTUAL_MACHINE, action, "subresources.kubevirt.io", "v1", ("update",)) for action in VM_ACTIONS),
     Subresource(PROJECT, "usage", "vmquota.io", "v1", ("get",), kind="ProjectUsage"),
+    Subresource(SERVICE_ACCOUNT, "token", "", "v1", ("create",), kind="TokenRequest"),
 )
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -119,9 +130,23 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+# RBAC objects are named as Kubernetes names them (`system:basic-user`, `kubevirt.io:admin`): any path segment.
+_PATH_SEGMENT_NAMED = frozenset({"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"})
+_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9.\-_:@]{1,253}$")
+
+
+def name_problem_for(kind: Kind, name: object) -> str | None:
+    """Why `name` cannot name an object of `kind`; None when it can."""
+    if kind.kind not in _PATH_SEGMENT_NAMED:
+        return name_problem(name)
+    if not isinstance(name, str) or name in (".", "..") or not _PATH_SEGMENT.match(name):
+        return "may not be '.' or '..' and must be 1 to 253 letters, digits or any of '.-_:@'"
+    return None
+
+
 def check_name(kind: Kind, name: object) -> str:
     """`name` when it is a valid object name; otherwise Invalid, quoting it."""
-    problem = name_problem(name)
+    problem = name_problem_for(kind, name)
     if problem:
         raise errors.Invalid(f"{kind.qualified_kind} {_quote(name)} is invalid: metadata.name: "
                              f"Invalid value: {_quote(name)}: {problem}")

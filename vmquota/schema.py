@@ -649,6 +649,67 @@ _VIRTUAL_MACHINE_CLONE = obj("VirtualMachineClone is a CRD that clones one VM in
 
 DEFINITIONS[TYPED_LOCAL_OBJECT_REFERENCE] = _CLONE_REF
 
+# -- who may do what: ServiceAccounts and RBAC (rbac.authorization.k8s.io/v1), as Kubernetes describes them --
+
+_SERVICE_ACCOUNT = obj("ServiceAccount binds together a name, understood by users and scripts, and a principal that "
+                       "can be authenticated and authorized: system:serviceaccount:<namespace>:<name>. Its tokens "
+                       "come from the token subresource (TokenRequest, `kubectl create token`).", {
+                           "automountServiceAccountToken": boolean("Unused by vmquota; kept as written."),
+                           "secrets": array(preserved("A reference to a Secret."), "Unused by vmquota."),
+                       })
+
+
+def _strings(description: str) -> Schema:
+    return array(string(""), description)
+
+
+_POLICY_RULE = obj("PolicyRule holds information that describes a policy rule, but does not contain information "
+                   "about who the rule applies to or which namespace the rule applies to.", {
+                       "verbs": _strings("Verbs is a list of Verbs that apply to ALL the ResourceKinds contained in "
+                                         "this rule. '*' represents all verbs."),
+                       "apiGroups": _strings("APIGroups is the name of the APIGroup that contains the resources. "
+                                             "\"\" represents the core API group and \"*\" represents all API groups."),
+                       "resources": _strings("Resources is a list of resources this rule applies to. '*' represents "
+                                             "all resources; 'virtualmachines/start' a subresource."),
+                       "resourceNames": _strings("ResourceNames is an optional white list of names that the rule "
+                                                 "applies to. An empty set means that everything is allowed."),
+                       "nonResourceURLs": _strings("NonResourceURLs is a set of partial urls that a user should have "
+                                                   "access to. *s are allowed, but only as the full, final step."),
+                   }, required=("verbs",))
+_RULES = array(_POLICY_RULE, "Rules holds all the PolicyRules for this role.")
+_ROLE = obj("Role is a namespaced, logical grouping of PolicyRules that can be referenced as a unit by a "
+            "RoleBinding.", {"rules": _RULES})
+_CLUSTER_ROLE = obj("ClusterRole is a cluster level, logical grouping of PolicyRules that can be referenced as a unit "
+                    "by a RoleBinding or ClusterRoleBinding.", {
+                        "rules": _RULES,
+                        "aggregationRule": obj("AggregationRule is an optional field that describes how to build the "
+                                               "Rules for this ClusterRole.", {
+                                                   "clusterRoleSelectors": array(preserved("A label selector."),
+                                                                                 "ClusterRoleSelectors holds a list "
+                                                                                 "of selectors which will be used to "
+                                                                                 "find ClusterRoles and create the "
+                                                                                 "rules.")}),
+                    })
+_SUBJECT = obj("Subject contains a reference to the object or user identities a role binding applies to.", {
+    "kind": string("Kind of object being referenced.", enum=("User", "Group", "ServiceAccount")),
+    "name": string("Name of the object being referenced."),
+    "namespace": string("Namespace of the referenced object (a ServiceAccount's)."),
+    "apiGroup": string("APIGroup holds the API group of the referenced subject."),
+}, required=("kind", "name"))
+_ROLE_REF = obj("RoleRef contains information that points to the role being used. It cannot be changed.", {
+    "apiGroup": string("APIGroup is the group for the resource being referenced."),
+    "kind": string("Kind is the type of resource being referenced.", enum=("Role", "ClusterRole")),
+    "name": string("Name is the name of resource being referenced."),
+}, required=("apiGroup", "kind", "name"))
+_BINDING_FIELDS = {"subjects": array(_SUBJECT, "Subjects holds references to the objects the role applies to."),
+                   "roleRef": _ROLE_REF}
+_ROLE_BINDING = obj("RoleBinding references a role, but does not contain it. It adds who information via Subjects "
+                    "and namespace information by which namespace it exists in.", _BINDING_FIELDS,
+                    required=("roleRef",))
+_CLUSTER_ROLE_BINDING = obj("ClusterRoleBinding references a ClusterRole, but not contain it. It can reference a "
+                            "ClusterRole in the global namespace, and adds who information via Subject.",
+                            _BINDING_FIELDS, required=("roleRef",))
+
 _KIND_BODIES: dict[str, Schema] = {
     objects.PROJECT.kind: _PROJECT,
     objects.NAMESPACE.kind: _NAMESPACE,
@@ -656,6 +717,11 @@ _KIND_BODIES: dict[str, Schema] = {
     objects.VIRTUAL_MACHINE.kind: _VIRTUAL_MACHINE,
     objects.VIRTUAL_MACHINE_CLONE.kind: _VIRTUAL_MACHINE_CLONE,
     objects.EVENT.kind: _EVENT,
+    objects.SERVICE_ACCOUNT.kind: _SERVICE_ACCOUNT,
+    objects.ROLE.kind: _ROLE,
+    objects.CLUSTER_ROLE.kind: _CLUSTER_ROLE,
+    objects.ROLE_BINDING.kind: _ROLE_BINDING,
+    objects.CLUSTER_ROLE_BINDING.kind: _CLUSTER_ROLE_BINDING,
 }
 
 

@@ -167,6 +167,17 @@ SELECT s.kind, s.namespace, s.name, s.hard, s.used FROM objects AS n JOIN quota_
     WHERE n.kind = '{objects.NAMESPACE.kind}' AND n.namespace = '' AND n.name = :namespace
 ORDER BY kind DESC, name"""  # ResourceQuota sorts after Project: descending puts the project last
 
+# A counter that every write of an RBAC object (or a namespace, whose deletion removes its Roles) raises, in the
+# same transaction: each API process keeps its RBAC policy in memory and builds it again only when this moved.
+# Made at every open (IF NOT EXISTS), so that it needs no schema version of its own.
+RBAC_GENERATION = "rbac-generation"
+_RBAC_KINDS = "(" + ", ".join(f"'{k.kind}'" for k in (*objects.RBAC_KINDS, objects.NAMESPACE)) + ")"
+_RBAC_GENERATION_TRIGGERS = "".join(f"""
+CREATE TRIGGER IF NOT EXISTS rbac_generation_{event.lower()} AFTER {event} ON objects
+    WHEN {row}.kind IN {_RBAC_KINDS} BEGIN
+    INSERT INTO counters(name, value) VALUES ('{RBAC_GENERATION}', 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+END;""" for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")))
 
 @dataclass(frozen=True)
 class Where:
@@ -268,6 +279,10 @@ class Reader:
         for (body,) in rows:
             yield body
 
+    def rbac_generation(self) -> int:
+        """Raised by every committed change of an RBAC object or a namespace (a trigger keeps it)."""
+        row = self._conn.execute("SELECT value FROM counters WHERE name=?", (RBAC_GENERATION,)).fetchone()
+        return int(row[0]) if row else 0
     def extract(self, kind: Kind, namespace: str | None, parts: Sequence[Part],
                 where: Sequence[Where] = ()) -> Iterator[tuple[Any, ...]]:
         """`parts` of every object of a kind that meets every `where`, cut out by SQLite, in namespace and name
@@ -606,6 +621,7 @@ class Store:
         if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} {_QUOTA_STATUS_TRIGGER} "
                                        f"{_CHANGES_START} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} COMMIT;")
         self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
                              (objects.new_uid(),))

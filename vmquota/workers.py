@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from vmquota import errors
+from vmquota.apiserver.security import Options
 from vmquota.controller import Key
 from vmquota.usage import OverheadModel
 from vmquota.workqueue import WorkQueue
@@ -98,14 +99,15 @@ class ApiProcesses:
         self._listening_fd = -1
 
     def start(self, count: int, *, listening: socket.socket, data_dir: Path, hypervisor_uri: str,
-              overhead: OverheadModel) -> None:
+              overhead: OverheadModel, security_options: Options | None = None, listen_host: str = "") -> None:
         """Start `count` API processes and return once each of them serves; raises if one cannot."""
         if count == 0:
             return
         listening.setblocking(False)  # shared: a process that loses the race for a connection goes on polling
         self._listening_fd = listening.fileno()
         self._command = [sys.executable, "-m", "vmquota.workers", "--data-dir", str(data_dir),
-                         "--hypervisor", hypervisor_uri, "--memory-overhead", overhead.value]
+                         "--hypervisor", hypervisor_uri, "--memory-overhead", overhead.value,
+                         "--security", (security_options or Options()).to_json(), "--listen-host", listen_host]
         for _ in range(count):
             try:
                 child = self._spawn()
@@ -184,7 +186,7 @@ class ApiProcesses:
 
 def main(argv: list[str] | None = None) -> int:
     """An API process: the same Api as the first process's, on the inherited socket, until its lifeline ends."""
-    from vmquota.apiserver import serve_on
+    from vmquota.apiserver import security, serve_on
     from vmquota.app import open_core  # here: the wiring (app.py) imports this module
 
     parser = argparse.ArgumentParser(prog="python -m vmquota.workers", description=__doc__)
@@ -194,13 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--keys-fd", type=int, required=True)
     parser.add_argument("--lifeline-fd", type=int, required=True)
+    parser.add_argument("--security", required=True, help="the first process's security options, as JSON")
+    parser.add_argument("--listen-host", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the first process too; it ends this one
 
     core = open_core(Path(args.data_dir), args.hypervisor, OverheadModel(args.memory_overhead))
     core.controller.queue = KeysToController(args.keys_fd)
-    server = serve_on(core.api, socket.socket(fileno=args.listen_fd))
+    # The same TLS, authentication, RBAC and audit as the first process (its CA and keys are in the data dir).
+    secured = security.build(Options.from_json(args.security), api=core.api, data_dir=Path(args.data_dir),
+                             listen_host=args.listen_host)
+    server = serve_on(core.api, socket.socket(fileno=args.listen_fd), secured)
 
     def wait_for_first_process() -> None:
         while os.read(args.lifeline_fd, 1):

@@ -1,9 +1,10 @@
 """The chain every request passes before a handler, in the spirit of k8s.io/apiserver's filters.
 
 Each filter is a function of the request and the rest of the chain: it answers itself (with a Status) or
-passes the request on. Authentication, audit and authorization will stand here, in that order, before the
-handlers, so that no handler checks permissions by itself and none can forget to. Today the chain turns
-errors into Kubernetes Status objects and never lets a traceback reach a client.
+passes the request on. Audit, authentication, per-user limits and authorization (`security.py` builds them for
+each server) stand here, in that order, before the handlers, so that no handler checks permissions by itself
+and none can forget to. The outermost filter turns errors into Kubernetes Status objects and never lets a
+traceback reach a client.
 """
 
 from __future__ import annotations
@@ -45,3 +46,10 @@ def errors_as_status(request: Request, handler: Handler) -> Response:
 
 
 FILTERS: tuple[Filter, ...] = (errors_as_status,)
+
+
+def with_security(security_filters: Sequence[Filter]) -> tuple[Filter, ...]:
+    """The chain with a server's security filters (`security.py`: audit, authentication, limits,
+    authorization, self reviews) right inside the error filter, before any other."""
+    rest = tuple(f for f in FILTERS if f is not errors_as_status)
+    return (errors_as_status, *security_filters, *rest)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from vmquota import errors, fieldmanager, objects, schema
 from vmquota.api import Api, PartsCache
 from vmquota.apiserver import bodies, discovery, openapi, openapi_pb, paging, patch, protobuf, selectors, tables, watch
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
+from vmquota.store import Where
 
 NonResourceHandler = Callable[[Api, Request], Response]
 TABLE_CACHE_OBJECTS = 20_000
@@ -147,6 +150,8 @@ class Handlers:
         """A list or a watch: selected by labelSelector and fieldSelector, as the List (or its events), a Table
         or a PartialObjectMetadataList, as the Accept header asks; paged with limit and continue."""
         selection = selectors.parse(kind, request.param("labelSelector"), request.param("fieldSelector"))
+        if request.visible_namespaces is not None:
+            selection = Visible(selection.labels, selection.fields, kind=kind, visible=request.visible_namespaces)
         target = tables.target(request.accept, listing=True)
         if request.flag("watch"):
             return self._watch(request, kind, namespace, selection, target)
@@ -243,7 +248,10 @@ class Handlers:
             return Response.json(200, self.api.charges(ns))
         if sub == "usage":
             _only(request, "GET")
-            return Response.json(200, self.api.project_usage(name or ""))
+            return Response.json(200, _masked(self.api.project_usage(name or ""), request.visible_namespaces))
+        if sub == "token":
+            _only(request, "POST")
+            return Response.json(201, self.api.create_token(ns or "", name or "", typed_body(request)))
         assert sub in (*objects.VM_ACTIONS, *objects.VMI_ACTIONS) and ns is not None and name is not None
         _only(request, "PUT")
         if sub in objects.VMI_ACTIONS:
@@ -261,6 +269,41 @@ class Handlers:
         return Response.success(202)
 
 
+@dataclass(frozen=True)
+class Visible(selectors.Selection):
+    """A tenant's view of a list across namespaces (`authorization.py`): what the request's selectors select,
+    of the namespaces (or, for a cluster-scoped kind, the names) it may see. SQLite checks it with the rest."""
+    kind: objects.Kind = objects.VIRTUAL_MACHINE
+    visible: frozenset[str] = frozenset()
+
+    @property
+    def _path(self) -> tuple[str, str]:
+        return ("metadata", "namespace" if self.kind.namespaced else "name")
+
+    @property
+    def empty(self) -> bool:
+        return False
+
+    def matches(self, obj: dict[str, Any]) -> bool:
+        return (obj.get("metadata") or {}).get(self._path[1]) in self.visible and super().matches(obj)
+
+    __call__ = matches
+
+    @property
+    def where(self) -> tuple[Where, ...]:
+        return (Where(self._path, "in", tuple(sorted(self.visible))), *super().where)
+
+
+def _masked(usage: dict[str, Any], visible: frozenset[str] | None) -> dict[str, Any]:
+    """A project's usage for a member: every namespace's total, but only the VMs of the namespaces it may see."""
+    if visible is None:
+        return usage
+    for entry in usage.get("namespaces", []):
+        if entry.get("namespace") not in visible:
+            entry["virtualMachines"] = []
+    return usage
+
+
 def _only(request: Request, allowed: str) -> None:
     if request.method != allowed:
         raise errors.MethodNotAllowed(f"only {allowed} is supported here")
@@ -268,6 +311,13 @@ def _only(request: Request, allowed: str) -> None:
 
 def _body(request: Request) -> object:
     return bodies.parse_body(request.body, request.content_type)
+
+
+def typed_body(request: Request) -> object:
+    """A body that names its own kind (a TokenRequest, a review): JSON, YAML, or protobuf as kubectl sends it."""
+    if request.content_type.split(";")[0].strip().lower() == protobuf.MEDIA_TYPE:
+        return protobuf.decode(request.body)
+    return _body(request)
 
 
 def _object_body(request: Request, kind: objects.Kind) -> object:

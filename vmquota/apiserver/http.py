@@ -20,10 +20,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from vmquota.api import Api
-from vmquota.apiserver import filters, watch
+from vmquota.apiserver import filters, tls, watch
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
 from vmquota.apiserver.request import Request, Response, Stream, status
+from vmquota.apiserver.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ MAX_CHUNK_LINE = 4096  # a chunk's size line with its extensions, or one trailer
 MAX_TRAILERS = 64
 
 
-def make_handler(api: Api, feed: watch.Feed) -> type[BaseHTTPRequestHandler]:
-    serve_request = filters.chain(Handlers(api, feed), filters.FILTERS)
+def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -> type[BaseHTTPRequestHandler]:
+    chain = filters.with_security(security.filters) if security is not None else filters.FILTERS
+    serve_request = filters.chain(Handlers(api, feed), chain)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -194,7 +196,11 @@ def make_handler(api: Api, feed: watch.Feed) -> type[BaseHTTPRequestHandler]:
             query: dict[str, str] = {}
             for name, value in parse_qsl(target.query, keep_blank_values=True):
                 query.setdefault(name, value)  # the first value counts, as in Kubernetes
-            request = Request(method, target.path, query, self.headers, body)
+            request = Request(method, target.path, query, self.headers, body,
+                              remote_address=str(self.client_address[0]) if self.client_address else "")
+            if isinstance(self.connection, tls.TLSSocket):
+                request.client_certificate = self.connection.peer_certificate()
+                request.client_certificate_trusted = self.connection.verdict.trusted
             response = serve_request(request)
             if request.warnings:
                 response.headers["Warning"] = ", ".join(_warning_value(w) for w in request.warnings)
@@ -277,24 +283,40 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    tls_context: Any = None  # pyOpenSSL's SSL.Context when serving TLS
 
-    def __init__(self, address: tuple[str, int], api: Api, *, bind_and_activate: bool = True) -> None:
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the TLS handshake (with a timeout, so a client that stalls in it
+        holds only its own thread, and only for a while), then HTTP."""
+        if self.tls_context is not None:
+            connection = tls.TLSSocket(request, self.tls_context)
+            try:
+                connection.handshake()
+            except OSError as e:
+                log.debug("TLS handshake with %s failed: %s", client_address, e)
+                return  # the raw socket is closed by the caller
+            request = connection
+        self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
+
+    def __init__(self, address: tuple[str, int], api: Api, *, bind_and_activate: bool = True,
+                 security: Security | None = None) -> None:
         self.feed = watch.Feed(api.store)
-        super().__init__(address, make_handler(api, self.feed), bind_and_activate)
+        self.tls_context = security.tls_context if security is not None else None
+        super().__init__(address, make_handler(api, self.feed, security), bind_and_activate)
 
     def server_close(self) -> None:
         self.feed.close()  # every watch stream ends cleanly, as when kube-apiserver shuts down
         super().server_close()
 
 
-def serve(api: Api, host: str, port: int) -> Server:
+def serve(api: Api, host: str, port: int, security: Security | None = None) -> Server:
     """A bound server; the caller runs `serve_forever()` (tests do it on a thread)."""
-    return Server((host, port), api)
+    return Server((host, port), api, security=security)
 
 
-def serve_on(api: Api, listening: socket.socket) -> Server:
+def serve_on(api: Api, listening: socket.socket, security: Security | None = None) -> Server:
     """A server accepting on a socket another process has bound and listens on (`workers.py`)."""
-    server = Server(listening.getsockname()[:2], api, bind_and_activate=False)
+    server = Server(listening.getsockname()[:2], api, bind_and_activate=False, security=security)
     server.socket.close()
     server.socket = listening
     return server

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vmquota import errors
+from vmquota.identity import UserInfo
 
 
 class Headers(Protocol):
@@ -36,6 +37,13 @@ class Request:
     headers: Headers
     body: bytes = b""
     warnings: list[str] = field(default_factory=list)
+    remote_address: str = ""  # the client's IP address, for the audit log
+    client_certificate: Any = None  # the TLS client's certificate (cryptography's x509.Certificate), if any
+    client_certificate_trusted: bool = False  # OpenSSL verified its chain against vmquota's CA
+    user: UserInfo | None = None  # set by authentication
+    # Set by authorization on a list across namespaces that the user may list in some namespaces only: the
+    # list shows those (None: no restriction).
+    visible_namespaces: frozenset[str] | None = None
 
     def param(self, name: str) -> str | None:
         return self.query.get(name)

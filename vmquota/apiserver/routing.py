@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from vmquota import errors, objects
 from vmquota.objects import Kind
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9.\-_]{1,253}$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9.\-_:@]{1,253}$")  # ':' and '@' in RBAC objects' names only
 _BY_GROUP_PLURAL = {(k.group, k.version, k.plural): k for k in objects.KINDS}
+# Subresources served under their kind's own group (a ServiceAccount's token); KubeVirt's VM actions have a
+# group of their own, below.
+_OWN_GROUP_SUBRESOURCES = {(s.parent.kind, s.name) for s in objects.SUBRESOURCES if s.group == s.parent.group}
 SUBRESOURCES_GROUP = ("subresources.kubevirt.io", "v1")
 VMQUOTA_GROUP = ("vmquota.io", "v1")
 
@@ -59,6 +62,11 @@ def route(path: str) -> Route:
     namespace = None
     if len(rest) >= 3 and rest[0] == "namespaces" and (group, version, rest[2]) in _BY_GROUP_PLURAL:
         namespace, rest = rest[1], rest[2:]
+    if namespace is not None and len(rest) == 3 and (group, version, rest[0]) in _BY_GROUP_PLURAL:
+        kind = _BY_GROUP_PLURAL[(group, version, rest[0])]
+        if (kind.kind, rest[2]) in _OWN_GROUP_SUBRESOURCES and not objects.name_problem(rest[1]) \
+                and not objects.name_problem(namespace):
+            return Route(kind, namespace, rest[1], rest[2])
     if not rest or len(rest) > 2 or (group, version, rest[0]) not in _BY_GROUP_PLURAL:
         raise errors.NotFound("the server could not find the requested resource")
     kind = _BY_GROUP_PLURAL[(group, version, rest[0])]
@@ -67,7 +75,7 @@ def route(path: str) -> Route:
     if not kind.namespaced and namespace is not None:
         raise errors.NotFound("the server could not find the requested resource")
     name = rest[1] if len(rest) == 2 else None
-    if name is not None and kind is not objects.EVENT and objects.name_problem(name):
+    if name is not None and kind is not objects.EVENT and objects.name_problem_for(kind, name):
         raise errors.NotFound(f'{kind.resource} "{name[:80]}" not found')
     if namespace is not None and objects.name_problem(namespace):
         raise errors.NotFound(f'namespaces "{namespace}" not found')
