@@ -501,6 +501,13 @@ FIELD_RULES: dict[str, FieldRules] = {
     objects.RESOURCE_QUOTA.kind: FieldRules(_NAMESPACED, _not_known),
     objects.EVENT.kind: FieldRules(_EVENT_FIELDS, _not_supported),
 }
+
+
+def _default_rules(kind: Kind) -> FieldRules:
+    """Every other kind (ServiceAccount, the RBAC kinds) gets kube-apiserver's default conversion."""
+    return FieldRules(_NAMESPACED if kind.namespaced else {"metadata.name": _NAME}, _not_known)
+
+
 _EVENT_SOURCE = "source"  # source.component, else reportingComponent: not one path, so matched apart
 
 
@@ -535,7 +542,7 @@ def parse_fields(kind: Kind, text: str) -> FieldSelector:
             raise SelectorError(f"invalid selector: '{text}'; can't understand '{part}'")
         field, operator, raw = split
         terms.append(FieldTerm(field, _unescape(raw), negated=operator == "!="))
-    rules = FIELD_RULES[kind.kind]
+    rules = FIELD_RULES.get(kind.kind) or _default_rules(kind)
     resolved = [None if kind is objects.EVENT and term.field == _EVENT_SOURCE else rules.convert(term.field)
                 for term in terms]
     return FieldSelector(tuple(terms), tuple(resolved))
