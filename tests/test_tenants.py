@@ -339,6 +339,33 @@ def test_lists_across_namespaces_show_only_what_the_user_may_list(tenants: Tenan
     assert len(tenants.admin.get("/apis/kubevirt.io/v1/virtualmachines")["items"]) == 2
 
 
+def test_watches_and_pages_across_namespaces_show_only_what_the_user_may_list(tenants: Tenants) -> None:
+    alice = tenants.as_user("alice")
+    for index in range(3):
+        tenants.admin.post(vms(tenants.dev), vm_manifest(f"mine-{index}", cores=1, disk=None))
+        tenants.admin.post(vms(tenants.prod), vm_manifest(f"theirs-{index}", cores=1, disk=None))
+    first = alice.get("/apis/kubevirt.io/v1/virtualmachines?limit=2")
+    rest = alice.get(f"/apis/kubevirt.io/v1/virtualmachines?limit=2&continue={first['metadata']['continue']}")
+    paged = [(v["metadata"]["namespace"], v["metadata"]["name"]) for v in first["items"] + rest["items"]]
+    assert paged == [(tenants.dev, f"mine-{index}") for index in range(3)]
+    host, port = tenants.app.url.removeprefix("https://").split(":")
+    pair = tenants.ca.issue_client("alice")
+    folder = tenants.app.data_dir / "alice-tls"
+    pki.write_private(folder / "alice.crt", pair.cert_pem)
+    pki.write_private(folder / "alice.key", pair.key_pem)
+    context = ssl.create_default_context(cadata=tenants.ca.cert_pem)
+    context.load_cert_chain(folder / "alice.crt", folder / "alice.key")
+    with socket.create_connection((host, int(port)), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as connection:
+        connection.sendall(b"GET /apis/kubevirt.io/v1/virtualmachines?watch=true&timeoutSeconds=1 HTTP/1.1\r\n"
+                           b"Host: x\r\nConnection: close\r\n\r\n")
+        stream = b""
+        while chunk := connection.recv(65536):
+            stream += chunk
+    assert b" 200 " in stream.split(b"\r\n", 1)[0]
+    assert stream.count(b'"ADDED"') == 3 and b"theirs-" not in stream
+
+
 def test_a_member_reads_its_project_and_its_usage_but_no_other_teams_vms(tenants: Tenants) -> None:
     other = f"{tenants.dev}-b"
     tenants.admin.post("/api/v1/namespaces", {"metadata": {"name": other,

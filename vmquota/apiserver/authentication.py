@@ -17,6 +17,7 @@ kube-apiserver's public-info-viewer role opens to anyone (`/healthz`, `/version`
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import hmac
 import io
@@ -26,6 +27,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmquota import errors, identity, pki, tokens
 from vmquota.apiserver.request import Request, Response
@@ -112,10 +114,10 @@ class Authenticator:
         if request.client_certificate is not None:
             if not request.client_certificate_trusted:
                 raise errors.Unauthorized()
-            user, groups = pki.subject_identity(request.client_certificate)
-            if not user:
+            user_info = _certificate_user(request.client_certificate)
+            if user_info is None:
                 raise errors.Unauthorized()
-            return identity.authenticated(user, groups)
+            return user_info
         header = request.headers.get("Authorization")
         if header is not None:
             return self._bearer(header)
@@ -142,6 +144,13 @@ class Authenticator:
                 raise errors.Unauthorized()  # its ServiceAccount was deleted (perhaps made again: a new uid)
             return identity.service_account(binding.namespace, binding.name, binding.uid)
         raise errors.Unauthorized()
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate_user(cert: Any) -> UserInfo | None:
+    """The user of a (verified) client certificate; a kept-alive connection presents the same one each time."""
+    user, groups = pki.subject_identity(cert)
+    return identity.authenticated(user, groups) if user else None
 
 
 def filter_for(authenticator: Authenticator) -> Callable[[Request, Handler], Response]:

@@ -78,6 +78,7 @@ class TLSSocket:
         self._tls.set_app_data(self.verdict)
         self._tls.set_accept_state()
         self._timeout: float | None = None
+        self._peer: x509.Certificate | bool | None = False  # False: not read yet (it never changes: no renegotiation)
 
     def handshake(self, timeout: float | None = None) -> None:
         """Complete the handshake within `timeout` seconds (HANDSHAKE_TIMEOUT); OSError (TimeoutError) otherwise."""
@@ -88,8 +89,11 @@ class TLSSocket:
             self._timeout = saved
 
     def peer_certificate(self) -> x509.Certificate | None:
-        cert = self._tls.get_peer_certificate(as_cryptography=True)
-        return cert if isinstance(cert, x509.Certificate) else None
+        """The client's certificate, read once per connection (every request of a kept-alive one asks)."""
+        if self._peer is False:
+            cert = self._tls.get_peer_certificate(as_cryptography=True)
+            self._peer = cert if isinstance(cert, x509.Certificate) else None
+        return self._peer if isinstance(self._peer, x509.Certificate) else None
 
     def _wait(self, for_write: bool) -> None:
         readable, writable, _ = select.select([] if for_write else [self.raw], [self.raw] if for_write else [], [],
