@@ -86,7 +86,7 @@ class Api:
             metadata.pop(server_field, None)
         obj.pop("status", None)
         rules = self.rules[kind.kind]
-        with self.store.transaction() as txn:
+        with accounting.recording_refusals(self.store), self.store.transaction() as txn:
             rules.check_namespace(txn, namespace)
             rules.validate(txn, obj, None)
             if txn.exists(kind, namespace if kind.namespaced else "", metadata["name"]):
@@ -112,7 +112,7 @@ class Api:
     def _update(self, kind: Kind, namespace: str, name: str, make: Any) -> Obj:
         rules = self.rules[kind.kind]
         ns = namespace if kind.namespaced else ""
-        with self.store.transaction() as txn:
+        with accounting.recording_refusals(self.store), self.store.transaction() as txn:
             current = existing(txn, kind, ns, name)
             new = make(copy.deepcopy(current))
             metadata, old_meta = new["metadata"], current["metadata"]
@@ -176,7 +176,7 @@ class Api:
     # -- VM subresources -------------------------------------------------------------------------
 
     def _vm_action(self, namespace: str, name: str, action: Any) -> Obj:
-        with self.store.transaction() as txn:
+        with accounting.recording_refusals(self.store), self.store.transaction() as txn:
             vm = existing(txn, VIRTUAL_MACHINE, namespace, name)
             action(txn, vm)
             return txn.update(VIRTUAL_MACHINE, vm)
@@ -279,6 +279,14 @@ def _parse_hard(kind: Kind, name: str, raw: Any, field: str) -> r.ResourceList:
     return hard
 
 
+def _check_settings(kind: Kind, obj: Obj) -> None:
+    """A quota's warning threshold and enforcement mode annotations, when set, must be ones vmquota knows."""
+    problem = accounting.settings_problem(obj)
+    if problem:
+        annotation, why = problem
+        raise invalid(kind, obj["metadata"]["name"], f"metadata.annotations[{annotation}]", f"Invalid value: {why}")
+
+
 def _below_used(display: str, hard: r.ResourceList, used: r.ResourceList) -> str | None:
     _, exceeded = r.less_than_or_equal(r.mask(used, hard), hard)
     if not exceeded:
@@ -330,6 +338,7 @@ class _ProjectRules(_Rules):
             if not isinstance(part, dict):
                 raise invalid(PROJECT, name, f"spec.{field}", "Invalid value: must be an object")
             _parse_hard(PROJECT, name, part.get("hard"), f"spec.{field}.hard")
+        _check_settings(PROJECT, obj)
         hard = accounting.hard_of(PROJECT, obj)
         default = _parse_hard(PROJECT, name, (spec.get("namespaceDefaultResourceQuota") or {}).get("hard"),
                               "spec.namespaceDefaultResourceQuota.hard")
@@ -456,6 +465,7 @@ class _QuotaRules(_Rules):
         if spec is not None and not isinstance(spec, dict):
             raise invalid(RESOURCE_QUOTA, name, "spec", "Invalid value: must be an object")
         hard = _parse_hard(RESOURCE_QUOTA, name, (spec or {}).get("hard"), "spec.hard")
+        _check_settings(RESOURCE_QUOTA, obj)
         _check_under_project(txn, obj, namespace)
         problem = _below_used(f"quota {name}", hard, accounting.namespace_usage(txn, namespace))
         if problem:
