@@ -10,8 +10,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +71,14 @@ def _display(kind: objects.Kind) -> str:
 # -- serve ------------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    metrics_folder = _share_metrics()  # before anything imports prometheus_client
+    try:
+        return _serve(args)
+    finally:
+        shutil.rmtree(metrics_folder, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from vmquota import workers  # the server side is imported only to serve
     from vmquota.app import App
 
@@ -107,6 +117,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         app.close()
     return EXIT_OK
+
+
+def _share_metrics() -> Path:
+    """Point prometheus_client's multiprocess mode at a fresh folder of this server's own: every API process
+    started after this writes its values there, and a scrape, whichever process answers it, sums them. A
+    temporary folder, so that a restarted server's counters start at zero (as Prometheus expects of a restarted
+    target) and nothing lands in a data directory before the server lock is held."""
+    folder = Path(tempfile.mkdtemp(prefix="vmquota-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
 
 
 # -- client commands -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vmquota import accounting, domainxml, errors, objects, usage, vmspec, vmstatus
+from vmquota import accounting, domainxml, errors, history, objects, telemetry, usage, vmspec, vmstatus
 from vmquota.disks import Disks
 from vmquota.hypervisor import ABSENT, DomainState, ExitCause, Hypervisor, Observed
 from vmquota.objects import VIRTUAL_MACHINE as VM
@@ -136,6 +136,7 @@ class Controller:
                     self._update(key, self._hypervisor_back)
                 self.reconcile(key)
             except errors.HypervisorUnavailable as e:
+                telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(0)
                 log.warning("%s/%s: %s; trying again later", *key, e)
                 self._update(key, functools.partial(self._hypervisor_away, message=str(e)))
                 self.queue.add(key, after=2.0)
@@ -166,6 +167,7 @@ class Controller:
             try:
                 self.resync()
             except errors.HypervisorUnavailable as e:
+                telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(0)
                 log.warning("recount postponed: %s", e)
             except Exception:
                 log.exception("recount failed")
@@ -604,6 +606,7 @@ class Controller:
             # The ledger is summed while libvirt lists the domains and the disk folders are listed: those
             # two wait mostly outside Python's lock, so the three take little more than the longest.
             domains, folders = pool.submit(self.hypervisor.observe_all), pool.submit(self.disks.vm_dirs)
+            started = time.perf_counter()
             with self.store.transaction() as txn:
                 drifted = accounting.recount(txn)
             # Look at the hypervisor and the disks before the VMs: anything made after this look belongs to
@@ -617,6 +620,11 @@ class Controller:
             if needs_reconcile(vm, observed.get(key, ABSENT)):
                 self.queue.add(key)
         self._collect_garbage(known, observed, disk_dirs)
+        telemetry.RECOUNT_SECONDS.observe(time.perf_counter() - started)
+        telemetry.RECOUNT_CORRECTIONS.inc(len(drifted))
+        telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(1)
+        with self.store.transaction() as txn:
+            history.roll_up(txn, now=self.clock())
         for quota in drifted:
             log.warning("recount corrected the used of %s", quota)
         return drifted

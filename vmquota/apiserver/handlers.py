@@ -1,6 +1,6 @@
 """The handlers behind the filters: fixed paths, and Kubernetes' verbs on the served kinds.
 
-`NON_RESOURCE` maps fixed paths (health, version, discovery, OpenAPI) to their handler. Every other path is
+`NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI) to their handler. Every other path is
 routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update, patch, delete,
 and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from vmquota import errors, objects, schema
 from vmquota.api import Api
-from vmquota.apiserver import bodies, discovery, openapi, openapi_pb
+from vmquota.apiserver import bodies, discovery, metrics, openapi, openapi_pb
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -21,6 +21,10 @@ NonResourceHandler = Callable[[Api, Request], Response]
 
 def _healthz(api: Api, request: Request) -> Response:
     return Response(200, b"ok", "text/plain")
+
+
+def _metrics(api: Api, request: Request) -> Response:
+    return Response(200, metrics.scrape(api.store), metrics.CONTENT_TYPE)
 
 
 def _fixed(body: bytes, content_type: str = "application/json") -> NonResourceHandler:
@@ -57,6 +61,7 @@ def _openapi_v3(served: openapi.Served) -> NonResourceHandler:
 def _non_resource() -> dict[str, NonResourceHandler]:
     paths: dict[str, NonResourceHandler] = {
         "/healthz": _healthz,
+        "/metrics": _metrics,
         "/openapi.json": _fixed(json.dumps(openapi.document()).encode()),
         "/version": _fixed(discovery.encoded(discovery.version_info())),
         "/api": _discovery(discovery.encoded(discovery.api_versions()),
