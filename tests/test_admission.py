@@ -36,21 +36,26 @@ def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothin
         ("QuotaExceeded", "ResourceQuota", "compute", refused.value.message)]
 
 
-def test_a_start_changes_a_quotas_used_but_not_its_resource_version(cluster: Cluster) -> None:
-    """Usage is status the server keeps apart: a client's PUT of the quota with the resourceVersion it read is
-    not refused (409) because a VM started meanwhile. In Kubernetes it is: the quota controller's every
-    status update bumps the quota's resourceVersion."""
+def test_a_start_changes_a_quotas_used_and_its_resource_version(cluster: Cluster) -> None:
+    """Usage is status like any other, as in Kubernetes (whose quota controller's every status update bumps the
+    quota's resourceVersion): a watcher sees it change, so a PUT of the quota read before a VM started is
+    refused (409) as stale, while a merge patch, which carries no resourceVersion, still applies."""
     cluster.create_quota({"limits.cpu": "4"})
     cluster.create_vm(vm_manifest("a", cores=2))
     read = cluster.quota()
     cluster.action("a", "start")
     cluster.wait_status("a", "Running")
     assert cluster.used() == {"limits.cpu": "2"}
-    assert cluster.quota()["metadata"]["resourceVersion"] == read["metadata"]["resourceVersion"]
+    assert int(cluster.quota()["metadata"]["resourceVersion"]) > int(read["metadata"]["resourceVersion"])
     read["spec"]["hard"]["limits.cpu"] = "6"
-    replaced = cluster.client.put(f"/api/v1/namespaces/{cluster.ns}/resourcequotas/compute", read)
-    assert replaced["status"] == {"hard": {"limits.cpu": "6"}, "used": {"limits.cpu": "2"}}
-    assert cluster.quota() == replaced
+    path = f"/api/v1/namespaces/{cluster.ns}/resourcequotas/compute"
+    with pytest.raises(ClientError) as stale:
+        cluster.client.put(path, read)
+    assert stale.value.code == 409 and stale.value.reason == "Conflict"
+    assert cluster.quota()["spec"]["hard"] == {"limits.cpu": "4"}
+    patched = cluster.client.patch(path, {"spec": {"hard": {"limits.cpu": "6"}}})
+    assert patched["status"] == {"hard": {"limits.cpu": "6"}, "used": {"limits.cpu": "2"}}
+    assert cluster.quota() == patched
 
 
 def test_every_quota_of_the_namespace_is_checked(cluster: Cluster) -> None:

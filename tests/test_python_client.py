@@ -5,6 +5,7 @@ list-then-watch loop that follows 50 concurrent writers and ends with exactly wh
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,11 @@ def api_client(served: Served) -> k8s.ApiClient:
 
 
 def test_quotas_and_vms_round_trip_through_the_typed_and_custom_object_clients(served: Served) -> None:
-    api = api_client(served)
+    with api_client(served) as api:
+        round_trip(api)
+
+
+def round_trip(api: k8s.ApiClient) -> None:
     core, custom = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api)
     core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="crud")))
     quota = core.create_namespaced_resource_quota("crud", k8s.V1ResourceQuota(
@@ -71,12 +76,14 @@ class Informer:
     """What client-go's informers do: list, then watch from the list's resourceVersion, keeping a cache."""
 
     def __init__(self, served: Served) -> None:
-        self.custom = k8s.CustomObjectsApi(api_client(served))
+        self.api = api_client(served)
+        self.custom = k8s.CustomObjectsApi(self.api)
         self.cache: dict[str, str] = {}  # name -> resourceVersion
         self.seen: list[tuple[str, str, int]] = []  # (type, name, resourceVersion) of every event
         self.watch = watch.Watch()
         self.listed = threading.Event()
         self.failure: BaseException | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -89,8 +96,16 @@ class Informer:
                                            allow_watch_bookmarks=True):
                 self._apply(event)
         except BaseException as e:  # reported by the test
-            self.failure = e
+            if not self.stopping:  # Watch.stop() shuts the socket down under the stream: that is no failure
+                self.failure = e
             self.listed.set()
+
+    def stop(self) -> None:
+        """End the watch at its next event (a bookmark comes every few seconds) and close the connection."""
+        self.stopping = True
+        self.watch.stop()
+        self.thread.join(timeout=30)
+        self.api.close()
 
     def _apply(self, event: dict[str, Any]) -> None:
         meta = event["object"]["metadata"]
@@ -112,22 +127,25 @@ def test_an_informer_follows_50_writers_across_api_processes_without_loss_or_dup
     assert informer.listed.wait(30) and informer.failure is None, informer.failure
 
     def write(i: int) -> None:
-        custom = k8s.CustomObjectsApi(api_client(served))  # a connection of its own: either process may answer
         name = f"vm-{i}"
-        custom.create_namespaced_custom_object(*VM, NS, "virtualmachines", vm_manifest(name, disk=None))
-        for step in range(2):
-            custom.patch_namespaced_custom_object(*VM, NS, "virtualmachines", name,
-                                                  {"metadata": {"labels": {"step": str(step)}}})
-        Client(served.url).put(action_path(NS, name, "start"))
-        if i % 3 == 0:
-            custom.delete_namespaced_custom_object(*VM, NS, "virtualmachines", name)
+        # Connections of its own: either API process may answer each.
+        with api_client(served) as api, contextlib.closing(Client(served.url)) as plain:
+            custom = k8s.CustomObjectsApi(api)
+            custom.create_namespaced_custom_object(*VM, NS, "virtualmachines", vm_manifest(name, disk=None))
+            for step in range(2):
+                custom.patch_namespaced_custom_object(*VM, NS, "virtualmachines", name,
+                                                      {"metadata": {"labels": {"step": str(step)}}})
+            plain.put(action_path(NS, name, "start"))
+            if i % 3 == 0:
+                custom.delete_namespaced_custom_object(*VM, NS, "virtualmachines", name)
 
     writers = [threading.Thread(target=write, args=(i,)) for i in range(WRITERS)]
     for writer in writers:
         writer.start()
     for writer in writers:
         writer.join()
-    custom = k8s.CustomObjectsApi(api_client(served))
+    reader = api_client(served)
+    custom = k8s.CustomObjectsApi(reader)
 
     def fresh() -> dict[str, str]:
         items = custom.list_namespaced_custom_object(*VM, NS, "virtualmachines")["items"]
@@ -140,7 +158,9 @@ def test_an_informer_follows_50_writers_across_api_processes_without_loss_or_dup
             for item in custom.list_namespaced_custom_object(*VM, NS, "virtualmachines")["items"])
 
     wait_until(settled, timeout=60, what="the informer's cache to equal a fresh list of running VMs")
-    informer.watch.stop()
+    informer.stop()
+    reader.close()
+    admin.close()
     assert informer.failure is None, informer.failure
     versions = [rv for _, _, rv in informer.seen]
     assert versions == sorted(versions) and len(set(versions)) == len(versions), "events out of order or twice"
@@ -150,7 +170,7 @@ def test_an_informer_follows_50_writers_across_api_processes_without_loss_or_dup
 
 
 def test_the_python_client_reads_a_kubeconfig_path_it_is_given(served: Served, tmp_path: Path) -> None:
-    api = api_client(served)
-    assert api.configuration.host == served.url
-    names = [n.metadata.name for n in k8s.CoreV1Api(api).list_namespace().items]
+    with api_client(served) as api:
+        assert api.configuration.host == served.url
+        names = [n.metadata.name for n in k8s.CoreV1Api(api).list_namespace().items]
     assert "default" in names

@@ -8,7 +8,7 @@ Layers, top to bottom (imports only go downwards; `lint-imports` checks it, from
     controller                                      VM lifecycle
     accounting, workqueue                           charges and admission; the keyed queue
     store, hypervisor, disks, domainxml             SQLite, libvirt, qemu-img, domain XML
-    usage, vmspec, vmstatus, schema, resources, quantity, objects, errors, waiting   pure rules and data
+    fieldmanager, usage, vmspec, vmstatus, schema, resources, quantity, objects, errors, waiting   pure rules and data
 """
 
 __version__ = "0.1.0"

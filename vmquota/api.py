@@ -1,19 +1,25 @@
 """The API's operations, Kubernetes-style: list, get, create, replace, patch, delete, and the VM subresources.
 
-Top layer, below only `server.py` (which maps paths to these calls) and above the
-controller, accounting and store. Each write runs in one store transaction: the
-validation, the admission and every side effect (a default quota made for a
-namespace joining a project, the charges of a new VM) commit together or not at
-all. The rules for each kind are in one `_Rules` class each.
+Below only `apiserver` (which maps paths to these calls) and above the controller, accounting and store.
+Each write runs in one store transaction: the validation, the admission and every side effect (a default
+quota made for a namespace joining a project, the charges of a new VM) commit together or not at all. The
+rules for each kind are in one `_Rules` class each.
+
+Every write takes `dry_run` (Kubernetes' `dryRun=All`): it runs all of that in a transaction the store undoes
+(`Store.transaction(dry_run=True)`), and answers the object as it would be, without a resourceVersion of its
+own. Writes that name a field `manager` record who set what in `metadata.managedFields` (`fieldmanager.py`);
+`apply` is server-side apply.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from vmquota import accounting, errors, objects, quantity, usage, vmspec
+from vmquota import accounting, errors, fieldmanager, objects, quantity, usage, vmspec
 from vmquota import resources as r
 from vmquota.controller import CLONE_DISKS_ANNOTATION, CLONE_SOURCE_ANNOTATION, Controller, runtime_phase
 from vmquota.objects import (
@@ -77,7 +83,8 @@ class Api:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def create(self, kind: Kind, namespace: str, body: Any) -> Obj:
+    def create(self, kind: Kind, namespace: str, body: Any, *, dry_run: bool = False, manager: str = "",
+               warnings: list[str] | None = None) -> Obj:
         obj = self._body(kind, namespace, body)
         metadata = obj["metadata"]
         if metadata.get("resourceVersion"):
@@ -86,33 +93,76 @@ class Api:
             metadata.pop(server_field, None)
         obj.pop("status", None)
         rules = self.rules[kind.kind]
-        with accounting.recording_refusals(self.store), self.store.transaction() as txn:
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             rules.check_namespace(txn, namespace)
             rules.validate(txn, obj, None)
             if txn.exists(kind, namespace if kind.namespaced else "", metadata["name"]):
                 raise errors.AlreadyExists(f'{kind.resource} "{metadata["name"]}" already exists')
             rules.before_create(txn, obj)
+            if manager and metadata.get("managedFields") is None:
+                metadata["managedFields"] = fieldmanager.record_update(
+                    None, obj, manager=manager, api_version=kind.api_version, now=objects.now())
             created = txn.create(kind, obj)
             rules.after_write(txn, created, None)
-            return created
+        _warn_finalizers(warnings, None, created)
+        if dry_run:  # Kubernetes' dry-run create has no resourceVersion: none was taken
+            created["metadata"].pop("resourceVersion", None)
+        return created
 
-    def replace(self, kind: Kind, namespace: str, name: str, body: Any) -> Obj:
+    def replace(self, kind: Kind, namespace: str, name: str, body: Any, *, dry_run: bool = False,
+                manager: str = "", warnings: list[str] | None = None) -> Obj:
         obj = self._body(kind, namespace, body)
         if obj["metadata"]["name"] != name:
             raise errors.BadRequest(f'the name of the object ({obj["metadata"]["name"]}) does not match '
                                     f"the name on the URL ({name})")
-        return self._update(kind, namespace, name, lambda current: obj)
+        return self._update(kind, namespace, name, lambda current: obj, dry_run=dry_run, manager=manager,
+                            warnings=warnings).obj
 
-    def patch(self, kind: Kind, namespace: str, name: str, patch: Any) -> Obj:
+    def patch(self, kind: Kind, namespace: str, name: str, patch: Any, *, dry_run: bool = False,
+              manager: str = "", warnings: list[str] | None = None) -> Obj:
+        """A JSON merge patch (RFC 7386)."""
         if not isinstance(patch, dict):
             raise errors.BadRequest("a JSON merge patch must be an object")
-        return self._update(kind, namespace, name, lambda current: self._body(
-            kind, namespace, objects.merge_patch(current, patch), keep_name=name))
+        return self.update_with(kind, namespace, name, lambda current: objects.merge_patch(current, patch),
+                                dry_run=dry_run, manager=manager, warnings=warnings)
 
-    def _update(self, kind: Kind, namespace: str, name: str, make: Any) -> Obj:
+    def update_with(self, kind: Kind, namespace: str, name: str, change: Callable[[Obj], Any], *,
+                    dry_run: bool = False, manager: str = "", warnings: list[str] | None = None) -> Obj:
+        """Any patch: `change` makes the new object from (a copy of) the stored one."""
+        return self._update(kind, namespace, name, lambda current: self._body(
+            kind, namespace, change(current), keep_name=name), dry_run=dry_run, manager=manager,
+            warnings=warnings).obj
+
+    def apply(self, kind: Kind, namespace: str, name: str, config: Any, *, manager: str, force: bool = False,
+              dry_run: bool = False, warnings: list[str] | None = None) -> Written:
+        """Server-side apply: create or update to what `config` says, as `manager` owns it (`fieldmanager.apply`)."""
+        if not manager:
+            raise errors.Invalid('PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: '
+                                 "is required for apply patch")
+        fieldmanager.check_manager(manager)
+        applied = self._body(kind, namespace, config, keep_name=name)
+        ns = namespace if kind.namespaced else ""
+        with self.store.transaction(dry_run=dry_run) as txn:
+            if not txn.exists(kind, ns, name):
+                new = fieldmanager.apply(None, applied, manager=manager, api_version=kind.api_version, force=force,
+                                         now=objects.now())
+                created = self.create(kind, namespace, new.obj, warnings=warnings)
+                written = Written(created, created=True)
+            else:
+                written = self._update(kind, namespace, name, lambda current: self._body(
+                    kind, namespace, _applied(current, applied, manager, kind, force), keep_name=name),
+                    warnings=warnings)
+        if dry_run and written.created:
+            written.obj["metadata"].pop("resourceVersion", None)
+        elif dry_run and written.before is not None:
+            written.obj["metadata"]["resourceVersion"] = written.before["metadata"]["resourceVersion"]
+        return written
+
+    def _update(self, kind: Kind, namespace: str, name: str, make: Any, *, dry_run: bool = False,
+                manager: str = "", warnings: list[str] | None = None) -> Written:
         rules = self.rules[kind.kind]
         ns = namespace if kind.namespaced else ""
-        with accounting.recording_refusals(self.store), self.store.transaction() as txn:
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             current = existing(txn, kind, ns, name)
             new = make(copy.deepcopy(current))
             metadata, old_meta = new["metadata"], current["metadata"]
@@ -133,17 +183,28 @@ class Api:
                 new.pop("status")
             rules.validate(txn, new, current)
             rules.before_update(txn, current, new)
+            _record_update(kind, current, new, manager)
             if _comparable(new) == _comparable(current):
-                return current  # nothing changed: no new resourceVersion, like Kubernetes
-            updated = txn.update(kind, new)
-            rules.after_write(txn, updated, current)
-            return updated
+                written = Written(current, before=current)  # nothing changed: no new resourceVersion, like Kubernetes
+            else:
+                updated = txn.update(kind, new)
+                rules.after_write(txn, updated, current)
+                written = Written(updated, before=current)
+        _warn_finalizers(warnings, current, written.obj)
+        if dry_run:  # the object as it would be, at the resourceVersion it has: a dry run takes none
+            written.obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        return written
 
-    def delete(self, kind: Kind, namespace: str, name: str) -> Obj:
+    def delete(self, kind: Kind, namespace: str, name: str, *, dry_run: bool = False) -> Obj:
         rules = self.rules[kind.kind]
         ns = namespace if kind.namespaced else ""
-        with self.store.transaction() as txn:
-            return rules.delete(txn, existing(txn, kind, ns, name))
+        with self.store.transaction(dry_run=dry_run) as txn:
+            current = existing(txn, kind, ns, name)
+            rv = current["metadata"]["resourceVersion"]
+            deleted = rules.delete(txn, current)
+        if dry_run:
+            deleted["metadata"]["resourceVersion"] = rv
+        return deleted
 
     def _body(self, kind: Kind, namespace: str, body: Any, *, keep_name: str | None = None) -> Obj:
         if not isinstance(body, dict):
@@ -175,26 +236,32 @@ class Api:
 
     # -- VM subresources -------------------------------------------------------------------------
 
-    def _vm_action(self, namespace: str, name: str, action: Any) -> Obj:
-        with accounting.recording_refusals(self.store), self.store.transaction() as txn:
+    def _vm_action(self, namespace: str, name: str, action: Any, *, dry_run: bool) -> Obj:
+        """A lifecycle request; a dry run admits it (or refuses it, with the real refusal) and keeps nothing."""
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             vm = existing(txn, VIRTUAL_MACHINE, namespace, name)
+            rv = vm["metadata"]["resourceVersion"]
             action(txn, vm)
-            return txn.update(VIRTUAL_MACHINE, vm)
+            updated = txn.update(VIRTUAL_MACHINE, vm)
+        if dry_run:
+            updated["metadata"]["resourceVersion"] = rv
+        return updated
 
-    def start(self, namespace: str, name: str) -> Obj:
-        return self._vm_action(namespace, name, self.controller.request_start)
+    def start(self, namespace: str, name: str, *, dry_run: bool = False) -> Obj:
+        return self._vm_action(namespace, name, self.controller.request_start, dry_run=dry_run)
 
-    def stop(self, namespace: str, name: str, body: Any = None) -> Obj:
+    def stop(self, namespace: str, name: str, body: Any = None, *, dry_run: bool = False) -> Obj:
         grace = None
         if isinstance(body, dict) and body.get("gracePeriod") is not None:
             grace = body["gracePeriod"]
             if isinstance(grace, bool) or not isinstance(grace, int) or not 0 <= grace <= vmspec.MAX_GRACE_SECONDS:
                 raise errors.BadRequest(f"gracePeriod must be a whole number of seconds from 0 to "
                                         f"{vmspec.MAX_GRACE_SECONDS}")
-        return self._vm_action(namespace, name, lambda txn, vm: self.controller.request_stop(txn, vm, grace))
+        return self._vm_action(namespace, name, lambda txn, vm: self.controller.request_stop(txn, vm, grace),
+                               dry_run=dry_run)
 
-    def restart(self, namespace: str, name: str) -> Obj:
-        return self._vm_action(namespace, name, self.controller.request_restart)
+    def restart(self, namespace: str, name: str, *, dry_run: bool = False) -> Obj:
+        return self._vm_action(namespace, name, self.controller.request_restart, dry_run=dry_run)
 
     # -- charges: who uses how much, and why ----------------------------------------------------
 
@@ -242,10 +309,77 @@ class Api:
                 "namespaces": namespaces}
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a write left: the object, whether it was created, and the object before (an update's)."""
+    obj: Obj
+    created: bool = False
+    before: Obj | None = None
+
+
 def _comparable(obj: Obj) -> Obj:
     clean = copy.deepcopy(obj)
     clean["metadata"].pop("resourceVersion", None)
     return clean
+
+
+def _record_update(kind: Kind, current: Obj, new: Obj, manager: str) -> None:
+    """managedFields after a write that is no apply.
+
+    A body without managedFields keeps the stored ones, as in Kubernetes; a body whose managedFields differ
+    from the stored ones sets them (kubectl rewrites them so, when it moves a client-side apply's fields to
+    server-side apply). Otherwise `manager` (when there is one) takes what it changed.
+    """
+    metadata, stored = new["metadata"], current["metadata"].get("managedFields")
+    given = metadata.get("managedFields")
+    if given is not None and given != stored:
+        for entry in fieldmanager.entries(new):
+            fieldmanager.from_fields_v1(entry.get("fieldsV1") or {})  # a malformed one is refused here
+        return
+    metadata.pop("managedFields", None)
+    if stored is not None:
+        metadata["managedFields"] = stored
+    if manager:
+        managed = fieldmanager.record_update(current, new, manager=manager, api_version=kind.api_version,
+                                             now=objects.now())
+        if managed:
+            metadata["managedFields"] = managed
+        else:
+            metadata.pop("managedFields", None)
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _applied(current: Obj, config: Obj, manager: str, kind: Kind, force: bool) -> Obj:
+    """`config` applied over `current`; kubectl's own server-side apply also keeps the client-side apply's
+    last-applied annotation up to date where there is one, as kube-apiserver does, so that a later
+    client-side apply compares with what was applied last."""
+    result = fieldmanager.apply(current, config, manager=manager, api_version=kind.api_version, force=force,
+                                now=objects.now()).obj
+    annotations = objects.meta(result).get("annotations")
+    if manager == "kubectl" and isinstance(annotations, dict) and LAST_APPLIED in annotations:
+        last = copy.deepcopy(config)
+        last_annotations = last.get("metadata", {}).get("annotations") or {}
+        last_annotations.pop(LAST_APPLIED, None)
+        if not last_annotations:
+            last.get("metadata", {}).pop("annotations", None)
+        annotations[LAST_APPLIED] = json.dumps(last, separators=(",", ":")) + "\n"
+    return result
+
+
+STANDARD_FINALIZERS = frozenset({"kubernetes", "orphan", "foregroundDeletion"})
+
+
+def _warn_finalizers(warnings: list[str] | None, old: Obj | None, new: Obj) -> None:
+    """kube-apiserver's warning for each finalizer a write adds whose name has no path (`example.com/name`)."""
+    if warnings is None:
+        return
+    before = set(objects.meta(old).get("finalizers") or []) if old else set()
+    for name in objects.meta(new).get("finalizers") or []:
+        if isinstance(name, str) and name not in before and name not in STANDARD_FINALIZERS and "/" not in name:
+            warnings.append(f"metadata.finalizers: {json.dumps(name)}: prefer a domain-qualified finalizer name "
+                            f"including a path (/) to avoid accidental conflicts with other finalizer writers")
 
 
 def _check_string_map(kind: Kind, name: object, field: str, value: Any) -> None:

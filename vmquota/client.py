@@ -14,6 +14,7 @@ import tempfile
 from typing import Any
 from urllib.parse import urlsplit
 
+from vmquota import __version__
 from vmquota.kubeconfig import Connection
 
 DEFAULT_SERVER = "http://127.0.0.1:8686"
@@ -49,7 +50,10 @@ class Client:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._tls = _tls_context(connection) if parts.scheme == "https" else None
         # A token goes over TLS only, as kubectl sends it: on plain HTTP anyone on the path could take it.
-        self._headers = {"Authorization": f"Bearer {connection.token}"} if connection.token and self._tls else {}
+        # The User-Agent names the writer in managedFields (`vmquota`), as kubectl's names kubectl.
+        self._headers = {"User-Agent": f"vmquota/{__version__}"}
+        if connection.token and self._tls:
+            self._headers["Authorization"] = f"Bearer {connection.token}"
         self._timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
 

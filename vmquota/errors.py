@@ -10,7 +10,10 @@
      │    ├── MethodNotAllowed  405
      │    ├── NotAcceptable     406  no answer in a media type the Accept header takes
      │    ├── AlreadyExists     409
-     │    └── Conflict          409  stale resourceVersion, or a state that forbids the action
+     │    ├── Conflict          409  stale resourceVersion, or a state that forbids the action
+     │    │    └── ApplyConflict      a server-side apply would change fields other managers own
+     │    ├── Expired           410  a continue token older than the change log keeps
+     │    └── UnsupportedMediaType 415  a body or patch type this path does not take
      └── HypervisorError              libvirt or qemu-img failed (wraps the library error)
           └── HypervisorUnavailable   temporary: the daemon does not answer; retry later
 
@@ -102,6 +105,26 @@ class Conflict(ApiError):
     reason = "Conflict"
 
 
+class ApplyConflict(Conflict):
+    """`causes` are Kubernetes' `details.causes`: one FieldManagerConflict per field and manager."""
+
+    def __init__(self, message: str, *, causes: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.causes = causes
+
+    def status(self) -> dict[str, object]:
+        return {**super().status(), "details": {"causes": self.causes}}
+
+
+class UnsupportedMediaType(ApiError):
+    code = 415
+    reason = "UnsupportedMediaType"
+
+    def __init__(self, accepted: list[str]) -> None:
+        super().__init__("the body of the request was in an unknown format - accepted media types include: "
+                         + ", ".join(accepted))
+
+
 class StoreError(VmquotaError):
     """The store could not commit (its disk is full or failing): nothing of the request was kept."""
 
@@ -112,3 +135,20 @@ class HypervisorError(VmquotaError):
 
 class HypervisorUnavailable(HypervisorError):
     """The hypervisor does not answer now; the caller may retry later."""
+
+
+class Expired(ApiError):
+    """410: what the request names is older than the server keeps (a continue token, a resourceVersion).
+    `continue_token`, when set, lets the client go on without a consistent snapshot, as Kubernetes offers."""
+    code = 410
+    reason = "Expired"
+
+    def __init__(self, message: str, *, continue_token: str | None = None) -> None:
+        super().__init__(message)
+        self.continue_token = continue_token
+
+    def status(self) -> dict[str, object]:
+        body = super().status()
+        if self.continue_token:
+            body["metadata"] = {"continue": self.continue_token}
+        return body

@@ -10,6 +10,7 @@ per-thread connections and never wait for writers.
 
 Tables:
     objects(kind, namespace, name, uid, rv, body)  -- body is the JSON object
+    changes(rv, type, kind, namespace, name, body, previous) -- the change log: what watches and paging read
     charges(namespace, name, resources)            -- what each VM charges now (the ledger)
     counters(name, value)                          -- the resourceVersion sequence
     settings(name, value)                          -- this installation's instance id
@@ -26,8 +27,17 @@ and rolls up the usage tables; `accounting.py` writes a point with every change 
 
 A ResourceQuota's or Project's status is kept apart from its body, in `quota_status`: every start and stop
 changes it, and rewriting two small rows costs a start far less than rewriting two objects (JSON in and
-out). Reads put it back into the body, so nobody outside the store sees the difference, except that the
-object's resourceVersion changes only when its spec or metadata do.
+out). Reads put it back into the body, so nobody outside the store sees the difference. A change of that
+status is a change like any other: the object gets a new resourceVersion and a MODIFIED entry in the log.
+
+The change log is Kubernetes' watch history. Every create, update and delete of an object, in the same
+transaction, appends one row (ADDED, MODIFIED or DELETED) whose `rv` is the resourceVersion the change gave
+the object, with the object's body as a reader sees it then (status included) and its body just before
+(`previous`, NULL for an ADDED). An object written several times in one transaction (a quota created, then
+its status set) gets one resourceVersion and one row, showing its final state: nobody could see the steps.
+Rows have no gaps (a rolled-back transaction hands its resourceVersions back), so "every change after N" is
+exactly the rows above N. The newest CHANGES_KEPT rows are kept; `counters('pruned')` is the resourceVersion
+at and below which rows are gone: a watch or a continue token from before it is too old (410).
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import heapq
 import json
 import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -64,6 +76,10 @@ CREATE TABLE IF NOT EXISTS quota_status (
     hard TEXT NOT NULL, used TEXT NOT NULL,  -- JSON, as status.hard and status.used show them
     PRIMARY KEY (kind, namespace, name)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    rv INTEGER PRIMARY KEY, type TEXT NOT NULL, kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    body TEXT NOT NULL, previous TEXT  -- JSON as readers saw the object after and before the change
+);
 CREATE TABLE IF NOT EXISTS vm_states (
     namespace TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
     phase TEXT, deleting INTEGER NOT NULL, run_strategy TEXT, running INTEGER, last_exit TEXT,
@@ -181,18 +197,42 @@ DELETE FROM quota_settings;
 INSERT INTO quota_settings SELECT kind, namespace, name, {_QUOTA_SETTINGS.format(body="body")}
     FROM objects WHERE kind IN {_QUOTAS};
 """
-# Raise it when the triggers above change: opening an older file runs them again (vm_states is rebuilt, a
-# quota's status moved out of its body).
-SCHEMA_VERSION = 3
+# A file written before the change log has no history: watching is possible from its current revision on.
+_CHANGES_START = """
+INSERT OR IGNORE INTO counters(name, value)
+    SELECT 'pruned', coalesce((SELECT value FROM counters WHERE name = 'rv'), 0);
+"""
+# Raise it when the scripts above change: opening an older file runs them again (vm_states is rebuilt, a
+# quota's status moved out of its body, the change log starts, the observability indexes are filled).
+SCHEMA_VERSION = 4
+
+# The change log's window: the newest CHANGES_KEPT changes, pruned every PRUNE_CHANGES_EVERY (so between 10,000
+# and 10,500 are kept). kube-apiserver's watch cache keeps 100 to 1,000 events per kind, and etcd keeps 5
+# minutes; 10,000 changes is minutes of a busy server (a start writes 3 to 4: the VM, an event, its quotas),
+# at most some tens of MB, and a watcher or pager away for longer lists again.
+CHANGES_KEPT = 10_000
+PRUNE_CHANGES_EVERY = 500
+ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 
 # A quota in audit mode says so in its status (`enforcement: audit`); one in the default mode shows no more.
-_WITH_STATUS = """CASE WHEN s.kind IS NULL THEN o.body
+_BODY = """CASE WHEN s.kind IS NULL THEN o.body
     ELSE json_set(o.body, '$.status', CASE WHEN q.mode = 'audit'
         THEN json_object('hard', json(s.hard), 'used', json(s.used), 'enforcement', 'audit')
-        ELSE json_object('hard', json(s.hard), 'used', json(s.used)) END) END
-    FROM objects AS o LEFT JOIN quota_status AS s
+        ELSE json_object('hard', json(s.hard), 'used', json(s.used)) END) END"""
+_JOIN_STATUS = """FROM objects AS o LEFT JOIN quota_status AS s
         ON s.kind = o.kind AND s.namespace = o.namespace AND s.name = o.name
     LEFT JOIN quota_settings AS q ON q.kind = o.kind AND q.namespace = o.namespace AND q.name = o.name"""
+_WITH_STATUS = f"{_BODY} {_JOIN_STATUS}"
+# The objects of a kind as they were at resourceVersion :at, in key order after (:after_ns, :after_name):
+# those not changed since are as they are; the others are the `previous` body of their first change after
+# :at (none: the object did not exist then). The two parts never name the same object.
+_UNCHANGED_SINCE = f"""SELECT o.namespace, o.name, {_BODY} {_JOIN_STATUS}
+    WHERE o.kind = :kind AND o.rv <= :at AND (o.namespace, o.name) > (:after_ns, :after_name) {{namespace}}
+    ORDER BY o.namespace, o.name"""
+_CHANGED_SINCE = """SELECT namespace, name, previous FROM (
+        SELECT namespace, name, previous, row_number() OVER (PARTITION BY namespace, name ORDER BY rv) AS n
+        FROM changes WHERE rv > :at AND kind = :kind AND (namespace, name) > (:after_ns, :after_name) {namespace})
+    WHERE n = 1 AND previous IS NOT NULL ORDER BY namespace, name"""
 _COVERING = f"""
 SELECT s.kind AS kind, s.namespace, s.name AS name, s.hard, s.used, q.threshold, q.mode FROM quota_status AS s
     LEFT JOIN quota_settings AS q ON q.kind = s.kind AND q.namespace = s.namespace AND q.name = s.name
@@ -226,6 +266,18 @@ def encode_resources(resources: dict[str, Decimal]) -> str:
 
 def decode_resources(text: str) -> dict[str, Decimal]:
     return {k: Decimal(v) for k, v in json.loads(text).items()}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change log: what happened to one object at resourceVersion `rv`."""
+    rv: int
+    type: str  # ADDED, MODIFIED or DELETED
+    kind: str
+    namespace: str  # "" for a cluster-scoped object
+    name: str
+    body: str  # the object after the change as JSON text (for a DELETED: its last state, at `rv`)
+    previous: str | None  # the object just before the change; None for an ADDED
 
 
 class Reader:
@@ -266,6 +318,46 @@ class Reader:
             yield
         finally:
             self._conn.execute("COMMIT")
+
+    def pruned(self) -> int:
+        """The resourceVersion at and below which the change log is gone: every change above it is kept."""
+        row = self._conn.execute("SELECT value FROM counters WHERE name='pruned'").fetchone()
+        return row[0] if row else 0
+
+    def changes(self, after: int, *, until: int | None = None, kind: str | None = None,
+                limit: int = 1000) -> builtins.list[Change]:
+        """The logged changes with `after` < rv (<= `until`), of one kind or all, oldest first, at most `limit`
+        of them (a batch ends at a resourceVersion: the next batch goes on from the last one's)."""
+        rows = self._conn.execute(
+            "SELECT rv, type, kind, namespace, name, body, previous FROM changes WHERE rv > ? AND rv <= ? "
+            f"{'AND kind = ?' if kind else ''} ORDER BY rv LIMIT ?",
+            (after, until if until is not None else 1 << 62, *([kind] if kind else []), limit))
+        return [Change(*row) for row in rows]
+
+    def bodies_at(self, kind: Kind, namespace: str | None, at: int, *,
+                  after: tuple[str, str] = ("", "")) -> Iterator[tuple[str, str, str]]:
+        """(namespace, name, JSON text) of every object of a kind (in one namespace, or all) as it was at
+        resourceVersion `at`, in key order after the key `after`, streamed: one page of a consistent list.
+
+        The caller holds a snapshot and has checked that `at` is within the change log (`pruned() <= at`).
+        """
+        params = {"kind": kind.kind, "at": at, "after_ns": after[0], "after_name": after[1], "ns": namespace}
+        where = "" if namespace is None else "AND namespace = :ns"
+        unchanged = self._conn.execute(_UNCHANGED_SINCE.format(namespace=where.replace("namespace", "o.namespace")),
+                                       params)
+        changed = self._conn.execute(_CHANGED_SINCE.format(namespace=where), params).fetchall()  # a window's worth
+        yield from heapq.merge(unchanged, changed)
+
+    def count_at(self, kind: Kind, namespace: str | None, at: int, *, after: tuple[str, str] = ("", "")) -> int:
+        """How many objects `bodies_at` would give, without reading a body."""
+        params = {"kind": kind.kind, "at": at, "after_ns": after[0], "after_name": after[1], "ns": namespace}
+        where = "" if namespace is None else "AND namespace = :ns"
+        unchanged = self._conn.execute(
+            "SELECT COUNT(*) FROM objects WHERE kind = :kind AND rv <= :at AND (namespace, name) > (:after_ns, "
+            f":after_name) {where}", params).fetchone()[0]
+        changed = self._conn.execute(f"SELECT COUNT(*) FROM ({_CHANGED_SINCE.format(namespace=where)})",
+                                     params).fetchone()[0]
+        return int(unchanged) + int(changed)
 
     def vm_states(self) -> Iterator[tuple[str, str, str, str | None, int, str | None, int | None, str | None, int]]:
         """(namespace, name, uid, status.phase, deleting, spec.runStrategy, spec.running, status.lastExit,
@@ -416,27 +508,68 @@ class Transaction(Reader):
         """
         self._store._after_commit.append(callback)
 
-    def _next_rv(self) -> str:
+    def _next_rv(self) -> int:
+        """A new resourceVersion; the first of a transaction arranges for the feeds to hear of its commit."""
         self._store._rv += 1
-        return str(self._store._rv)
+        if not self._store._logged:
+            self._store._logged = True
+            self.after_commit(self._store._notify_changed)
+        return self._store._rv
+
+    def _version_for(self, key: tuple[str, str, str]) -> tuple[int, bool]:
+        """The resourceVersion a write of the object `key` gives it, and whether this transaction wrote it
+        already (then it keeps the version it got, and its one log entry shows its final state)."""
+        written = self._store._written.get(key)
+        if written is not None:
+            return written, True
+        rv = self._store._written[key] = self._next_rv()
+        return rv, False
+
+    def _log(self, rv: int, key: tuple[str, str, str], *, change: str, body: str | None, previous: str | None,
+             again: bool) -> None:
+        """Append the change at `rv`, or, when this transaction logged the object already (`again`), make that
+        entry show its new state. `body` None: the object's stored body as readers see it (status put back)."""
+        if body is None:
+            body = self._conn.execute(f"SELECT {_WITH_STATUS} WHERE o.kind=? AND o.namespace=? AND o.name=?",
+                                      key).fetchone()[0]
+        if again:
+            self._conn.execute("UPDATE changes SET body=? WHERE rv=?", (body, rv))
+        else:
+            self._conn.execute("INSERT INTO changes(rv, type, kind, namespace, name, body, previous) "
+                               "VALUES (?,?,?,?,?,?,?)", (rv, change, *key, body, previous))
+
+    def _stored_text(self, kind: str, namespace: str, name: str) -> str | None:
+        """An object's JSON text as readers see it (status put back), not parsed."""
+        row = self._conn.execute(f"SELECT {_WITH_STATUS} WHERE o.kind=? AND o.namespace=? AND o.name=?",
+                                 (kind, namespace, name)).fetchone()
+        return row[0] if row else None
 
     def create(self, kind: Kind, obj: Obj) -> Obj:
         """Insert a new object, filling uid, resourceVersion and creationTimestamp."""
         metadata = obj.setdefault("metadata", {})
         namespace = metadata.get("namespace", "") if kind.namespaced else ""
         name = metadata["name"]
+        key = (kind.kind, namespace, name)
+        if key in self._store._written:  # written in this transaction, so it exists
+            raise errors.AlreadyExists(f'{kind.resource} "{name}" already exists')
+        rv = self._next_rv()
         metadata["uid"] = objects.new_uid()
         metadata["creationTimestamp"] = objects.now()
-        metadata["resourceVersion"] = self._next_rv()
+        metadata["resourceVersion"] = str(rv)
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
+        body = _stored_body(kind, obj)
         try:  # the primary key refuses a second object of the name: no SELECT first (every start writes an event)
             self._conn.execute("INSERT INTO objects(kind, namespace, name, uid, rv, body) VALUES (?,?,?,?,?,?)",
-                               (kind.kind, namespace, name, metadata["uid"], int(metadata["resourceVersion"]),
-                                _stored_body(kind, obj)))
+                               (kind.kind, namespace, name, metadata["uid"], rv, body))
         except sqlite3.IntegrityError as e:
+            self._store._rv -= 1  # handed back: nothing was written at it
             if "UNIQUE" not in str(e):
                 raise
             raise errors.AlreadyExists(f'{kind.resource} "{name}" already exists') from None
+        self._store._written[key] = rv
+        # A quota's status comes right after (accounting.refresh) and updates this entry with it.
+        self._log(rv, key, change=ADDED, body=None if kind.kind in STATUS_APART else body, previous=None,
+                  again=False)
         if kind is objects.EVENT:
             self._prune_events(namespace)
         return obj
@@ -445,17 +578,43 @@ class Transaction(Reader):
         """Write a changed object back with a new resourceVersion; uid and creation stay."""
         metadata = obj["metadata"]
         namespace = metadata.get("namespace", "") if kind.namespaced else ""
-        metadata["resourceVersion"] = self._next_rv()
-        cursor = self._conn.execute("UPDATE objects SET rv=?, body=? WHERE kind=? AND namespace=? AND name=?",
-                                    (int(metadata["resourceVersion"]), _stored_body(kind, obj),
-                                     kind.kind, namespace, metadata["name"]))
-        if cursor.rowcount != 1:
+        key = (kind.kind, namespace, metadata["name"])
+        again = key in self._store._written
+        previous = None if again else self._stored_text(*key)
+        if not again and previous is None:
             raise errors.NotFound(f'{kind.resource} "{metadata["name"]}" not found')
+        rv, _ = self._version_for(key)
+        metadata["resourceVersion"] = str(rv)
+        body = _stored_body(kind, obj)
+        self._conn.execute("UPDATE objects SET rv=?, body=? WHERE kind=? AND namespace=? AND name=?", (rv, body, *key))
+        self._log(rv, key, change=MODIFIED, body=None if kind.kind in STATUS_APART else body, previous=previous,
+                  again=again)
         return obj
 
     def delete(self, kind: Kind, namespace: str, name: str) -> None:
-        self._conn.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
-                           (kind.kind, namespace, name))
+        """Remove an object; its DELETED entry shows its last state, at the deletion's own resourceVersion."""
+        key = (kind.kind, namespace, name)
+        last = self._stored_text(*key)
+        if last is None:
+            return
+        self._store._written.pop(key, None)  # a deletion is a change of its own, after any earlier one
+        rv = self._next_rv()
+        self._conn.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?", key)
+        self._conn.execute("INSERT INTO changes(rv, type, kind, namespace, name, body, previous) "
+                           "VALUES (?, ?, ?, ?, ?, json_set(?, '$.metadata.resourceVersion', ?), ?)",
+                           (rv, DELETED, *key, last, str(rv), last))
+
+    def _status_changed(self, kind: Kind, namespace: str, name: str, previous: str | None) -> None:
+        """A quota's or project's status changed: the object gets a new resourceVersion and a MODIFIED entry
+        (or, written already in this transaction, its entry shows the new status)."""
+        key = (kind.kind, namespace, name)
+        if previous is None and key not in self._store._written:
+            return  # no such object (its status row outlived it only inside a deletion)
+        rv, again = self._version_for(key)
+        if not again:
+            self._conn.execute("UPDATE objects SET rv=?, body=json_set(body, '$.metadata.resourceVersion', ?) "
+                               "WHERE kind=? AND namespace=? AND name=?", (rv, str(rv), *key))
+        self._log(rv, key, change=MODIFIED, body=None, previous=previous, again=again)
 
     def set_charge(self, namespace: str, name: str, resources: dict[str, Decimal] | None) -> None:
         if resources is None:
@@ -465,13 +624,27 @@ class Transaction(Reader):
                                (namespace, name, encode_resources(resources)))
 
     def set_quota_status(self, kind: Kind, namespace: str, name: str, hard: str, used: str) -> None:
-        """Store a quota's or project's status.hard and status.used (JSON text); its body is not touched."""
+        """Store a quota's or project's status.hard and status.used (JSON text); a change of them is a change of
+        the object (a new resourceVersion, a MODIFIED entry), and rewriting the same status changes nothing."""
+        if self.quota_status(kind, namespace, name) == (hard, used):
+            return
+        previous = self._previous_for_status(kind, namespace, name)
         self._conn.execute("INSERT OR REPLACE INTO quota_status(kind, namespace, name, hard, used) VALUES (?,?,?,?,?)",
                            (kind.kind, namespace, name, hard, used))
+        self._status_changed(kind, namespace, name, previous)
 
     def set_quota_used(self, kind: Kind, namespace: str, name: str, used: str) -> None:
+        previous = self._previous_for_status(kind, namespace, name)
         self._conn.execute("UPDATE quota_status SET used=? WHERE kind=? AND namespace=? AND name=?",
                            (used, kind.kind, namespace, name))
+        self._status_changed(kind, namespace, name, previous)
+
+    def _previous_for_status(self, kind: Kind, namespace: str, name: str) -> str | None:
+        """What a status change's log entry needs of the object before it: nothing when this transaction has
+        logged the object already (its entry keeps the state before the transaction)."""
+        if (kind.kind, namespace, name) in self._store._written:
+            return None
+        return self._stored_text(kind.kind, namespace, name)
 
     # -- observability -----------------------------------------------------------------------------------
 
@@ -505,10 +678,12 @@ class Transaction(Reader):
             self._store._events_unpruned[namespace] = written
             return
         self._store._events_unpruned[namespace] = 0
-        self._conn.execute(
-            "DELETE FROM objects WHERE kind='Event' AND namespace=? AND rv <= "
+        old = self._conn.execute(
+            "SELECT name FROM objects WHERE kind='Event' AND namespace=? AND rv <= "
             "(SELECT rv FROM objects WHERE kind='Event' AND namespace=? ORDER BY rv DESC LIMIT 1 OFFSET ?)",
-            (namespace, namespace, EVENTS_KEPT_PER_NAMESPACE))
+            (namespace, namespace, EVENTS_KEPT_PER_NAMESPACE)).fetchall()
+        for (name,) in old:  # one by one: each is a deletion a watcher of events sees
+            self.delete(objects.EVENT, namespace, name)
 
 
 class Store:
@@ -524,7 +699,7 @@ class Store:
         self._writer.executescript(_SCHEMA + _OBSERVE_SCHEMA)
         if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} {_QUOTA_STATUS_TRIGGER} "
-                                       f"{_OBSERVE_TRIGGERS} "
+                                       f"{_OBSERVE_TRIGGERS} {_CHANGES_START} "
                                        f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
@@ -540,18 +715,30 @@ class Store:
         # holds at most PRUNE_EVERY more events until its next prune; a rolled-back event only prunes early.
         self._events_unpruned: dict[str, int] = {}
         self._group: _Group | None = None  # the SQLite transaction that ended transactions wait to commit
+        # Of the transaction running now: the objects it wrote (and still exist) with the resourceVersion each
+        # got, and whether it changed anything (then the change listeners hear of its commit).
+        self._written: dict[tuple[str, str, str], int] = {}
+        self._logged = False
+        self.change_listeners: list[Callable[[], None]] = []  # called after every commit that changed objects
+        self.changes_kept, self.prune_every = CHANGES_KEPT, PRUNE_CHANGES_EVERY  # tests shrink the window
         self._waiting = 0  # threads waiting for the write lock: the group stays open for them
         self._waiting_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, dry_run: bool = False) -> Iterator[Transaction]:
         """One atomic unit of writes under the process-wide write lock; nested calls join the outer one.
 
         Group commit: a transaction that ends while others wait for the lock leaves SQLite's transaction
         open, as a released savepoint, and the last of the group commits them all with one fsync. Each
         still returns only once its writes are on the disk, and a failed one undoes only its own writes.
         Under concurrent writers that saves an fsync (0.15 ms here, under the lock) per transaction.
+
+        `dry_run`: everything inside runs (every read, check and write sees the writes before it), then it is
+        undone as a failed one is, even when it succeeds: no row, no resourceVersion, no after_commit callback
+        and no event prune survive it. Kubernetes' `dryRun=All`. Only an outermost transaction can be one.
         """
+        if dry_run and self._owner == threading.get_ident():
+            raise RuntimeError("a dry run cannot join a transaction that will commit")
         if self._owner == threading.get_ident():  # nested: part of this thread's open transaction
             self._depth += 1
             try:
@@ -567,12 +754,16 @@ class Store:
             if self._group is None:
                 self._group = self._begin_group()
             group, rv_before = self._group, self._rv
+            unpruned_before = dict(self._events_unpruned) if dry_run else None
             self._owner, self._depth = threading.get_ident(), 1
+            self._written, self._logged = {}, False
             try:
                 self._writer.execute("SAVEPOINT txn")
                 yield Transaction(self._writer, self)
+                if dry_run:
+                    raise _DryRunEnds
                 self._writer.execute("RELEASE txn")
-            except BaseException:
+            except BaseException as e:
                 try:
                     self._writer.execute("ROLLBACK TO txn")
                     self._writer.execute("RELEASE txn")
@@ -580,10 +771,17 @@ class Store:
                     pass  # SQLite rolled the whole group back itself (a full disk): its commit fails for all
                 self._rv = rv_before
                 self._after_commit.clear()
+                if unpruned_before is not None:
+                    self._events_unpruned = unpruned_before
+                self._written, self._logged = {}, False
                 self._end_turn()
-                raise
-            callbacks, self._after_commit = self._after_commit, []
-            self._end_turn()
+                if not isinstance(e, _DryRunEnds):
+                    raise
+                callbacks: list[Callable[[], None]] = []
+            else:
+                callbacks, self._after_commit = self._after_commit, []
+                self._written, self._logged = {}, False
+                self._end_turn()
         group.committed.wait()
         if group.error is not None:
             raise errors.StoreError(group.error)
@@ -618,6 +816,8 @@ class Store:
         try:
             if self._rv != group.rv_before:
                 self._writer.execute("INSERT OR REPLACE INTO counters(name, value) VALUES ('rv', ?)", (self._rv,))
+                if self._rv // self.prune_every != group.rv_before // self.prune_every:
+                    self._prune_changes()
             self._writer.execute("COMMIT")
         except sqlite3.Error as e:
             if self._writer.in_transaction:
@@ -627,6 +827,18 @@ class Store:
         finally:
             fcntl.flock(self._process_lock, fcntl.LOCK_UN)
         group.committed.set()
+
+    def _prune_changes(self) -> None:
+        """Drop the change log's entries older than its window (the caller holds the write lock). The log has
+        no gaps, so keeping everything above `rv - changes_kept` keeps exactly that many."""
+        below = self._rv - self.changes_kept
+        if below > Reader(self._writer).pruned():
+            self._writer.execute("DELETE FROM changes WHERE rv <= ?", (below,))
+            self._writer.execute("INSERT OR REPLACE INTO counters(name, value) VALUES ('pruned', ?)", (below,))
+
+    def _notify_changed(self) -> None:
+        for listener in self.change_listeners:
+            listener()
 
     @property
     def revision(self) -> int:
@@ -641,11 +853,25 @@ class Store:
             self._local.conn = conn
         return Reader(conn)
 
+    @contextlib.contextmanager
+    def own_reader(self) -> Iterator[Reader]:
+        """A read-only view on a connection of its own, closed at the end: for a thread that reads once and
+        then lives long without reading (a watch), which should not keep a connection open all that time."""
+        conn = _connect(self.path)
+        try:
+            yield Reader(conn)
+        finally:
+            conn.close()
+
     def close(self) -> None:
         with self._lock:
             self._commit_group()
             self._writer.close()
             os.close(self._process_lock)
+
+
+class _DryRunEnds(Exception):
+    """Ends a dry run's transaction through the rollback path, so that undoing it is the failure's code."""
 
 
 class _Group:

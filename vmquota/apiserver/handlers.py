@@ -3,6 +3,9 @@
 `NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI) to their handler. Every other path is
 routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update, patch, delete,
 and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
+
+Here a request's options become the call's arguments: `dryRun`, `fieldManager` (else the User-Agent), `force`,
+the patch type (`patch.py`) and the body's media type (JSON, YAML, or protobuf: `protobuf.py`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from vmquota import errors, objects, schema
+from vmquota import errors, fieldmanager, objects, schema
 from vmquota.api import Api
-from vmquota.apiserver import bodies, discovery, metrics, openapi, openapi_pb
+from vmquota.apiserver import bodies, discovery, metrics, openapi, openapi_pb, paging, patch, protobuf, watch
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 
@@ -88,8 +91,9 @@ NON_RESOURCE: dict[str, NonResourceHandler] = _non_resource()
 class Handlers:
     """The innermost handler of the chain, for one `Api`."""
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, feed: watch.Feed) -> None:
         self.api = api
+        self.feed = feed  # this process's follower of the change log, for watches
 
     def __call__(self, request: Request) -> Response:
         # Kubernetes serves its fixed paths with a trailing slash too (the official Python client asks /version/).
@@ -113,11 +117,17 @@ class Handlers:
         kind, ns = target.kind, target.namespace
         assert kind is not None
         if request.method == "GET":
+            if request.flag("watch"):
+                return watch.serve(self.feed, self.api.store, kind, watch.options(request, ns))
+            if request.param("limit") or request.param("continue"):
+                return Response.json(200, paging.list_page(self.api.store, kind, ns, paging.options(request)))
             return Response.json(200, self.api.list_json(kind, ns))
         if request.method == "POST":
             if kind.namespaced and ns is None:
                 raise errors.MethodNotAllowed("create namespaced objects under /namespaces/{namespace}/")
-            return Response.json(201, self.api.create(kind, ns or "", _checked_body(request, kind)))
+            dry_run = _dry_run(request, "CreateOptions")
+            return Response.json(201, self.api.create(kind, ns or "", _object_body(request, kind), dry_run=dry_run,
+                                                      manager=_manager(request), warnings=request.warnings))
         raise errors.MethodNotAllowed(f"{request.method} is not supported on a list")
 
     def _item(self, request: Request, target: Route) -> Response:
@@ -126,13 +136,35 @@ class Handlers:
         if request.method == "GET":
             return Response.json(200, self.api.get(kind, namespace, name))
         if request.method == "PUT":
-            return Response.json(200, self.api.replace(kind, namespace, name, _checked_body(request, kind)))
+            dry_run = _dry_run(request, "UpdateOptions")
+            return Response.json(200, self.api.replace(kind, namespace, name, _object_body(request, kind),
+                                                       dry_run=dry_run, manager=_manager(request),
+                                                       warnings=request.warnings))
         if request.method == "PATCH":
-            return Response.json(200, self.api.patch(kind, namespace, name,
-                                                     _checked_body(request, kind, merge_patch=True)))
+            return self._patch(request, kind, namespace, name)
         if request.method == "DELETE":
-            return Response.json(200, self.api.delete(kind, namespace, name))
+            options = _body(request)
+            dry_run = _dry_run(request, "DeleteOptions", options)
+            return Response.json(200, self.api.delete(kind, namespace, name, dry_run=dry_run))
         raise errors.MethodNotAllowed(f"{request.method} is not supported here")
+
+    def _patch(self, request: Request, kind: objects.Kind, namespace: str, name: str) -> Response:
+        media = patch.patch_type(kind, request.content_type)
+        dry_run = _dry_run(request, "PatchOptions")
+        manager = request.param("fieldManager")
+        if media == patch.APPLY_PATCH:
+            written = self.api.apply(kind, namespace, name, _checked_body(request, kind),
+                                     manager=manager or "", force=request.flag("force"), dry_run=dry_run,
+                                     warnings=request.warnings)
+            return Response.json(201 if written.created else 200, written.obj)
+        if request.param("force") is not None:
+            raise errors.Invalid('PatchOptions.meta.k8s.io "" is invalid: force: Forbidden: may not be specified '
+                                 "for non-apply patch")
+        if media in (patch.MERGE_PATCH, patch.STRATEGIC_MERGE_PATCH):
+            _checked_body(request, kind, merge_patch=True)  # fieldValidation on the fields the patch sends
+        change = patch.change(kind, media, request.body)
+        return Response.json(200, self.api.update_with(kind, namespace, name, change, dry_run=dry_run,
+                                                       manager=_manager(request), warnings=request.warnings))
 
     def _subresource(self, request: Request, target: Route) -> Response:
         ns, name, sub = target.namespace, target.name, target.subresource
@@ -146,12 +178,15 @@ class Handlers:
             return Response.json(200, self.api.project_usage(name or ""))
         assert sub in objects.VM_ACTIONS and ns is not None and name is not None
         _only(request, "PUT")
+        body = _body(request)
+        # KubeVirt's start, stop and restart options carry dryRun in the body; the query is taken too.
+        dry_run = _dry_run(request, f"{sub.capitalize()}Options", body)
         if sub == "start":
-            self.api.start(ns, name)
+            self.api.start(ns, name, dry_run=dry_run)
         elif sub == "stop":
-            self.api.stop(ns, name, _body(request))
+            self.api.stop(ns, name, body, dry_run=dry_run)
         else:
-            self.api.restart(ns, name)
+            self.api.restart(ns, name, dry_run=dry_run)
         return Response.success(202)
 
 
@@ -162,6 +197,44 @@ def _only(request: Request, allowed: str) -> None:
 
 def _body(request: Request) -> object:
     return bodies.parse_body(request.body, request.content_type)
+
+
+def _object_body(request: Request, kind: objects.Kind) -> object:
+    """A created or replaced object: JSON, YAML, or protobuf for the kinds kubectl sends that way."""
+    if request.content_type.split(";")[0].strip().lower() == protobuf.MEDIA_TYPE:
+        if not protobuf.takes(kind.api_version, kind.kind):
+            raise errors.UnsupportedMediaType(["application/json", "application/yaml"])
+        return protobuf.decode(request.body)
+    return _checked_body(request, kind)
+
+
+DRY_RUN_ALL = "All"
+
+
+def _dry_run(request: Request, options_kind: str, options: object = None) -> bool:
+    """Kubernetes' dryRun: absent, or `All`; from the query, or from an options body (DeleteOptions, KubeVirt's
+    StartOptions). Any other value is refused as kube-apiserver refuses it, before anything is done."""
+    values: list[object] = []
+    if request.param("dryRun") is not None:
+        values.append(request.param("dryRun"))
+    if isinstance(options, dict) and options.get("dryRun") is not None:
+        body_values = options["dryRun"]
+        values += body_values if isinstance(body_values, list) else [body_values]
+    unsupported = [value for value in values if value != DRY_RUN_ALL]
+    if unsupported:
+        shown = ", ".join(json.dumps(value) for value in unsupported)
+        raise errors.Invalid(f'{options_kind}.meta.k8s.io "" is invalid: dryRun: Unsupported value: '
+                             f'[]string{{{shown}}}: supported values: "{DRY_RUN_ALL}"')
+    return bool(values)
+
+
+def _manager(request: Request) -> str:
+    """Who makes this write, for managedFields: `fieldManager`, else the User-Agent as Kubernetes reads it."""
+    manager = request.param("fieldManager")
+    if manager is None:
+        return fieldmanager.manager_from_user_agent(request.headers.get("User-Agent")) or "unknown"
+    fieldmanager.check_manager(manager)
+    return manager
 
 
 def _checked_body(request: Request, kind: objects.Kind, *, merge_patch: bool = False) -> object:

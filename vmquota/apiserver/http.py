@@ -1,7 +1,7 @@
 """The wire: HTTP/1.1 requests in, through the filter chain, responses out.
 
 One thread per connection (the standard library's ThreadingHTTPServer, keep-alive). This module knows bytes,
-headers and sockets only: it reads a body by its length, builds a `Request`, runs the chain (`filters.py`,
+headers and sockets only: it reads a body by its length or in chunks, builds a `Request`, runs the chain (`filters.py`,
 then `handlers.py`) and writes the `Response`, streaming an iterator body with chunked transfer encoding
 (a watch). Nothing but `Status` objects leaves on an error.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -18,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from vmquota.api import Api
-from vmquota.apiserver import filters
+from vmquota.apiserver import filters, watch
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
 from vmquota.apiserver.request import Request, Response, status
@@ -27,10 +28,12 @@ log = logging.getLogger(__name__)
 
 MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the connection is just closed
 DISCARD_TIMEOUT = 5.0
+MAX_CHUNK_LINE = 4096  # a chunk's size line with its extensions, or one trailer line
+MAX_TRAILERS = 64
 
 
-def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
-    serve_request = filters.chain(Handlers(api), filters.FILTERS)
+def make_handler(api: Api, feed: watch.Feed) -> type[BaseHTTPRequestHandler]:
+    serve_request = filters.chain(Handlers(api, feed), filters.FILTERS)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -64,6 +67,9 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                     if chunk:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         self.wfile.flush()
+                    elif self._client_gone():  # an empty chunk: the stream is idle, a moment to look
+                        self.close_connection = True
+                        return
                 self.wfile.write(b"0\r\n\r\n")
             except OSError:
                 self.close_connection = True  # the client went away mid-stream
@@ -71,6 +77,14 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                 close = getattr(chunks, "close", None)
                 if close is not None:
                     close()  # a generator's own clean-up (a watcher unsubscribes) runs now, not at collection
+
+        def _client_gone(self) -> bool:
+            """Whether the client closed its end: an idle watch would otherwise notice only at its next event."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                return True
 
         def _fail(self, code: int, reason: str, message: str) -> None:
             self._send(Response.json(code, status(code, reason, message)))
@@ -88,12 +102,7 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
         def _read_body(self) -> bytes | None:
             """The body, or None when a refusal has been sent already."""
             if "Transfer-Encoding" in self.headers:
-                # Bodies are read by Content-Length only: a chunked body left unread would be parsed as the
-                # next request on this connection.
-                self.close_connection = True
-                self._fail(411, "LengthRequired", "the body must be sent with a Content-Length, not chunked")
-                self._discard(MAX_DISCARD_BYTES)
-                return None
+                return self._read_chunked()
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
@@ -109,6 +118,64 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                 self._discard(length)
                 return None
             return self.rfile.read(length) if length else b""
+
+        def _read_chunked(self) -> bytes | None:
+            """A `Transfer-Encoding: chunked` body (`kubectl replace --raw` sends one), held to the limit of a
+            Content-Length body. Whatever cannot be read to its end closes the connection after the refusal:
+            its rest would otherwise be parsed as the next request."""
+            refusal = self._chunked_problem()
+            if refusal is not None:
+                self.close_connection = True
+                self._fail(*refusal)
+                self._discard(MAX_DISCARD_BYTES)
+                return None
+            body = bytearray()
+            while True:
+                size = self._chunk_size()
+                if size is None:
+                    self._malformed_chunks()
+                    return None
+                if size == 0:
+                    break
+                if len(body) + size > MAX_BODY_BYTES:
+                    self.close_connection = True
+                    self._fail(413, "RequestEntityTooLarge", f"the body must be at most {MAX_BODY_BYTES} bytes")
+                    self._discard(MAX_DISCARD_BYTES)
+                    return None
+                chunk = self.rfile.read(size)
+                if len(chunk) != size or self.rfile.read(2) != b"\r\n":
+                    self._malformed_chunks()
+                    return None
+                body += chunk
+            for _ in range(MAX_TRAILERS + 1):  # trailers, ignored, up to the blank line
+                line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+                if line in (b"\r\n", b"\n"):
+                    return bytes(body)
+                if not line.endswith(b"\n"):
+                    break
+            self._malformed_chunks()
+            return None
+
+        def _chunked_problem(self) -> tuple[int, str, str] | None:
+            encoding = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+            if encoding != "chunked":
+                return 400, "BadRequest", f"transfer encoding {encoding[:40]!r} is not supported: send chunked"
+            if "Content-Length" in self.headers:  # two lengths: a request smuggling trick, not a client's mistake
+                return 400, "BadRequest", "a body cannot have both a Content-Length and a Transfer-Encoding"
+            return None
+
+        def _chunk_size(self) -> int | None:
+            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+            if not line.endswith(b"\n"):
+                return None
+            digits = line.split(b";")[0].strip()
+            if not digits or len(digits) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in digits):
+                return None
+            return int(digits, 16)
+
+        def _malformed_chunks(self) -> None:
+            self.close_connection = True
+            self._fail(400, "BadRequest", "the chunked body is malformed")
 
         def _handle(self, method: str) -> None:
             body = self._read_body()
@@ -165,19 +232,28 @@ def _warning_value(text: str) -> str:
 
 
 class Server(ThreadingHTTPServer):
+    """The HTTP server of one process, with the feed that its watches follow (`watch.py`)."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
+    def __init__(self, address: tuple[str, int], api: Api, *, bind_and_activate: bool = True) -> None:
+        self.feed = watch.Feed(api.store)
+        super().__init__(address, make_handler(api, self.feed), bind_and_activate)
+
+    def server_close(self) -> None:
+        self.feed.close()  # every watch stream ends cleanly, as when kube-apiserver shuts down
+        super().server_close()
+
 
 def serve(api: Api, host: str, port: int) -> Server:
     """A bound server; the caller runs `serve_forever()` (tests do it on a thread)."""
-    return Server((host, port), make_handler(api))
+    return Server((host, port), api)
 
 
 def serve_on(api: Api, listening: socket.socket) -> Server:
     """A server accepting on a socket another process has bound and listens on (`workers.py`)."""
-    server = Server(listening.getsockname()[:2], make_handler(api), bind_and_activate=False)
+    server = Server(listening.getsockname()[:2], api, bind_and_activate=False)
     server.socket.close()
     server.socket = listening
     return server
