@@ -24,6 +24,7 @@ APT_PACKAGES=(
     pkg-config
     gcc
     python3-dev
+    prometheus  # promtool and a real Prometheus for the tests of monitoring/ (the daemon is never started)
 )
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
