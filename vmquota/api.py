@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmquota import accounting, errors, fieldmanager, objects, quantity, usage, vmspec
+from vmquota import accounting, errors, fieldmanager, history, objects, quantity, usage, vmspec
 from vmquota import resources as r
 from vmquota.controller import CLONE_DISKS_ANNOTATION, CLONE_SOURCE_ANNOTATION, Controller, runtime_phase
 from vmquota.objects import (
@@ -291,6 +291,24 @@ class Api:
                          for part, value in usage.overhead_breakdown(spec, model)],
             "quotas": [q.display for q in accounting.covering(reader, namespace)],
         }
+
+    def usage_history(self, kind: Kind, namespace: str, name: str, since: str | None) -> Obj:
+        """A quota's or project's used over time, its peak, its time at the limit and its refusals per day."""
+        now = accounting.clock()
+        try:
+            start = history.parse_since(since, now=now)
+        except ValueError as e:
+            raise errors.BadRequest(f"since: {e}") from e
+        reader = self.store.reader()
+        with reader.snapshot():
+            quota = self.get(kind, namespace, name)
+            display = f"project/{name}" if kind is PROJECT else name
+            found = history.usage(reader, kind.kind, namespace, name, display, since=start, now=now)
+        metadata = {"name": name, **({"namespace": namespace} if kind.namespaced else {})}
+        status = quota.get("status") or {}
+        return {"kind": "UsageHistory", "apiVersion": "vmquota.io/v1", "metadata": metadata,
+                "hard": status.get("hard", {}), "used": status.get("used", {}),
+                "enforcement": status.get("enforcement", accounting.ENFORCE), **found}
 
     def project_usage(self, name: str) -> Obj:
         """A project's used, per namespace and per VM (like OpenShift's ClusterResourceQuota status)."""

@@ -17,6 +17,7 @@ quota's series, its peak, its time at the limit and its refusals per day (the `r
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -122,6 +123,28 @@ def _fold_minutes(txn: Transaction, kind: str, namespace: str, name: str, *, bef
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^([0-9]+)(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str | None, *, now: float) -> float:
+    """The start of a window: a duration back from `now` (90m, 24h, 7d), an RFC 3339 time, or 24 h by default;
+    ValueError quoting anything else."""
+    if not text:
+        return now - 86400
+    match = _DURATION.match(text)
+    if match:
+        return now - int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text[:60]!r} is neither a duration (90m, 24h, 7d) nor an RFC 3339 time") from None
+    if stamp.tzinfo is None:
+        raise ValueError(f"{text[:60]!r} has no time zone (end it with Z or +00:00)")
+    return stamp.timestamp()
+
+
 
 def usage(reader: Reader, kind: str, namespace: str, name: str, display: str, *, since: float,
           now: float) -> dict[str, Any]:

@@ -176,6 +176,10 @@ class Handlers:
         if sub == "usage":
             _only(request, "GET")
             return Response.json(200, self.api.project_usage(name or ""))
+        if sub == "history":
+            _only(request, "GET")
+            assert target.kind is not None and name is not None
+            return Response.json(200, self.api.usage_history(target.kind, ns or "", name, request.param("since")))
         assert sub in objects.VM_ACTIONS and ns is not None and name is not None
         _only(request, "PUT")
         body = _body(request)
