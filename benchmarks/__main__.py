@@ -19,12 +19,12 @@ import libvirt
 
 from benchmarks.common import Row, SectionResult
 
-SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "watch")
+SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "tables", "watch")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
     """The sections to run with their sizes; --quick keeps their shape and shrinks the counts."""
-    from benchmarks import admission, http_load, kvm, metrics, recount, watch
+    from benchmarks import admission, http_load, kvm, metrics, recount, tables, watch
 
     steps: list[tuple[str, Callable[[], SectionResult]]] = []
     if "admission" in wanted:
@@ -47,6 +47,9 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
     if "recount" in wanted:
         steps.append(("recount", lambda: recount.recount_section(vms=5_000 if quick else 100_000,
                                                                  namespaces=50 if quick else 1_000)))
+    if "tables" in wanted:
+        steps.append(("tables", lambda: tables.tables_section(vms=2_000 if quick else 10_000,
+                                                               rounds=5 if quick else 15)))
     if "watch" in wanted:
         steps.append(("watch", lambda: watch.watch_section(changes=50 if quick else 300,
                                                            idle_watchers=200 if quick else 1_000,

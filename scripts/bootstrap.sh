@@ -25,6 +25,12 @@ APT_PACKAGES=(
     gcc
     python3-dev
     prometheus  # promtool and a real Prometheus for the tests of monitoring/ (the daemon is never started)
+    # scripts/build-test-guest.sh: the real Linux guest of the end-to-end tests (its kernel is downloaded, not installed)
+    busybox-static
+    syslinux
+    syslinux-common
+    mtools
+    dosfstools
 )
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }

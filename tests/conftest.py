@@ -27,7 +27,7 @@ from vmquota.app import App
 from vmquota.client import Client, ClientError, action_path, collection_path
 from vmquota.usage import OverheadModel
 
-pytest_plugins = ["kvm_harness"]  # the real-KVM fixtures: `server`, `kvm`
+pytest_plugins = ["kvm_harness", "guest_harness"]  # the real-KVM fixtures: `server`, `kvm`; the real guest's
 
 _ns_counter = itertools.count()
 

@@ -31,8 +31,9 @@ URI = "qemu:///system"
 class Server:
     """A `vmquota serve` process that can be killed and started again on the same data directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        self.args = args  # more `vmquota serve` options, such as --use-emulation
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -42,7 +43,7 @@ class Server:
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vmquota", "serve", "--hypervisor", URI, "--data-dir", str(self.data_dir),
-                 "--listen", f"127.0.0.1:{self.port}", "--resync-interval", "2"],
+                 "--listen", f"127.0.0.1:{self.port}", "--resync-interval", "2", *self.args],
                 stdout=log, stderr=subprocess.STDOUT)
         client = Client(self.url)
         try:

@@ -169,9 +169,9 @@ def test_get_vms_shows_kubevirts_columns_labels_and_selections(kubectl: Kubectl,
     header, rows = table(kubectl.ok("get", "vms", "-n", ns))
     assert header == ["NAME", "AGE", "STATUS", "READY"]
     assert rows["web-1"][2:] == ["Stopped", "False"] and set(rows) == {"web-1", "db-1"}
-    header, rows = table(kubectl.ok("get", "vms", "-A", "--show-labels"))
-    assert header == ["NAMESPACE", "NAME", "AGE", "STATUS", "READY", "LABELS"]
-    mine = [row for row in rows.values() if row[0] == ns]
+    listed = kubectl.ok("get", "vms", "-A", "--show-labels").splitlines()
+    assert listed[0].split() == ["NAMESPACE", "NAME", "AGE", "STATUS", "READY", "LABELS"]
+    mine = [line.split() for line in listed[1:] if line.split()[0] == ns]  # keyed by name: -A starts with NAMESPACE
     assert sorted((row[1], row[-1]) for row in mine) == [("db-1", "app=db"), ("web-1", "app=web")]
     _, rows = table(kubectl.ok("get", "vms", "-n", ns, "-l", "app=web"))
     assert set(rows) == {"web-1"}
@@ -180,6 +180,41 @@ def test_get_vms_shows_kubevirts_columns_labels_and_selections(kubectl: Kubectl,
     missing = kubectl.run("get", "vm", "nope", "-n", ns)
     assert missing.returncode == 1
     assert missing.stderr.strip() == 'Error from server (NotFound): virtualmachines.kubevirt.io "nope" not found'
+
+
+def test_get_quota_events_namespaces_and_wide_columns(kubectl: Kubectl, ns: str, client: Client,
+                                                      tmp_path: Path) -> None:
+    """The server's Tables for the built-in kinds: kube-apiserver's columns, -o wide adding the priority-1 ones."""
+    path = tmp_path / "demo.yaml"
+    path.write_text(demo(ns))
+    kubectl.ok("apply", "-f", str(path))
+    client.put(action_path(ns, "web-1", "start"))
+    kubectl.ok("wait", "--for=condition=Ready", "vm/web-1", "-n", ns, "--timeout=60s")
+
+    quota = kubectl.ok("get", "quota", "-n", ns).splitlines()
+    assert quota[0].split() == ["NAME", "AGE", "REQUEST", "LIMIT"]
+    assert quota[1].split()[0] == "compute"
+    assert "count/virtualmachines.kubevirt.io: 1/3, requests.storage: 5Gi/20Gi" in quota[1]
+    assert quota[1].rstrip().endswith("limits.cpu: 2/4, limits.memory: 2Gi/4Gi")
+
+    events = kubectl.ok("get", "events", "-n", ns).splitlines()
+    assert events[0].split() == ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+    assert any(line.split()[1:4] == ["Normal", "Started", "virtualmachine/web-1"] for line in events[1:])
+    wide = kubectl.ok("get", "events", "-n", ns, "-o", "wide").splitlines()
+    assert wide[0].split() == ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "SUBOBJECT", "SOURCE", "MESSAGE",
+                               "FIRST", "SEEN", "COUNT", "NAME"]
+    assert kubectl.ok("get", "vms", "-n", ns, "-o", "wide").splitlines()[0].split() == \
+        ["NAME", "AGE", "STATUS", "READY"]  # KubeVirt's VM columns have no wide ones
+
+    header, rows = table(kubectl.ok("get", "vm", "web-1", "-n", ns))
+    assert header == ["NAME", "AGE", "STATUS", "READY"] and rows["web-1"][2:] == ["Running", "True"]
+    header, rows = table(kubectl.ok("get", "namespace", ns))
+    assert header == ["NAME", "STATUS", "AGE"] and rows[ns][1] == "Active"
+    bad = kubectl.run("get", "vms", "-n", ns, "--field-selector", "spec.running=true")
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == ('Error from server (BadRequest): Unable to find "kubevirt.io/v1, '
+                                  'Resource=virtualmachines" that match label selector "", field selector '
+                                  '"spec.running=true": field label not supported: spec.running')  # kubectl's frame
 
 
 def test_a_quota_watch_shows_used_move_when_a_vm_starts(kubectl: Kubectl, ns: str, client: Client,

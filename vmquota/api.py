@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmquota import accounting, errors, fieldmanager, history, objects, quantity, usage, vmspec
+from vmquota import accounting, errors, fieldmanager, history, imports, objects, quantity, usage, vmspec
 from vmquota import resources as r
-from vmquota.controller import CLONE_DISKS_ANNOTATION, CLONE_SOURCE_ANNOTATION, Controller, runtime_phase
+from vmquota.controller import (
+    CLONE_DISKS_ANNOTATION,
+    CLONE_SOURCE_ANNOTATION,
+    Controller,
+    data_volume_owner,
+    runtime_phase,
+)
 from vmquota.objects import (
     EVENT,
     NAMESPACE,
@@ -32,10 +39,36 @@ from vmquota.objects import (
     Kind,
     Obj,
 )
-from vmquota.store import Reader, Store, Transaction
+from vmquota.store import Part, Reader, Store, Transaction, Where
 
 MAX_LABELS = 64
+_VERSION_PARTS = (Part(("metadata", "namespace")), Part(("metadata", "name")), Part(("metadata", "resourceVersion")))
 MAX_LABEL_LENGTH = 253
+
+
+class PartsCache:
+    """What `Api.list_parts` cut out of objects, by object and resourceVersion, for one API process.
+
+    Entries never go stale (a write gives an object a new resourceVersion), so the cache only needs a bound:
+    past `capacity` the older half goes (no recency kept per read: a read of 10,000 rows should not pay
+    10,000 reorderings).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: dict[Any, tuple[Any, ...]] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[Any]) -> list[tuple[Any, ...] | None]:
+        items = self._items
+        return [items.get(key) for key in keys]
+
+    def put(self, key: Any, values: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._items[key] = values
+            if len(self._items) > self.capacity:
+                for old in list(self._items)[:len(self._items) // 2]:
+                    del self._items[old]
 
 
 def invalid(kind: Kind, name: object, field: str, message: str) -> errors.Invalid:
@@ -65,18 +98,67 @@ class Api:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def list_json(self, kind: Kind, namespace: str | None) -> bytes:
-        """The List of a kind as JSON, made of its items' stored JSON as it is.
+    def list_json(self, kind: Kind, namespace: str | None, *, where: Sequence[Where] = (),
+                  keep: Callable[[Obj], bool] | None = None) -> bytes:
+        """The List of a kind as JSON, made of its items' stored JSON as it is: those that meet every `where`
+        (SQLite checks them) and, when given, `keep` (which parses them; only selectors SQL cannot say need it).
 
         Parsing every item only to encode it again took 8.5 s and 1.1 GB for 100,000 VMs; this takes 0.4 s.
         """
         reader = self.store.reader()
         with reader.snapshot():
             revision = reader.revision()
-            items = ",".join(reader.bodies(kind, namespace))
+            bodies = reader.bodies(kind, namespace, where)
+            items = ",".join(bodies if keep is None else (body for body in bodies if keep(json.loads(body))))
         head = json.dumps({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
                            "metadata": {"resourceVersion": str(revision)}})
         return f'{head[:-1]}, "items": [{items}]}}'.encode()
+
+    def list_objects(self, kind: Kind, namespace: str | None, *, where: Sequence[Where] = (),
+                     keep: Callable[[Obj], bool] | None = None) -> tuple[str, list[Obj]]:
+        """(resourceVersion, the objects) of a list, parsed, as one snapshot."""
+        reader = self.store.reader()
+        with reader.snapshot():
+            found = [json.loads(body) for body in reader.bodies(kind, namespace, where)]
+            return str(reader.revision()), [obj for obj in found if keep is None or keep(obj)]
+
+    def list_parts(self, kind: Kind, namespace: str | None, parts: Sequence[Part], *,
+                   where: Sequence[Where] = (), cache: PartsCache | None = None) -> tuple[str, list[tuple[Any, ...]]]:
+        """(resourceVersion, `parts` of each object) of a list, cut out by the store as one snapshot: what a
+        Table needs of 10,000 VMs, without parsing their bodies in Python (`Reader.extract`).
+
+        With a `cache`, what was cut out of an object is kept under its key and resourceVersion (which every
+        write of an object changes), and a later list reads only the key columns of the objects it has seen:
+        SQLite's JSON parsing, not Python, is then what a repeated `kubectl get` of 10,000 VMs saves.
+        """
+        reader = self.store.reader()
+        with reader.snapshot():
+            revision = str(reader.revision())
+            if cache is None:
+                return revision, list(reader.extract(kind, namespace, parts, where))
+            versions = list(reader.extract(kind, namespace, _VERSION_PARTS, where))
+            if len(versions) > cache.capacity:
+                return revision, list(reader.extract(kind, namespace, parts, where))
+            what = f"{kind.kind} {parts!r}"  # a string: its hash is computed once, not once per object
+            keys = [(what, *version) for version in versions]
+            found = cache.get_many(keys)
+            missing = [i for i, values in enumerate(found) if values is None]
+            if len(missing) > len(keys) // 4:  # mostly unseen: one scan, as without a cache
+                scanned = list(reader.extract(kind, namespace, parts, where))
+                for key, values in zip(keys, scanned, strict=True):
+                    cache.put(key, values)
+                return revision, scanned
+            for i in missing:
+                one = (*where, Where(("metadata", "namespace"), "in", (keys[i][1],)),
+                       Where(("metadata", "name"), "in", (keys[i][2],)))
+                read = next(iter(reader.extract(kind, namespace, parts, one)))
+                cache.put(keys[i], read)
+                found[i] = read
+        return revision, [values for values in found if values is not None]
+
+    def parts_of(self, texts: Sequence[str], parts: Sequence[Part]) -> list[tuple[Any, ...]]:
+        """`parts` of objects given as JSON text (a page of a list), cut out as `list_parts` does."""
+        return list(self.store.reader().cut(texts, parts))
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj:
         return existing(self.store.reader(), kind, namespace, name)
@@ -93,6 +175,7 @@ class Api:
             metadata.pop(server_field, None)
         obj.pop("status", None)
         rules = self.rules[kind.kind]
+        rules.prepare(obj)
         with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             rules.check_namespace(txn, namespace)
             rules.validate(txn, obj, None)
@@ -262,6 +345,12 @@ class Api:
 
     def restart(self, namespace: str, name: str, *, dry_run: bool = False) -> Obj:
         return self._vm_action(namespace, name, self.controller.request_restart, dry_run=dry_run)
+
+    def guest_action(self, namespace: str, name: str, action: str) -> Obj:
+        """KubeVirt's VMI subresources pause, unpause and softreboot."""
+        request = {"pause": "Pause", "unpause": "Unpause", "softreboot": "SoftReboot"}[action]
+        return self._vm_action(namespace, name, lambda txn, vm: self.controller.request_guest(txn, vm, request),
+                               dry_run=False)
 
     # -- charges: who uses how much, and why ----------------------------------------------------
 
@@ -455,6 +544,9 @@ class _Rules:
     def __init__(self, api: Api) -> None:
         self.api = api
 
+    def prepare(self, obj: Obj) -> None:
+        """Checks of a new object that wait on the network: made before the store transaction, never inside."""
+
     def check_namespace(self, reader: Reader, namespace: str) -> None:
         if self.kind.namespaced and not reader.exists(NAMESPACE, "", namespace):
             raise errors.NotFound(f'namespaces "{namespace}" not found')
@@ -630,13 +722,51 @@ class _QuotaRules(_Rules):
 class _VMRules(_Rules):
     kind = VIRTUAL_MACHINE
 
-    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+    def prepare(self, obj: Obj) -> None:
+        """An image to import is probed now, so a 404, a file that is no disk image or an image larger than its
+        disk is refused synchronously, before the VM is admitted and charged (compressed images are checked
+        once unpacked: their import fails instead)."""
         try:
-            vmspec.read(obj)
+            spec = vmspec.read(obj)
+        except vmspec.FieldError:
+            return  # validate says why, in the transaction
+        for i, disk in enumerate(spec.disks):
+            if disk.source.kind is vmspec.SourceKind.HTTP:
+                try:
+                    imports.probe(disk.source.url, disk.size)
+                except imports.ImportFailed as e:
+                    raise invalid(VIRTUAL_MACHINE, obj["metadata"]["name"],
+                                  f"spec.dataVolumeTemplates[{i}].spec.source.http.url",
+                                  f"Invalid value: {objects.quote(disk.source.url)}: {e}") from e
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        try:
+            spec = vmspec.read(obj)
         except vmspec.FieldError as e:
-            raise invalid(VIRTUAL_MACHINE, obj["metadata"]["name"], e.path, e.message) from e
+            raise invalid(VIRTUAL_MACHINE, name, e.path, e.message) from e
         if old is not None and old["metadata"].get("deletionTimestamp"):
-            raise errors.Conflict(f'{VIRTUAL_MACHINE.resource} "{obj["metadata"]["name"]}" is being deleted')
+            raise errors.Conflict(f'{VIRTUAL_MACHINE.resource} "{name}" is being deleted')
+        clones = [(i, d) for i, d in enumerate(spec.disks) if d.source.kind is vmspec.SourceKind.PVC]
+        if clones and old is None:
+            self._check_pvc_sources(txn, obj, clones)
+
+    def _check_pvc_sources(self, txn: Transaction, obj: Obj, clones: list[tuple[int, vmspec.Disk]]) -> None:
+        """A pvc source names a disk of another VM of the namespace, no larger than the disk made from it."""
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        others = [vm for vm in txn.list(VIRTUAL_MACHINE, namespace) if vm["metadata"]["name"] != name]
+        for i, disk in clones:
+            field = f"spec.dataVolumeTemplates[{i}].spec.source.pvc.name"
+            owner = data_volume_owner(others, disk.source.pvc)
+            if owner is None:
+                raise invalid(VIRTUAL_MACHINE, name, field, f"Not found: {objects.quote(disk.source.pvc)}: no VM of "
+                                                            f"namespace {namespace} has this data volume")
+            [source] = [d for d in vmspec.read(owner).disks if d.name == disk.source.pvc]
+            if source.size > disk.size:
+                raise invalid(VIRTUAL_MACHINE, name, field,
+                              f"Invalid value: {objects.quote(disk.source.pvc)}: the source is "
+                              f"{quantity.format(source.size)}, larger than the requested storage "
+                              f"{quantity.format(disk.size)}")
 
     def before_create(self, txn: Transaction, obj: Obj) -> None:
         self.api.controller.admit_new(txn, obj)

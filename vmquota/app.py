@@ -38,10 +38,10 @@ class Core:
 
 
 def open_core(data_dir: Path, hypervisor_uri: str, overhead: OverheadModel, *,
-              resync_interval: float = 30.0) -> Core:
+              resync_interval: float = 30.0, use_emulation: bool = False) -> Core:
     """The server's parts on `data_dir`; only the first process runs the controller (`Controller.run`)."""
     store = Store(data_dir / "vmquota.db")
-    hypervisor = Hypervisor(hypervisor_uri, instance=store.instance_id)
+    hypervisor = Hypervisor(hypervisor_uri, instance=store.instance_id, use_emulation=use_emulation)
     controller = Controller(store=store, hypervisor=hypervisor, disks=Disks(data_dir / "disks"),
                             overhead=overhead, resync_interval=resync_interval)
     return Core(store, hypervisor, controller, Api(store, controller))
@@ -58,7 +58,7 @@ class App(Core):
     @classmethod
     def open(cls, *, data_dir: Path, hypervisor_uri: str, host: str = "127.0.0.1", port: int = 8686,
              overhead: OverheadModel = OverheadModel.NONE, resync_interval: float = 30.0,
-             api_processes: int = 1) -> App:
+             api_processes: int = 1, use_emulation: bool = False) -> App:
         """`api_processes` - 1 processes besides this one answer HTTP too (`workers.py`)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         lock_file = open(data_dir / "server.lock", "w")  # noqa: SIM115 - held for the server's life
@@ -67,7 +67,8 @@ class App(Core):
         except OSError as e:
             lock_file.close()
             raise errors.VmquotaError(f"another vmquota server is using {data_dir}") from e
-        core = open_core(data_dir, hypervisor_uri, overhead, resync_interval=resync_interval)
+        core = open_core(data_dir, hypervisor_uri, overhead, resync_interval=resync_interval,
+                         use_emulation=use_emulation)
         store, controller = core.store, core.controller
         with store.transaction() as txn:
             if txn.get(objects.NAMESPACE, "", "default") is None:

@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app = App.open(data_dir=data_dir, hypervisor_uri=args.hypervisor, host=host.strip("[]"), port=int(port),
                        overhead=OverheadModel(args.memory_overhead), resync_interval=args.resync_interval,
-                       api_processes=api_processes)
+                       api_processes=api_processes, use_emulation=args.use_emulation)
     except errors.HypervisorUnavailable as e:
         print(f"vmquota: {e}\nvmquota: is libvirtd running? `make run` starts it (scripts/libvirtd-up.sh); "
               f"`--hypervisor test:///default` runs on libvirt's simulated host.", file=sys.stderr)
@@ -375,6 +375,8 @@ def parser() -> argparse.ArgumentParser:
                        help="memory charged on top of the guest's: none (default) or kubevirt")
     serve.add_argument("--resync-interval", type=float, default=30.0,
                        help="seconds between full recounts from the hypervisor (default 30)")
+    serve.add_argument("--use-emulation", action="store_true",
+                       help="run guests under plain QEMU emulation even where KVM works (KubeVirt's useEmulation)")
     serve.add_argument("--api-processes", type=int, default=None,
                        help="processes answering HTTP, one of them also running the controller "
                             "(default: one per core, at most 8)")

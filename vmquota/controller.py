@@ -19,15 +19,16 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vmquota import accounting, domainxml, errors, history, objects, telemetry, usage, vmspec, vmstatus
+from vmquota import accounting, domainxml, errors, history, imports, objects, seeds, telemetry, usage, vmspec, vmstatus
 from vmquota.disks import Disks
-from vmquota.hypervisor import ABSENT, DomainState, ExitCause, Hypervisor, Observed
+from vmquota.hypervisor import ABSENT, DomainState, ExitCause, GuestStream, Hypervisor, Observed
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.objects import Obj
 from vmquota.store import Store, Transaction
@@ -52,6 +53,9 @@ LIVE_COPY_TIMEOUT_SECONDS = 3600.0
 # the VM, not in the controller's memory, so a stop made through any API process, or before a restart, is kept.
 STOP_GRACE = "stopGracePeriodSeconds"
 STOP_DEADLINE = "stopDeadline"
+# A pause, unpause or soft reboot asked for and not yet done: KubeVirt's VMI subresources, acted on by reconcile.
+GUEST_REQUEST = "guestRequest"
+GUEST_ADDRESS = "10.0.2.15"  # what QEMU's user-mode DHCP gives the guest: the first address of 10.0.2.0/24
 
 
 def subject(name: str) -> str:
@@ -104,6 +108,8 @@ class Controller:
         # How soon refused and failed automatic starts are tried again (tests shorten these).
         self.unschedulable_retry_seconds = UNSCHEDULABLE_RETRY_SECONDS
         self.backoff_base_seconds = BACKOFF_BASE_SECONDS
+        self.imports = imports.Runner(disks, report=self._import_progress,
+                                      finished=lambda job: self.queue.add((job.namespace, job.name)))
 
     # -- life of the controller -----------------------------------------------------------------
 
@@ -179,6 +185,10 @@ class Controller:
         spec = vmspec.read(vm)
         phase = Phase.STARTING if wants_running(spec.run_strategy, last_exit(vm)) else Phase.STOPPED
         self._transition(txn, vm, phase, spec=spec, enforce=True)
+        first = {vmspec.SourceKind.BLANK: imports.Phase.PENDING, vmspec.SourceKind.HTTP: imports.Phase.IMPORT_SCHEDULED,
+                 vmspec.SourceKind.PVC: imports.Phase.CLONE_SCHEDULED}
+        for disk in spec.disks:
+            set_volume_status(vm, disk.name, imports.Progress(first[disk.source.kind]))
 
     def admit_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
         """A changed spec: charge only the difference, admitted when it rises (a resize)."""
@@ -236,6 +246,23 @@ class Controller:
         self._transition(txn, vm, Phase.STOPPING, enforce=False)
         self.record(txn, vm, "Normal", "RestartRequested", "restart requested")
 
+    def request_guest(self, txn: Transaction, vm: Obj, action: str) -> None:
+        """Pause, Unpause or SoftReboot (KubeVirt's VMI subresources); the reconcile does it. A paused VM
+        still holds its runtime, so its charge does not change."""
+        phase = runtime_phase(vm)
+        if deleting(vm) or phase not in (Phase.RUNNING, Phase.PAUSED):
+            raise errors.Conflict("VMI is not running")
+        if action == "Pause" and phase is Phase.PAUSED:
+            raise errors.Conflict("VMI is already paused")
+        if action == "Unpause" and phase is not Phase.PAUSED:
+            raise errors.Conflict("VMI is not paused")
+        if action == "SoftReboot" and phase is Phase.PAUSED:
+            raise errors.Conflict("VMI is paused")
+        vm.setdefault("status", {})[GUEST_REQUEST] = action
+        key = _key(vm)
+        txn.after_commit(lambda: self.queue.add(key))
+        self.record(txn, vm, "Normal", f"{action}Requested", f"{action.lower()} requested")
+
     def request_delete(self, txn: Transaction, vm: Obj) -> None:
         """Mark for deletion; the worker stops the domain, removes it and the disks, then the object."""
         if not deleting(vm):
@@ -279,6 +306,14 @@ class Controller:
             status.pop(STOP_DEADLINE, None)
         if phase is Phase.RUNNING and previous != Phase.RUNNING.value:
             status["runningSince"] = self.clock()
+        if phase in (Phase.RUNNING, Phase.PAUSED) and spec.interfaces:
+            uid = vm["metadata"].get("uid", "")
+            status["interfaces"] = [{"name": i.name, "mac": vmspec.mac_address(i, uid), "ipAddress": GUEST_ADDRESS,
+                                     "ipAddresses": [GUEST_ADDRESS], "infoSource": "domain"} for i in spec.interfaces]
+        else:
+            status.pop("interfaces", None)
+        if phase not in (Phase.RUNNING, Phase.PAUSED):  # a pause or reboot ends with the runtime
+            status.pop(GUEST_REQUEST, None)
         txn.after_commit(lambda: self.queue.add((ns, name)))
 
     def record(self, txn: Transaction, vm: Obj, type_: str, reason: str, message: str) -> None:
@@ -321,7 +356,9 @@ class Controller:
     def _reconcile_starting(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
         if not up:
             try:
-                self._ensure_disks(vm, spec)
+                if not self._ensure_disks(vm, spec):
+                    return  # a start waits for its disks: the import queues the VM when it ends
+                self._write_seed(vm, spec)
                 self.hypervisor.start(*key, vm["metadata"]["uid"], self._domain_xml(vm, spec))
             except errors.HypervisorUnavailable:
                 raise
@@ -421,6 +458,10 @@ class Controller:
                     f"the guest was asked to shut down; it is forced off if it is still running in {grace} s")
 
     def _reconcile_running(self, key: Key, vm: Obj, spec: VMSpec, observed: Observed, up: bool) -> None:
+        request = (vm.get("status") or {}).get(GUEST_REQUEST)
+        if up and request:
+            self._guest_request(key, vm, request)
+            observed = self.hypervisor.observe(*key)
         if up:
             phase = Phase.PAUSED if observed.state is DomainState.PAUSED else Phase.RUNNING
             if phase is not runtime_phase(vm):
@@ -430,6 +471,52 @@ class Controller:
             return
         cause = observed.cause if observed.uid == vm["metadata"]["uid"] else ExitCause.DESTROYED
         self._update(key, lambda txn, vm: self._went_off(txn, vm, cause))
+
+    def _guest_request(self, key: Key, vm: Obj, request: str) -> None:
+        uid = vm["metadata"]["uid"]
+        act = {"Pause": self.hypervisor.suspend, "Unpause": self.hypervisor.resume,
+               "SoftReboot": self.hypervisor.reboot}[request]
+        try:
+            act(*key, uid)
+            reason = {"Pause": "Paused", "Unpause": "Unpaused", "SoftReboot": "SoftRebooted"}[request]
+            message, type_ = f"{request.lower()} done", "Normal"
+        except errors.HypervisorUnavailable:
+            raise
+        except errors.HypervisorError as e:
+            reason, message, type_ = f"{request}Failed", str(e), "Warning"
+
+        def done(txn: Transaction, vm: Obj) -> None:
+            if vm.setdefault("status", {}).pop(GUEST_REQUEST, None) == request:
+                self.record(txn, vm, type_, reason, message)
+
+        self._update(key, done, expect_uid=uid)
+
+    # -- streams to a running guest: for the console and portforward subresources ------------------
+
+    def _running_vm(self, namespace: str, name: str) -> Obj:
+        vm = self.store.reader().get(VM, namespace, name)
+        if vm is None:
+            raise errors.NotFound(f'virtualmachineinstances.kubevirt.io "{name}" not found')
+        if runtime_phase(vm) not in (Phase.RUNNING, Phase.PAUSED):
+            raise errors.Conflict(f'virtualmachineinstances.kubevirt.io "{name}": VMI is not running')
+        return vm
+
+    def open_console(self, namespace: str, name: str) -> GuestStream:
+        """The serial console of a running VM, as a stream (`recv`, `sendall`, `close`)."""
+        vm = self._running_vm(namespace, name)
+        return self.hypervisor.open_console(namespace, name, vm["metadata"]["uid"])
+
+    def open_port(self, namespace: str, name: str, port: int) -> socket.socket:
+        """A TCP connection to `port` of a running VM's guest, through its masquerade interface."""
+        vm = self._running_vm(namespace, name)
+        spec = vmspec.read(vm)
+        if not spec.interfaces:
+            raise errors.BadRequest(f'virtualmachineinstances.kubevirt.io "{name}" has no network interface')
+        allowed = spec.interfaces[0].ports
+        if allowed and port not in allowed:
+            raise errors.BadRequest(f"port {port} is not among the ports of interface {spec.interfaces[0].name}: "
+                                    + ", ".join(map(str, allowed)))
+        return self.hypervisor.open_port(namespace, name, vm["metadata"]["uid"], port)
 
     def _went_off(self, txn: Transaction, vm: Obj, cause: ExitCause) -> None:
         """A running VM whose domain is off with no stop asked: record why, then restart it if its strategy says."""
@@ -495,6 +582,9 @@ class Controller:
 
     def _finalize(self, key: Key, vm: Obj) -> None:
         uid = vm["metadata"]["uid"]
+        if not self.imports.cancel(uid):  # an import still in qemu-img: remove its files once it has ended
+            self.queue.add(key, after=5.0)
+            return
         self.hypervisor.undefine(*key, uid)
         if self._clones_to_copy(key[0], key[1], uid):  # they copy their disks from ours: keep (or make) ours
             self._ensure_disks(vm, vmspec.read(vm))
@@ -536,19 +626,63 @@ class Controller:
 
     # -- disks and domains ---------------------------------------------------------------------
 
-    def _ensure_disks(self, vm: Obj, spec: VMSpec) -> None:
-        """Create missing disks (copying them for a clone), grow resized ones, then say DataVolumesReady."""
-        ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
+    def _ensure_disks(self, vm: Obj, spec: VMSpec) -> bool:
+        """Create missing disks (copying them for a clone, from their source otherwise), grow resized ones,
+        then say DataVolumesReady. False while an import still runs (it queues the VM when it ends); a failed
+        import raises its error."""
+        ns, name, uid = vm["metadata"]["namespace"], vm["metadata"]["name"], vm["metadata"]["uid"]
         source = objects.meta(vm).get("annotations", {}).get(CLONE_SOURCE_ANNOTATION)
         missing = [d for d in spec.disks if not self.disks.path(ns, uid, d.name).exists()]
         if missing and source:
             self._copy_from_source(vm, source, missing)
+        importing = False
         for disk in spec.disks:
-            self.disks.ensure(self.disks.path(ns, uid, disk.name), disk.size)
+            path = self.disks.path(ns, uid, disk.name)
+            if not path.exists() and disk.source.kind is vmspec.SourceKind.HTTP:
+                failed = self.imports.ensure(imports.Job(ns, name, uid, disk, path))
+                if failed is not None:
+                    raise errors.HypervisorError(f"disk {disk.name}: {failed.message}")
+                importing = True
+                continue
+            if not path.exists() and disk.source.kind is vmspec.SourceKind.PVC:
+                self._clone_pvc(vm, disk, path)
+            self.disks.ensure(path, disk.size)
+        if importing:
+            return False
         if not volumes_ready(vm):
             self._update(_key(vm), _volumes_ready, expect_uid=uid)
             for clone in self._clones_to_copy(ns, vm["metadata"]["name"], uid):  # they may have found no disk to copy
                 self.queue.add((ns, clone))
+        return True
+
+    def _clone_pvc(self, vm: Obj, disk: vmspec.Disk, target: Path) -> None:
+        """A disk whose source is another VM's disk of the namespace (CDI's pvc source): a copy of it, live
+        (point in time) if that VM runs."""
+        ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
+        owner = data_volume_owner(self.store.reader().list(VM, ns), disk.source.pvc, exclude_uid=uid)
+        if owner is None:
+            raise errors.HypervisorError(f"disk {disk.name}: the source data volume {disk.source.pvc} does not exist")
+        src_name, src_uid = owner["metadata"]["name"], owner["metadata"]["uid"]
+        source_path = self.disks.path(ns, src_uid, disk.source.pvc)
+        if not source_path.exists():
+            raise errors.HypervisorError(f"disk {disk.name}: the source data volume {disk.source.pvc} is not "
+                                         f"made yet; trying again")
+        if self.hypervisor.observe(ns, src_name).up:
+            self._copy_live(ns, src_name, src_uid, vmspec.read(owner), {disk.source.pvc: target})
+        if not target.exists():
+            self.disks.copy(source_path, target)
+
+    def _import_progress(self, job: imports.Job, progress: imports.Progress) -> None:
+        """An import's phase and percentage in the VM's status, as a DataVolume's status shows them."""
+        def write(txn: Transaction, vm: Obj) -> None:
+            set_volume_status(vm, job.disk.name, progress)
+            if progress.phase is imports.Phase.FAILED:
+                self._disks_failed(txn, vm, f"disk {job.disk.name}: {progress.message}")
+            elif not volumes_ready(vm):
+                set_volumes_condition(vm, ready=False, reason=progress.phase.value,
+                                      message=f"disk {job.disk.name}: {progress.phase.value} {progress.progress}")
+
+        self._update((job.namespace, job.name), write, expect_uid=job.uid)
 
     def _copy_from_source(self, vm: Obj, source: str, missing: list[vmspec.Disk]) -> None:
         """Copy a clone's disks from its source VM: live (point in time) if the source runs."""
@@ -588,12 +722,25 @@ class Controller:
     def _attached_targets(spec: VMSpec) -> dict[str, str]:
         return dict(zip(spec.attached, domainxml.disk_targets(len(spec.attached)), strict=True))
 
+    def _seed_path(self, vm: Obj) -> Path:
+        # A fixed name: the volume's name, like everything else the user wrote, stays out of paths.
+        return self.disks.vm_dir(vm["metadata"]["namespace"], vm["metadata"]["uid"]) / "cloudinit.iso"
+
+    def _write_seed(self, vm: Obj, spec: VMSpec) -> None:
+        """The cloud-init seed, written afresh at every start: user data edited while stopped takes effect."""
+        if spec.cloud_init is not None:
+            seeds.write(spec.cloud_init, self._seed_path(vm), uid=vm["metadata"]["uid"],
+                        hostname=vm["metadata"]["name"])
+
     def _domain_xml(self, vm: Obj, spec: VMSpec) -> str:
         ns, name, uid = vm["metadata"]["namespace"], vm["metadata"]["name"], vm["metadata"]["uid"]
         disks = [domainxml.DomainDisk(self.disks.path(ns, uid, disk), target)
                  for disk, target in self._attached_targets(spec).items()]
+        seed = None if spec.cloud_init is None else domainxml.Seed(self._seed_path(vm), spec.cloud_init.cdrom)
+        nics = tuple(domainxml.Nic(vmspec.mac_address(i, uid), i.model) for i in spec.interfaces)
         return domainxml.build(namespace=ns, name=name, uid=uid, instance=self.store.instance_id, spec=spec,
-                               disks=disks, domain_type=self.hypervisor.domain_type)
+                               disks=disks, domain_type=self.hypervisor.domain_type, seed=seed, nics=nics,
+                               console_log=self.disks.vm_dir(ns, uid) / "console.log")
 
     # -- the periodic recount --------------------------------------------------------------------
 
@@ -716,6 +863,30 @@ def set_volumes_condition(vm: Obj, *, ready: bool, reason: str, message: str) ->
 
 def _volumes_ready(txn: Transaction, vm: Obj) -> None:
     set_volumes_condition(vm, ready=True, reason="AllDVsReady", message="all of the VM's disks exist")
+    for entry in (vm.get("status") or {}).get("dataVolumes") or []:
+        entry.update({"phase": imports.Phase.SUCCEEDED.value, "progress": "100.0%"})
+        entry.pop("message", None)
+
+
+def set_volume_status(vm: Obj, disk: str, progress: imports.Progress) -> None:
+    """One disk's entry of status.dataVolumes: CDI's phase and progress of the DataVolume it stands for."""
+    entries = vm.setdefault("status", {}).setdefault("dataVolumes", [])
+    entry = {"name": disk, "phase": progress.phase.value, "progress": progress.progress}
+    if progress.message:
+        entry["message"] = progress.message
+    entries[:] = [e for e in entries if e.get("name") != disk] + [entry]
+    entries.sort(key=lambda e: e.get("name", ""))
+
+
+def data_volume_owner(vms: list[Obj], data_volume: str, *, exclude_uid: str | None = None) -> Obj | None:
+    """The VM of a namespace whose dataVolumeTemplates make the data volume (disk) of this name."""
+    for vm in vms:
+        if vm["metadata"].get("uid") == exclude_uid or deleting(vm):
+            continue
+        templates = (vm.get("spec") or {}).get("dataVolumeTemplates") or []
+        if any((t.get("metadata") or {}).get("name") == data_volume for t in templates if isinstance(t, dict)):
+            return vm
+    return None
 
 
 def _key(vm: Obj) -> Key:

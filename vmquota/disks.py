@@ -9,6 +9,7 @@ root are ever created or removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -63,6 +64,24 @@ class Disks:
         partial = target.with_suffix(".partial")
         self._run(["convert", "-q", "-f", "qcow2", "-O", "qcow2", str(source), str(partial)], target)
         partial.rename(target)
+
+    def import_image(self, image: Path, image_format: str, target: Path, size: Decimal) -> None:
+        """Convert a downloaded image (qcow2 or raw) into the disk `target`, grown to `size`.
+
+        An imported qcow2 may name a backing file or an external data file: a path on this host that
+        qemu-img would read into the guest's disk. Such an image is refused, not converted.
+        """
+        if image_format == "qcow2":
+            info = json.loads(self._run(["info", "--output=json", "-f", "qcow2", str(image)], target))
+            data_file = ((info.get("format-specific") or {}).get("data") or {}).get("data-file")
+            if info.get("backing-filename") or data_file:
+                raise errors.HypervisorError("the image names a backing or data file on the host: refused")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        self._run(["convert", "-q", "-f", image_format, "-O", "qcow2", str(image), str(partial)], target)
+        if self.virtual_size(partial) < size:
+            self._run(["resize", "-q", "-f", "qcow2", str(partial), str(int(size))], target)
+        partial.rename(target)  # only a whole, converted disk ever has the disk's name
 
     def virtual_size(self, path: Path) -> Decimal:
         """The size the guest sees, from the qcow2 header (no qemu-img process on every start)."""

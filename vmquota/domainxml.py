@@ -1,8 +1,9 @@
 """The libvirt domain XML for a VM, built with ElementTree so nothing a user wrote can become markup.
 
 Bottom layer, pure. Only validated values reach the document: DNS-1123 names, the
-VM's uid, whole numbers and disk paths that `disks.py` has already placed inside
-the data directory. Labels and annotations never go into the domain.
+VM's uid, whole numbers, checked MAC addresses and NIC models, and file paths that
+`disks.py` has already placed inside the data directory. Labels, annotations and
+cloud-init data never go into the domain (the seed is a file, `seeds.py`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,25 @@ class DomainDisk:
     target: str  # vda, vdb, ...
 
 
+@dataclass(frozen=True)
+class Seed:
+    """The cloud-init seed ISO: read-only, as a CD-ROM on SATA or as one more virtio disk."""
+
+    path: Path
+    cdrom: bool
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A NIC on QEMU's user-mode network: NAT inside QEMU, no host interface, bridge or firewall rule."""
+
+    mac: str
+    model: str
+
+
 def build(*, namespace: str, name: str, uid: str, instance: str, spec: VMSpec, disks: list[DomainDisk],
-          domain_type: str) -> str:
+          domain_type: str, seed: Seed | None = None, nics: tuple[Nic, ...] = (),
+          console_log: Path | None = None) -> str:
     """The domain of one VM; `instance` names the vmquota installation that owns it."""
     domain = ET.Element("domain", {"type": domain_type})
     ET.SubElement(domain, "name").text = domain_name(namespace, name)
@@ -71,8 +89,21 @@ def build(*, namespace: str, name: str, uid: str, instance: str, spec: VMSpec, d
         ET.SubElement(element, "driver", {"name": "qemu", "type": "qcow2"})
         ET.SubElement(element, "source", {"file": str(disk.path)})
         ET.SubElement(element, "target", {"dev": disk.target, "bus": "virtio"})
+    if seed is not None:
+        element = ET.SubElement(devices, "disk", {"type": "file", "device": "cdrom" if seed.cdrom else "disk"})
+        ET.SubElement(element, "driver", {"name": "qemu", "type": "raw"})
+        ET.SubElement(element, "source", {"file": str(seed.path)})
+        target = "sda" if seed.cdrom else disk_targets(len(disks) + 1)[-1]
+        ET.SubElement(element, "target", {"dev": target, "bus": "sata" if seed.cdrom else "virtio"})
+        ET.SubElement(element, "readonly")
+    for nic in nics:
+        element = ET.SubElement(devices, "interface", {"type": "user"})
+        ET.SubElement(element, "mac", {"address": nic.mac})
+        ET.SubElement(element, "model", {"type": nic.model})
     if domain_type != "test":
-        ET.SubElement(devices, "serial", {"type": "pty"})
+        serial = ET.SubElement(devices, "serial", {"type": "pty"})
+        if console_log is not None:  # virtlogd keeps what the console printed, for whoever opens it late
+            ET.SubElement(serial, "log", {"file": str(console_log), "append": "off"})
         ET.SubElement(devices, "memballoon", {"model": "none"})
     ET.register_namespace(METADATA_KEY, METADATA_URI)
     return ET.tostring(domain, encoding="unicode")

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
+import socket
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 
 from vmquota import domainxml, errors
 
@@ -110,9 +114,12 @@ def _observed(state: int, reason: int, uid: str) -> Observed:
 
 
 class Hypervisor:
-    def __init__(self, uri: str, *, instance: str) -> None:
+    def __init__(self, uri: str, *, instance: str, use_emulation: bool = False) -> None:
         self.uri = uri
         self.instance = instance  # only domains whose metadata names this instance are ours
+        # KubeVirt's useEmulation: plain QEMU (TCG) even where KVM works. A Debian kernel crawls under the
+        # nested KVM of some hosts, and boots in seconds under emulation.
+        self.use_emulation = use_emulation
         self._conn: Any = None
         self._lock = threading.Lock()
         self._on_event: EventCallback | None = None
@@ -172,6 +179,8 @@ class Hypervisor:
     def _domain_type(self, conn: Any) -> str:
         if conn.getType().lower() == "test":
             return "test"
+        if self.use_emulation:
+            return "qemu"
         try:
             conn.getDomainCapabilities(None, None, None, "kvm")
             return "kvm"
@@ -370,6 +379,110 @@ class Hypervisor:
             return False
         info = self._call(f"reading the jobs of {namespace}/{name}", dom.jobInfo)
         return bool(info[0] not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED))
+
+
+    # -- guest lifecycle extras: pause, unpause, soft reboot -------------------------------------------
+
+    def suspend(self, namespace: str, name: str, uid: str) -> None:
+        self._call(f"pausing {namespace}/{name}", self._running(namespace, name, uid).suspend)
+
+    def resume(self, namespace: str, name: str, uid: str) -> None:
+        self._call(f"unpausing {namespace}/{name}", self._running(namespace, name, uid).resume)
+
+    def reboot(self, namespace: str, name: str, uid: str) -> None:
+        """A soft reboot: the guest is asked through ACPI; libvirt starts it again once it has shut down."""
+        dom = self._running(namespace, name, uid)
+        self._call(f"rebooting {namespace}/{name}", lambda: dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN))
+
+    def _running(self, namespace: str, name: str, uid: str) -> Any:
+        dom = self._own(namespace, name, uid)
+        if dom is None or isinstance(dom, _Stale):
+            raise errors.HypervisorError(f"{namespace}/{name} has no domain of vmquota's")
+        return dom
+
+    # -- streams to the guest: its serial console, its ports ------------------------------------------
+
+    def open_console(self, namespace: str, name: str, uid: str) -> GuestStream:
+        """The guest's serial console (ttyS0) as a byte stream, taking it over from any earlier reader, as
+        `virtctl console` does."""
+        dom = self._running(namespace, name, uid)
+        stream = self._call("opening a stream", lambda: self._connection().newStream(0))
+        self._call(f"opening the console of {namespace}/{name}",
+                   lambda: dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE))
+        return GuestStream(stream)
+
+    def open_port(self, namespace: str, name: str, uid: str, port: int, *, timeout: float = 10.0) -> socket.socket:
+        """A TCP connection to the guest's `port` through QEMU's user-mode network, with no port left open.
+
+        QEMU forwards a loopback port of its own to the guest (`hostfwd_add`) only until it has accepted this
+        one connection; then the forward is removed again, so no other local process can use it.
+        """
+        dom = self._running(namespace, name, uid)
+        if self.domain_type == "test":
+            raise errors.HypervisorError("the simulated host has no guest network to forward to")
+        with socket.socket() as probe:  # a free loopback port for QEMU to listen on
+            probe.bind(("127.0.0.1", 0))
+            host_port = probe.getsockname()[1]
+        rule = f"tcp:127.0.0.1:{host_port}"
+        self._monitor(dom, f"hostfwd_add {NETDEV} {rule}-:{port}", namespace, name)
+        try:
+            connection = socket.create_connection(("127.0.0.1", host_port), timeout=timeout)
+            try:
+                self._wait_accepted(dom, host_port, timeout, namespace, name)
+            except BaseException:
+                connection.close()
+                raise
+        finally:
+            self._monitor(dom, f"hostfwd_remove {NETDEV} {rule}", namespace, name)
+        connection.settimeout(None)
+        return connection
+
+    def _wait_accepted(self, dom: Any, host_port: int, timeout: float, namespace: str, name: str) -> None:
+        """Until QEMU lists a connection through the forward of `host_port` (it has accepted ours), so removing
+        the forward cannot drop ours from the listening socket's backlog."""
+        deadline = time.monotonic() + timeout
+        pattern = re.compile(rf"TCP\[ESTABLISHED\]\s+\d+\s+127\.0\.0\.1\s+{host_port}\b")
+        while not pattern.search(self._monitor(dom, "info usernet", namespace, name)):
+            if time.monotonic() > deadline:
+                raise errors.HypervisorError(f"QEMU did not take the connection to {namespace}/{name} in time")
+            time.sleep(0.02)
+
+    def _monitor(self, dom: Any, command: str, namespace: str, name: str) -> str:
+        reply = str(self._call(f"forwarding a port of {namespace}/{name}", lambda: libvirt_qemu.qemuMonitorCommand(
+            dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)))
+        # HMP answers in text: nothing when a forward is added, "... removed" when removed, anything else is an error.
+        if command.startswith("hostfwd") and reply.strip() and not reply.strip().endswith("removed"):
+            raise errors.HypervisorError(f"forwarding a port of {namespace}/{name}: {reply.strip()}")
+        return reply
+
+
+NETDEV = "hostnet0"  # libvirt's id for the first NIC's QEMU network backend
+
+
+class GuestStream:
+    """A libvirt stream (a guest's console) with a socket's calls: `recv`, `sendall`, `close`."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def recv(self, size: int) -> bytes:
+        """Up to `size` bytes, waiting for them; b"" once the console has closed (the domain went off)."""
+        try:
+            data = self._stream.recv(size)
+        except libvirt.libvirtError:
+            return b""
+        return data if isinstance(data, bytes) else b""
+
+    def sendall(self, data: bytes) -> None:
+        while data:
+            sent = self._stream.send(data)
+            data = data[sent:]
+
+    def close(self) -> None:
+        try:
+            self._stream.abort()
+        except libvirt.libvirtError:
+            pass  # already closed by the other end
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ BY_KIND = {k.kind: k for k in KINDS}
 # KubeVirt serves a VM's lifecycle actions in an API group of their own; vmquota's views of its accounting
 # are subresources of its own group.
 VM_ACTIONS = ("start", "stop", "restart")
+VMI_ACTIONS = ("pause", "unpause", "softreboot")  # KubeVirt's paths name the VMI; vmquota's VMI is its VM
 SUBRESOURCES = (
     *(Subresource(VIRTUAL_MACHINE, action, "subresources.kubevirt.io", "v1", ("update",)) for action in VM_ACTIONS),
     Subresource(PROJECT, "usage", "vmquota.io", "v1", ("get",), kind="ProjectUsage"),

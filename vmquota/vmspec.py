@@ -8,8 +8,12 @@ is kept as the user wrote it and ignored here. `usage.py` charges from a `VMSpec
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
-from dataclasses import dataclass
+import hashlib
+import re
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -23,6 +27,10 @@ MIN_DISK = Decimal(2**20)  # 1Mi
 MAX_DISK = Decimal(2**46)  # 64Ti
 MAX_GRACE_SECONDS = 86400
 DEFAULT_GRACE_SECONDS = 180  # KubeVirt's default for VirtualMachines
+MAX_URL_LENGTH = 2048
+MAX_CLOUD_INIT_BYTES = 64 * 1024  # each of user data and network data, decoded: the VM's body holds them
+MAC_ADDRESS = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")  # unicast
+NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 
 
 class RunStrategy(enum.StrEnum):
@@ -40,12 +48,55 @@ class FieldError(ValueError):
         self.message = message
 
 
+class SourceKind(enum.StrEnum):
+    BLANK = "blank"  # an empty disk
+    HTTP = "http"  # imported from a URL (CDI's http source)
+    PVC = "pvc"  # a copy of another VM's disk in the same namespace (CDI's pvc source: a clone)
+
+
+@dataclass(frozen=True)
+class DiskSource:
+    """Where a disk's first bytes come from: CDI's `dataVolumeTemplates[].spec.source`."""
+
+    kind: SourceKind = SourceKind.BLANK
+    url: str = ""  # HTTP: http:// or https://
+    checksum: str | None = None  # HTTP: "<algorithm>:<hex digest>" of the file as served
+    pvc: str = ""  # PVC: the name of the data volume (a disk of another VM of the namespace)
+
+
 @dataclass(frozen=True)
 class Disk:
     """A persistent disk made from one of spec.dataVolumeTemplates."""
 
     name: str
     size: Decimal
+    source: DiskSource = field(default_factory=DiskSource)
+
+
+class SeedKind(enum.StrEnum):
+    NO_CLOUD = "cloudInitNoCloud"  # an ISO labelled cidata: user-data, meta-data, network-config
+    CONFIG_DRIVE = "cloudInitConfigDrive"  # an ISO labelled config-2: openstack/latest/user_data, ...
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """A cloud-init volume: what reaches the guest as a seed ISO (never the domain XML or a path)."""
+
+    volume: str
+    kind: SeedKind
+    user_data: bytes
+    network_data: bytes | None
+    cdrom: bool  # devices.disks names it a cdrom; otherwise a virtio disk, KubeVirt's default
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A NIC on QEMU's user-mode network (KubeVirt's masquerade binding to the pod network)."""
+
+    name: str
+    mac: str | None  # macAddress; None: derived from the VM's uid
+    ports: tuple[int, ...]  # the guest ports that may be forwarded to; empty: any
+    model: str
 
 
 @dataclass(frozen=True)
@@ -62,6 +113,8 @@ class VMSpec:
     attached: tuple[str, ...]  # dataVolume names in volume order, as the guest sees them
     grace_seconds: int
     autoattach_graphics: bool
+    cloud_init: CloudInit | None = None
+    interfaces: tuple[Interface, ...] = ()
 
     @property
     def vcpus(self) -> int:
@@ -105,7 +158,8 @@ def read(vm: objects.Obj) -> VMSpec:
         raise FieldError("spec.template.spec.domain.memory.guest",
                          "Required value: set memory.guest or resources.requests.memory")
 
-    disks = _disks(spec.get("dataVolumeTemplates"))
+    namespace = _mapping(vm.get("metadata"), "metadata").get("namespace")
+    disks = _disks(spec.get("dataVolumeTemplates"), namespace)
     attached = _attached(template.get("volumes"), {d.name for d in disks})
     grace = template.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
     if isinstance(grace, bool) or not isinstance(grace, int) or not 0 <= grace <= MAX_GRACE_SECONDS:
@@ -113,6 +167,8 @@ def read(vm: objects.Obj) -> VMSpec:
                          f"Invalid value: {grace!r}: must be a whole number of seconds from 0 to {MAX_GRACE_SECONDS}")
     devices = _mapping(domain.get("devices"), "spec.template.spec.domain.devices")
     graphics = devices.get("autoattachGraphicsDevice", True)
+    cloud_init = _cloud_init(template.get("volumes"), devices.get("disks"))
+    interfaces = _interfaces(devices.get("interfaces"), template.get("networks"))
     return VMSpec(
         run_strategy=run_strategy,
         uses_running_field=uses_running,
@@ -126,6 +182,8 @@ def read(vm: objects.Obj) -> VMSpec:
         attached=attached,
         grace_seconds=grace,
         autoattach_graphics=graphics is not False,
+        cloud_init=cloud_init,
+        interfaces=interfaces,
     )
 
 
@@ -206,7 +264,7 @@ def _compute(raw: Any, path: str) -> dict[str, Decimal]:
     return parsed
 
 
-def _disks(raw: Any) -> tuple[Disk, ...]:
+def _disks(raw: Any, namespace: str | None) -> tuple[Disk, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -231,8 +289,171 @@ def _disks(raw: Any) -> tuple[Disk, ...]:
                             f"{path}.spec.{source}.resources.requests")
         if "storage" not in requests:
             raise FieldError(size_path, "Required value: the disk size")
-        disks.append(Disk(name=name, size=_size(requests["storage"], size_path, MIN_DISK, MAX_DISK)))
+        size = _size(requests["storage"], size_path, MIN_DISK, MAX_DISK)
+        disks.append(Disk(name=name, size=size, source=_source(dv_spec.get("source"), f"{path}.spec.source",
+                                                               namespace)))
     return tuple(disks)
+
+
+def _source(raw: Any, path: str, namespace: str | None) -> DiskSource:
+    """CDI's source of a DataVolume: exactly one of http, blank, pvc; none is blank."""
+    source = _mapping(raw, path)
+    if not source:
+        return DiskSource()
+    if len(source) != 1:
+        raise FieldError(path, "Invalid value: exactly one of http, blank, pvc")
+    [(kind, value)] = source.items()
+    value = _mapping(value, f"{path}.{kind}")
+    if kind == "blank":
+        return DiskSource()
+    if kind == "http":
+        unknown = sorted(set(value) - {"url", "checksum"})
+        if unknown:
+            raise FieldError(f"{path}.http.{unknown[0]}", "Unsupported value: vmquota's http source takes url "
+                                                          "and checksum")
+        url = value.get("url")
+        if not isinstance(url, str) or not re.match(r"^https?://[^/?#\s]+", url) or len(url) > MAX_URL_LENGTH \
+                or any(c.isspace() or ord(c) < 32 for c in url):
+            raise FieldError(f"{path}.http.url", f"Invalid value: {objects.quote(url)}: an http:// or https:// "
+                                                 f"URL of at most {MAX_URL_LENGTH} characters")
+        checksum = value.get("checksum")
+        if checksum is not None:
+            problem = _checksum_problem(checksum)
+            if problem:
+                raise FieldError(f"{path}.http.checksum", f"Invalid value: {objects.quote(checksum)}: {problem}")
+        return DiskSource(SourceKind.HTTP, url=url, checksum=checksum)
+    if kind == "pvc":
+        name = value.get("name")
+        problem = objects.name_problem(name)
+        if problem:
+            raise FieldError(f"{path}.pvc.name", f"Invalid value: {objects.quote(name)}: {problem}")
+        if value.get("namespace", namespace) != namespace:
+            raise FieldError(f"{path}.pvc.namespace", f"Forbidden: {objects.quote(value.get('namespace'))}: only "
+                                                      "a disk of the VM's own namespace can be cloned")
+        assert isinstance(name, str)
+        return DiskSource(SourceKind.PVC, pvc=name)
+    raise FieldError(f"{path}.{kind}", 'Unsupported value: supported sources: "http", "blank", "pvc"')
+
+
+def _checksum_problem(value: Any) -> str | None:
+    algorithms = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
+    if not isinstance(value, str):
+        return "must be a string"
+    algorithm, _, digest = value.partition(":")
+    if algorithm not in algorithms:
+        return "must be <algorithm>:<hex digest> with md5, sha1, sha256 or sha512"
+    if len(digest) != algorithms[algorithm] or not re.fullmatch(r"[0-9a-fA-F]+", digest):
+        return f"a {algorithm} digest is {algorithms[algorithm]} hexadecimal digits"
+    return None
+
+
+def _cloud_init(volumes: Any, disks: Any) -> CloudInit | None:
+    """The VM's one cloudInitNoCloud or cloudInitConfigDrive volume, its data decoded and bounded."""
+    found: CloudInit | None = None
+    cdroms = {d.get("name") for d in disks or [] if isinstance(d, dict) and "cdrom" in d}
+    for i, volume in enumerate(volumes if isinstance(volumes, list) else []):
+        for kind in SeedKind:
+            if not isinstance(volume, dict) or kind.value not in volume:
+                continue
+            path = f"spec.template.spec.volumes[{i}].{kind.value}"
+            name = volume.get("name")
+            problem = objects.name_problem(name)
+            if problem:
+                raise FieldError(f"spec.template.spec.volumes[{i}].name", f"Invalid value: {objects.quote(name)}: "
+                                                                          f"{problem}")
+            if found is not None:
+                raise FieldError(path, "Invalid value: a VM has at most one cloud-init volume")
+            source = _mapping(volume[kind.value], path)
+            for ref in ("secretRef", "userDataSecretRef", "networkDataSecretRef"):
+                if ref in source:
+                    raise FieldError(f"{path}.{ref}", "Unsupported value: vmquota has no Secrets; give userData "
+                                                      "or userDataBase64")
+            user_data = _seed_data(source, "userData", path)
+            network_data = _seed_data(source, "networkData", path)
+            assert isinstance(name, str)
+            found = CloudInit(name, kind, user_data or b"", network_data, cdrom=name in cdroms)
+    return found
+
+
+def _seed_data(source: dict[str, Any], field_name: str, path: str) -> bytes | None:
+    plain, encoded = source.get(field_name), source.get(f"{field_name}Base64")
+    if plain is not None and encoded is not None:
+        raise FieldError(f"{path}.{field_name}", f"Invalid value: {field_name} and {field_name}Base64 are mutually "
+                                                 "exclusive")
+    if plain is not None:
+        if not isinstance(plain, str):
+            raise FieldError(f"{path}.{field_name}", "Invalid value: must be a string")
+        data = plain.encode()
+    elif encoded is not None:
+        try:
+            data = base64.b64decode(encoded if isinstance(encoded, str) else "-", validate=True)
+        except (binascii.Error, ValueError):
+            raise FieldError(f"{path}.{field_name}Base64", "Invalid value: must be base64") from None
+    else:
+        return None
+    if len(data) > MAX_CLOUD_INIT_BYTES:
+        raise FieldError(f"{path}.{field_name}", f"Too long: must have at most {MAX_CLOUD_INIT_BYTES} bytes")
+    return data
+
+
+def _interfaces(raw: Any, networks: Any) -> tuple[Interface, ...]:
+    """NICs on QEMU's user-mode network: KubeVirt's masquerade binding to the pod network, and nothing else."""
+    if raw is None and networks is None:
+        return ()
+    if not isinstance(raw, list) or not isinstance(networks, list | None):
+        raise FieldError("spec.template.spec.domain.devices.interfaces", "Invalid value: must be a list")
+    pod_networks: set[str] = set()
+    for i, network in enumerate(networks or []):
+        path = f"spec.template.spec.networks[{i}]"
+        network = _mapping(network, path)
+        if "pod" not in network:
+            raise FieldError(path, 'Unsupported value: vmquota networks are "pod" networks (QEMU\'s user-mode '
+                                   "network); multus is not available")
+        pod_networks.add(str(network.get("name")))
+    if len(pod_networks) > 1:
+        raise FieldError("spec.template.spec.networks", "Invalid value: at most one pod network")
+    interfaces: list[Interface] = []
+    for i, iface in enumerate(raw):
+        path = f"spec.template.spec.domain.devices.interfaces[{i}]"
+        iface = _mapping(iface, path)
+        name = iface.get("name")
+        problem = objects.name_problem(name)
+        if problem:
+            raise FieldError(f"{path}.name", f"Invalid value: {objects.quote(name)}: {problem}")
+        assert isinstance(name, str)
+        if name not in pod_networks:
+            raise FieldError(f"{path}.name", f"Not found: {objects.quote(name)}: no pod network has this name")
+        if any(existing.name == name for existing in interfaces):
+            raise FieldError(f"{path}.name", f"Duplicate value: {objects.quote(name)}")
+        if "masquerade" not in iface:
+            binding = next((b for b in ("bridge", "sriov", "slirp", "passt", "binding") if b in iface), None)
+            raise FieldError(f"{path}.{binding or 'masquerade'}",
+                             "Unsupported value: vmquota's interfaces use the masquerade binding (QEMU's user-mode "
+                             "network); host bridges are not available")
+        mac = iface.get("macAddress")
+        if mac is not None and (not isinstance(mac, str) or not MAC_ADDRESS.match(mac.lower())):
+            raise FieldError(f"{path}.macAddress", f"Invalid value: {objects.quote(mac)}: a unicast MAC address, "
+                                                   "as 02:00:00:00:00:01")
+        model = iface.get("model", "virtio")
+        if model not in NIC_MODELS:
+            raise FieldError(f"{path}.model", f"Unsupported value: {objects.quote(model)}: supported values: "
+                                              + ", ".join(f'"{m}"' for m in NIC_MODELS))
+        ports: list[int] = []
+        for j, port in enumerate(iface.get("ports") or []):
+            number = _mapping(port, f"{path}.ports[{j}]").get("port")
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+                raise FieldError(f"{path}.ports[{j}].port", f"Invalid value: {number!r}: must be from 1 to 65535")
+            ports.append(number)
+        interfaces.append(Interface(name, mac.lower() if mac else None, tuple(ports), model))
+    return tuple(interfaces)
+
+
+def mac_address(interface: Interface, uid: str) -> str:
+    """The interface's MAC: its macAddress, else one derived from the VM's uid (stable across restarts)."""
+    if interface.mac:
+        return interface.mac
+    digest = hashlib.sha256(f"{uid}/{interface.name}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])  # QEMU's own prefix, as libvirt's
 
 
 def _attached(raw: Any, templates: set[str]) -> tuple[str, ...]:

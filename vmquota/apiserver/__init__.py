@@ -7,6 +7,8 @@
     discovery.py   /version, /api, /apis and per-group-version discovery, legacy and aggregated (v2)
     openapi.py     /openapi/v2, /openapi/v3 and /openapi.json, rendered from `vmquota.schema`
     openapi_pb.py  OpenAPI v2 in gnostic's protobuf, the form client-go asks for
+    selectors.py   labelSelector and fieldSelector: a predicate, and conditions the store evaluates
+    tables.py      meta.k8s.io Tables (what kubectl get prints) and PartialObjectMetadata, by the Accept header
     request.py     Request and Response, plain data
     bodies.py      request bodies to plain JSON values
 

@@ -98,9 +98,36 @@ def _invalid(why: str) -> errors.BadRequest:
     return errors.BadRequest(f"invalid continue token: {why}")
 
 
+@dataclass(frozen=True)
+class Page:
+    """One page of a list: its items' JSON text and the List's metadata."""
+    items: list[str]
+    resource_version: str
+    continue_token: str | None
+    remaining: int | None
+
+
 def list_page(store: Store, kind: Kind, namespace: str | None, opts: Options, *,
               predicate: Predicate | None = None) -> bytes:
     """One page of a kind's List (JSON) as of the snapshot its token names (the newest for a first page)."""
+    return list_json(kind, read_page(store, kind, namespace, opts, predicate=predicate))
+
+
+def list_json(kind: Kind, page: Page) -> bytes:
+    """A page as the kind's List."""
+    metadata: Obj = {"resourceVersion": page.resource_version}
+    if page.continue_token:
+        metadata["continue"] = page.continue_token
+        if page.remaining is not None:
+            metadata["remainingItemCount"] = page.remaining
+    head = json.dumps({"kind": f"{kind.kind}List", "apiVersion": kind.api_version, "metadata": metadata})
+    return f'{head[:-1]}, "items": [{",".join(page.items)}]}}'.encode()
+
+
+def read_page(store: Store, kind: Kind, namespace: str | None, opts: Options, *,
+              predicate: Predicate | None = None) -> Page:
+    """One page of a kind's objects as of the snapshot its token names (the newest for a first page): the
+    List's items, or a Table's (tables.py) rows to be."""
     token = opts.token
     after = token.after if token else ("", "")
     if token is not None and kind.namespaced and namespace is not None and after[0] != namespace:
@@ -126,10 +153,5 @@ def list_page(store: Store, kind: Kind, namespace: str | None, opts: Options, *,
             items.append(body)
             last = (ns, name)
         remaining = reader.count_at(kind, namespace, at, after=last) if more and predicate is None else None
-    metadata: Obj = {"resourceVersion": str(at)}
-    if more:
-        metadata["continue"] = encode(at, kind, last)  # after a LATEST token, consistent from here on
-        if remaining is not None:
-            metadata["remainingItemCount"] = remaining
-    head = json.dumps({"kind": f"{kind.kind}List", "apiVersion": kind.api_version, "metadata": metadata})
-    return f'{head[:-1]}, "items": [{",".join(items)}]}}'.encode()
+    # After a LATEST token, consistent from here on.
+    return Page(items, str(at), encode(at, kind, last) if more else None, remaining if more else None)

@@ -43,6 +43,9 @@ def route(path: str) -> Route:
         if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "virtualmachines" and \
                 rest[4] in objects.VM_ACTIONS:
             return Route(objects.VIRTUAL_MACHINE, rest[1], rest[3], rest[4])
+        if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "virtualmachineinstances" and \
+                rest[4] in objects.VMI_ACTIONS:
+            return Route(objects.VIRTUAL_MACHINE, rest[1], rest[3], rest[4])
         raise errors.NotFound("the server could not find the requested resource")
     if (group, version) == VMQUOTA_GROUP:
         # vmquota's own read-only views: who is charged how much.

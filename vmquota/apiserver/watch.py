@@ -222,8 +222,13 @@ class Options:
 
 
 def options(request: Request, namespace: str | None, *, predicate: Predicate | None = None,
-            render: Render | None = None) -> Options:
-    """The watch parameters of a request; BadRequest for any that is malformed."""
+            render: Render | None = None, fields: tuple[str | None, str | None] | None = None) -> Options:
+    """The watch parameters of a request; BadRequest for any that is malformed.
+
+    `fields` is (metadata.name, metadata.namespace) that the request's field selector requires, when the
+    caller has parsed it whole (selectors.py, with the rest of it in `predicate`); without it only those two
+    fields may be selected on.
+    """
     version = parse_resource_version(request.param("resourceVersion"))
     timeout_text = request.param("timeoutSeconds")
     if timeout_text:
@@ -245,7 +250,7 @@ def options(request: Request, namespace: str | None, *, predicate: Predicate | N
                                  "sendInitialEvents requires setting allowWatchBookmarks to true")
     elif request.param("resourceVersionMatch"):
         raise errors.BadRequest("resourceVersionMatch is forbidden for watch")
-    name, selected_namespace = simple_field_selector(request.param("fieldSelector"))
+    name, selected_namespace = fields if fields is not None else simple_field_selector(request.param("fieldSelector"))
     if selected_namespace is not None and namespace is not None and selected_namespace != namespace:
         selected_namespace = "\0"  # matches nothing, as in Kubernetes
     return Options(version, bookmarks, timeout, initial, name, namespace if namespace is not None
