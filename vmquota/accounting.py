@@ -304,8 +304,9 @@ def _store_status(txn: Transaction, kind: objects.Kind, namespace: str, name: st
                   used: r.ResourceList) -> Obj:
     status = rendered_status(hard, used)
     hard_text, used_text = dumps(status["hard"]), dumps(status["used"])
-    txn.set_quota_status(kind, namespace, name, hard_text, used_text)
-    txn.add_usage_point(kind, namespace, name, clock(), hard_text, used_text)
+    if txn.quota_status(kind, namespace, name) != (hard_text, used_text):  # the history keeps changes only
+        txn.set_quota_status(kind, namespace, name, hard_text, used_text)
+        txn.add_usage_point(kind, namespace, name, clock(), hard_text, used_text)
     return status
 
 
