@@ -528,6 +528,16 @@ def _check_settings(kind: Kind, obj: Obj) -> None:
         raise invalid(kind, obj["metadata"]["name"], f"metadata.annotations[{annotation}]", f"Invalid value: {why}")
 
 
+def _lowered(kind: Kind, obj: Obj, old: Obj | None, hard: r.ResourceList) -> r.ResourceList:
+    """The limits this write sets that the below-used rule checks: none in audit mode (which admits past hard),
+    else those new or changed. A limit left as it was is not "set below" usage, even if audit mode let usage pass
+    it: the quota can still be annotated, or switched back to enforce, which then refuses the next rise."""
+    if (objects.meta(obj).get("annotations") or {}).get(accounting.ENFORCEMENT_ANNOTATION) == accounting.AUDIT:
+        return {}
+    before = accounting.hard_of(kind, old) if old is not None else {}
+    return {name: value for name, value in hard.items() if before.get(name) != value}
+
+
 def _below_used(display: str, hard: r.ResourceList, used: r.ResourceList) -> str | None:
     _, exceeded = r.less_than_or_equal(r.mask(used, hard), hard)
     if not exceeded:
@@ -592,7 +602,8 @@ class _ProjectRules(_Rules):
                           f"Invalid value: {r.describe(default, above)} is above the project's limit "
                           f"{r.describe(hard, above)}")
         if old is not None:
-            problem = _below_used(f"project/{name}", hard, accounting.project_usage(txn, name))
+            problem = _below_used(f"project/{name}", _lowered(PROJECT, obj, old, hard),
+                                  accounting.project_usage(txn, name))
             if problem:
                 raise errors.Forbidden(f'{PROJECT.resource} "{name}" is forbidden: {problem}')
 
@@ -711,7 +722,8 @@ class _QuotaRules(_Rules):
         hard = _parse_hard(RESOURCE_QUOTA, name, (spec or {}).get("hard"), "spec.hard")
         _check_settings(RESOURCE_QUOTA, obj)
         _check_under_project(txn, obj, namespace)
-        problem = _below_used(f"quota {name}", hard, accounting.namespace_usage(txn, namespace))
+        problem = _below_used(f"quota {name}", _lowered(RESOURCE_QUOTA, obj, old, hard),
+                              accounting.namespace_usage(txn, namespace))
         if problem:
             raise errors.Forbidden(f'{RESOURCE_QUOTA.resource} "{name}" is forbidden: {problem}')
 

@@ -156,6 +156,22 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_top(client: Client, args: argparse.Namespace) -> int:
+    """Who uses what, and how close to the limit: quotas and projects fullest first, VMs biggest first."""
+    namespace = None if args.all_namespaces else args.namespace
+    if args.resource == "projects":
+        print(printers.top_quotas(client.get(collection_path(objects.PROJECT, None))["items"], projects=True))
+    elif args.resource == "quotas":
+        quotas = client.get(collection_path(objects.RESOURCE_QUOTA, namespace))["items"]
+        print(printers.top_quotas(quotas, projects=False))
+    else:
+        charges = client.get("/apis/vmquota.io/v1/charges" if namespace is None
+                             else f"/apis/vmquota.io/v1/namespaces/{namespace}/charges")["items"]
+        vms = client.get(collection_path(objects.VIRTUAL_MACHINE, namespace))["items"]
+        print(printers.top_vms(charges, vms))
+    return EXIT_OK
+
+
 def _events_for(client: Client, namespace: str, name: str) -> list[dict[str, Any]]:
     events = client.get(collection_path(objects.EVENT, namespace))["items"]
     events = [e for e in events if (e.get("involvedObject") or {}).get("name") == name]
@@ -391,6 +407,11 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("-A", "--all-namespaces", action="store_true")
     get.add_argument("-o", "--output", default="table", choices=["table", "json", "yaml"])
 
+    top_use = sub.add_parser("top", help="who uses what, and how close to the limit")
+    top_use.add_argument("resource", choices=["quotas", "vms", "projects"])
+    namespaced(top_use)
+    top_use.add_argument("-A", "--all-namespaces", action="store_true")
+
     describe = sub.add_parser("describe", help="show an object with its usage and events")
     describe.add_argument("resource")
     describe.add_argument("name")
@@ -435,7 +456,7 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-COMMANDS = {"get": cmd_get, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
+COMMANDS = {"get": cmd_get, "top": cmd_top, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
             "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone}
 
 

@@ -756,6 +756,7 @@ class Controller:
             started = time.perf_counter()
             with self.store.transaction() as txn:
                 drifted = accounting.recount(txn)
+                history.roll_up(txn, now=self.clock())  # the usage history stays bounded: one commit for both
             # Look at the hypervisor and the disks before the VMs: anything made after this look belongs to
             # a VM the list below already holds, so garbage collection never takes a new VM's domain or disks.
             observed, disk_dirs = domains.result(), folders.result()
@@ -770,8 +771,6 @@ class Controller:
         telemetry.RECOUNT_SECONDS.observe(time.perf_counter() - started)
         telemetry.RECOUNT_CORRECTIONS.inc(len(drifted))
         telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(1)
-        with self.store.transaction() as txn:
-            history.roll_up(txn, now=self.clock())
         for quota in drifted:
             log.warning("recount corrected the used of %s", quota)
         return drifted
