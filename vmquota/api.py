@@ -225,7 +225,8 @@ class Api:
         fieldmanager.check_manager(manager)
         applied = self._body(kind, namespace, config, keep_name=name)
         ns = namespace if kind.namespaced else ""
-        with self.store.transaction(dry_run=dry_run) as txn:
+        # A refusal of the create or update nested below rolls this transaction back too: recorded after it.
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             if not txn.exists(kind, ns, name):
                 new = fieldmanager.apply(None, applied, manager=manager, api_version=kind.api_version, force=force,
                                          now=objects.now())
