@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Served, vm_manifest, vmquota_serve
+from conftest import Served, vm_manifest, vmquota_serve, wait_until
 from test_cli import vmquota
 from test_kubectl import KUBECTL, Kubectl
 from test_metrics import samples, scrape
@@ -131,3 +131,20 @@ def test_top_puts_the_fullest_quotas_and_the_biggest_vms_first(served: Served, n
     assert quotas[1].split()[5] == "75%"
     vms = vmquota(None, "top", "vms", "-n", ns, server=served.url).stdout.splitlines()
     assert [line.split()[1] for line in vms[1:]] == ["b", "a"]
+
+
+def test_an_automatic_start_refused_is_counted_once_per_reason_not_on_every_retry(served: Served, ns: str) -> None:
+    client = Client(served.url)
+    client.post(f"/api/v1/namespaces/{ns}/resourcequotas", {"metadata": {"name": "compute"},
+                                                            "spec": {"hard": {"limits.cpu": "1"}}})
+    client.post(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines",
+                yaml.safe_load(running_vm(ns, "a", 1)))
+    vm = yaml.safe_load(running_vm(ns, "b", 1))
+    vm["spec"]["runStrategy"] = "Halted"
+    client.post(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", vm)
+    client.patch(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines/b", {"spec": {"runStrategy": "Always"}})
+    wait_until(lambda: client.get(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines/b")["status"].get(
+        "printableStatus") == "ErrorUnschedulable", what="b to wait for room")
+    refusals = samples(scrape(client), "vmquota_admission_refusals_total", "vmquota_admission_refusals")
+    assert refusals[(("namespace", ns), ("quota", "compute"), ("resource", "limits.cpu"))] == 1.0
+    client.close()

@@ -662,7 +662,8 @@ class _NamespaceRules(_Rules):
         message = accounting.refusal(room, used)
         if message:
             raise errors.QuotaExceeded(f'namespaces "{namespace}" cannot join project "{project}": {message}',
-                                       quota=room.display)
+                                       quota=room.display, namespace=namespace,
+                                       resources=tuple(accounting.exceeded_by(room, used)), quota_ref=room.ref)
         for quota in txn.list(RESOURCE_QUOTA, namespace):
             _check_under_project(txn, quota, namespace)
         default = (project_obj.get("spec") or {}).get("namespaceDefaultResourceQuota") or {}

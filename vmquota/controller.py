@@ -577,6 +577,7 @@ class Controller:
                 self._transition(txn, vm, Phase.UNSCHEDULABLE, enforce=False, reason="QuotaExceeded",
                                  message=e.message)
                 self.record(txn, vm, "Warning", "FailedCreate", e.message)
+                accounting.record_refusal(txn, e)  # once per reason, as the event: not on every retry
             key = _key(vm)
             txn.after_commit(lambda: self.queue.add(key, after=self.unschedulable_retry_seconds))
 
