@@ -123,8 +123,13 @@ def _share_metrics() -> Path:
     """Point prometheus_client's multiprocess mode at a fresh folder of this server's own: every API process
     started after this writes its values there, and a scrape, whichever process answers it, sums them. A
     temporary folder, so that a restarted server's counters start at zero (as Prometheus expects of a restarted
-    target) and nothing lands in a data directory before the server lock is held."""
-    folder = Path(tempfile.mkdtemp(prefix="vmquota-metrics-"))
+    target) and nothing lands in a data directory before the server lock is held. Folders that servers killed
+    with SIGKILL left behind (their process is gone) are removed here."""
+    for stale in Path(tempfile.gettempdir()).glob("vmquota-metrics-*-*"):  # of servers killed (SIGKILL)
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"vmquota-metrics-{os.getpid()}-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return folder
 
