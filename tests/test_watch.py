@@ -353,3 +353,84 @@ def test_a_watcher_that_falls_too_far_behind_is_ended_and_the_others_go_on(clust
     assert slow.ended == "too slow" and slow.take(0) == []
     assert keeping_up.ended is None and [c.name for c in seen] == [f"{cluster.ns}-n{i}" for i in range(6)]
     feed.unsubscribe(keeping_up)
+
+
+class PausedWatch:
+    """A watch whose client reads nothing until `resume`, through a small receive buffer: the server's socket
+    fills, and the rest of its events must wait for the watcher's own thread."""
+
+    def __init__(self, url: str, path: str, **params: Any) -> None:
+        parts = urlsplit(url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((parts.hostname or "127.0.0.1", parts.port or 80))
+        self.connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
+        self.connection.sock = sock
+        self.connection.request("GET", f"{path}?{urlencode({'watch': 'true', **params})}")
+        self.response = self.connection.getresponse()
+
+    def resume(self) -> list[dict[str, Any]]:
+        """Every event up to the end of the stream (http.client raises on a chunk cut short)."""
+        return [json.loads(line) for line in iter(self.response.readline, b"")]
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.fixture
+def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's watch connections send through a small buffer, as over a slow network: a chunk of 100 KB
+    never goes in one send."""
+    from vmquota.apiserver import http as wire_side
+    lend = wire_side._Wire.__init__
+
+    def small(self: Any, connection: socket.socket) -> None:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        lend(self, connection)
+    monkeypatch.setattr(wire_side._Wire, "__init__", small)
+
+
+def big_namespaces(cluster: Cluster, count: int) -> list[str]:
+    """Namespaces of 100 KB each: a few of them are more than a paused client's socket holds."""
+    names = [f"{cluster.ns}-big{i}" for i in range(count)]
+    for name in names:
+        cluster.client.post("/api/v1/namespaces", {"metadata": {"name": name, "annotations": {
+            f"note-{i}": "x" * 4000 for i in range(25)}}})
+    return names
+
+
+def test_a_watcher_that_stops_reading_a_while_gets_every_event_whole_once_in_order(
+        cluster: Cluster, watches: list[Watch], small_send_buffers: None) -> None:
+    """The feed writes a live watcher's events as far as its socket takes them; the rest of a chunk and what
+    follows come from the watcher's own thread, in order, while a watcher that keeps up goes on."""
+    version = cluster.client.get("/api/v1/namespaces")["metadata"]["resourceVersion"]
+    paused = PausedWatch(cluster.app.url, "/api/v1/namespaces", resourceVersion=version, timeoutSeconds="5")
+    try:
+        keeping_up = watch(cluster, "/api/v1/namespaces", watches, resourceVersion=version)
+        names = big_namespaces(cluster, 30)
+        assert [summary(e)[1] for e in keeping_up.take(len(names))] == names
+        events = paused.resume()  # until the stream's timeout: it then ends cleanly
+        assert [(t, n) for t, n, _ in map(summary, events)] == [("ADDED", n) for n in names]
+        assert {n: v for _, n, v in map(summary, events)} == {
+            ns["metadata"]["name"]: rv(ns) for ns in cluster.client.get("/api/v1/namespaces")["items"]
+            if ns["metadata"]["name"] in names}
+    finally:
+        paused.close()
+
+
+def test_a_watcher_ended_as_too_slow_with_a_chunk_half_sent_still_ends_cleanly(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch, small_send_buffers: None) -> None:
+    """Ended with part of a chunk still in the server: the chunk is completed, then the stream ends as any
+    other, and its client has a whole prefix of the events to watch again from."""
+    from vmquota.apiserver import watch as watching
+    monkeypatch.setattr(watching, "MAX_QUEUED", 3)
+    version = cluster.client.get("/api/v1/namespaces")["metadata"]["resourceVersion"]
+    paused = PausedWatch(cluster.app.url, "/api/v1/namespaces", resourceVersion=version, timeoutSeconds="60")
+    try:
+        names = big_namespaces(cluster, 30)
+        events = paused.resume()
+        seen = [summary(e)[1] for e in events]
+        assert 0 < len(seen) < len(names) and seen == names[:len(seen)]
+        assert cluster.app.server.feed.watchers == 0
+    finally:
+        paused.close()

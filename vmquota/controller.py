@@ -739,9 +739,11 @@ class Controller:
                  for disk, target in self._attached_targets(spec).items()]
         seed = None if spec.cloud_init is None else domainxml.Seed(self._seed_path(vm), spec.cloud_init.cdrom)
         nics = tuple(domainxml.Nic(vmspec.mac_address(i, uid), i.model) for i in spec.interfaces)
+        vm_dir = self.disks.vm_dir(ns, uid)
+        vm_dir.mkdir(parents=True, exist_ok=True)  # a VM without disks has no folder yet, and QEMU opens its log there
         return domainxml.build(namespace=ns, name=name, uid=uid, instance=self.store.instance_id, spec=spec,
                                disks=disks, domain_type=self.hypervisor.domain_type, seed=seed, nics=nics,
-                               console_log=self.disks.vm_dir(ns, uid) / "console.log")
+                               console_log=vm_dir / "console.log")
 
     # -- the periodic recount --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ libvirt, 1 MiB bodies); the cases here are the ones it does not have.
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import time
@@ -30,7 +31,7 @@ from reliability.invariants import PROJECTS, look, violations, vms_path
 
 from vmquota.apiserver import openapi
 from vmquota.app import App
-from vmquota.client import Client
+from vmquota.client import Client, ClientError
 
 SEEDED = {"namespace": "fuzz", "name": "vm-a"}  # objects that exist, so generated requests reach real work
 TRIED: Counter[str] = Counter()  # generated requests sent per operation, for the report
@@ -233,14 +234,22 @@ def test_hostile_names_are_refused_wherever_a_name_is_taken(cluster: Cluster, va
 
 
 def test_hostile_text_in_fields_that_are_kept_never_reaches_libvirt(cluster: Cluster) -> None:
-    """Unknown spec fields, template metadata and device names are kept as written, and stay out of the domain."""
+    """Unknown spec fields and template metadata are kept as written, and stay out of the domain; an interface
+    (which vmquota now builds into the domain) with a hostile name is refused before anything is stored."""
     manifest = vm_manifest("web-1")
     template = manifest["spec"]["template"]
     template["metadata"] = {"labels": {"x": HOSTILE_VALUES[0]}, "annotations": {"y": HOSTILE_VALUES[1]}}
     template["spec"]["domain"]["devices"]["disks"][0]["name"] = "root"
-    template["spec"]["domain"]["devices"]["interfaces"] = [{"name": HOSTILE_VALUES[0], "bridge": {}}]
     template["spec"]["hostname"] = HOSTILE_VALUES[2]
     manifest["spec"]["extra"] = {value: value for value in HOSTILE_VALUES if value != "\x00"}
+    hostile_nic = copy.deepcopy(manifest)
+    hostile_nic["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"] = [
+        {"name": HOSTILE_VALUES[0], "masquerade": {}}]
+    hostile_nic["spec"]["template"]["spec"]["networks"] = [{"name": HOSTILE_VALUES[0], "pod": {}}]
+    before = revision(cluster)
+    with pytest.raises(ClientError) as refused:
+        cluster.create_vm(hostile_nic)
+    assert refused.value.code == 422 and revision(cluster) == before
     cluster.create_vm(manifest)
     cluster.action("web-1", "start")
     cluster.wait_status("web-1", "Running")

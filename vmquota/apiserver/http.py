@@ -1,9 +1,10 @@
 """The wire: HTTP/1.1 requests in, through the filter chain, responses out.
 
 One thread per connection (the standard library's ThreadingHTTPServer, keep-alive). This module knows bytes,
-headers and sockets only: it reads a body by its length or in chunks, builds a `Request`, runs the chain (`filters.py`,
-then `handlers.py`) and writes the `Response`, streaming an iterator body with chunked transfer encoding
-(a watch). Nothing but `Status` objects leaves on an error.
+headers and sockets only: it reads a body by its length or in chunks, builds a `Request`, runs the chain
+(`filters.py`, then `handlers.py`) and writes the `Response`, streaming an iterator body with chunked transfer
+encoding, and lending the connection as a `Wire` to a body that writes itself (a watch: `request.Stream`).
+Nothing but `Status` objects leaves on an error.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vmquota.api import Api
 from vmquota.apiserver import filters, watch
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
-from vmquota.apiserver.request import Request, Response, status
+from vmquota.apiserver.request import Request, Response, Stream, status
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,20 @@ def make_handler(api: Api, feed: watch.Feed) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self._stream(response.body)
+                if isinstance(response.body, Stream):
+                    self._run(response.body)
+                else:
+                    self._stream(response.body)
+
+        def _run(self, stream: Stream) -> None:
+            wire = _Wire(self.connection)
+            try:
+                if stream.run(wire):
+                    wire.send(b"0\r\n\r\n")
+                    return
+            except OSError:
+                pass  # the client went away mid-stream
+            self.close_connection = True
 
         def _stream(self, chunks: Iterator[bytes]) -> None:
             try:
@@ -79,12 +93,7 @@ def make_handler(api: Api, feed: watch.Feed) -> type[BaseHTTPRequestHandler]:
                     close()  # a generator's own clean-up (a watcher unsubscribes) runs now, not at collection
 
         def _client_gone(self) -> bool:
-            """Whether the client closed its end: an idle watch would otherwise notice only at its next event."""
-            try:
-                readable, _, _ = select.select([self.connection], [], [], 0)
-                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-            except (OSError, ValueError):
-                return True
+            return _client_gone(self.connection)
 
         def _fail(self, code: int, reason: str, message: str) -> None:
             self._send(Response.json(code, status(code, reason, message)))
@@ -221,6 +230,38 @@ def make_handler(api: Api, feed: watch.Feed) -> type[BaseHTTPRequestHandler]:
             self._handle("DELETE")
 
     return Handler
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed its end: an idle watch would otherwise notice only at its next event."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class _Wire:
+    """A connection lent to a `Stream` (`request.Wire`). The handler's `wfile` writes straight to the socket
+    (it has no buffer), so these writes and the headers before them go out in order."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self._connection = connection
+
+    def frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def send_now(self, framed: bytes) -> int:
+        try:
+            return self._connection.send(framed, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+
+    def send(self, framed: bytes) -> None:
+        self._connection.sendall(framed)
+
+    def client_gone(self) -> bool:
+        return _client_gone(self._connection)
 
 
 def _warning_value(text: str) -> str:

@@ -3,10 +3,15 @@
 `http.py` makes a `Request` from the wire and writes the `Response` back; the filters (`filters.py`) and the
 handlers (`handlers.py`) only see these two. A handler adds to `Request.warnings`; each becomes a
 `Warning: 299` header, as kube-apiserver writes them.
+
+A body is bytes, an iterator of chunks (streamed, each flushed at once), or a `Stream`: a body that writes
+itself to the connection's `Wire`, from the request's thread and from others (a watch, `watch.py`, whose
+process-wide feed thread writes each watcher's events itself rather than wake a thread per watcher).
 """
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,10 +58,36 @@ class Request:
         return self.headers.get("Accept") or ""
 
 
+class Wire(Protocol):
+    """The connection under a streamed response, as `http.py` lends it to a `Stream`: chunks of the chunked
+    transfer encoding, sent whole or in part. One writer at a time; the `Stream` sees to that."""
+
+    def frame(self, data: bytes) -> bytes:
+        """`data` as one chunk on the wire."""
+
+    def send_now(self, framed: bytes) -> int:
+        """As much of `framed` as the connection takes without waiting; OSError once the client is gone."""
+
+    def send(self, framed: bytes) -> None:
+        """All of `framed`, waiting for the client as long as it takes; OSError once the client is gone."""
+
+    def client_gone(self) -> bool:
+        """Whether the client has closed its end (a look, without waiting)."""
+
+
+class Stream(abc.ABC):
+    """A streamed body that writes itself: `http.py` sends the headers, calls `run`, then ends the stream."""
+
+    @abc.abstractmethod
+    def run(self, wire: Wire) -> bool:
+        """Write every chunk; False when the connection is broken (the client went away, or a chunk was left
+        half sent): it is then closed instead of ended."""
+
+
 @dataclass
 class Response:
     code: int
-    body: bytes | Iterator[bytes]  # an iterator is streamed, chunk by chunk, each flushed at once
+    body: bytes | Iterator[bytes] | Stream  # an iterator is streamed, chunk by chunk, each flushed at once
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
 
