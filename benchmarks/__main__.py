@@ -19,12 +19,13 @@ import libvirt
 
 from benchmarks.common import Row, SectionResult
 
-SECTIONS = ("admission", "durable", "http", "kvm", "realtime", "recount", "tables", "watch", "tenants")
+SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "tables", "watch",
+            "tenants")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
     """The sections to run with their sizes; --quick keeps their shape and shrinks the counts."""
-    from benchmarks import admission, http_load, kvm, recount, tables, tenants, watch
+    from benchmarks import admission, http_load, kvm, metrics, recount, tables, tenants, watch
 
     steps: list[tuple[str, Callable[[], SectionResult]]] = []
     if "admission" in wanted:
@@ -39,6 +40,11 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
     if kvm_wanted:  # one server on qemu:///system serves both
         steps.append(("+".join(sorted(kvm_wanted)), lambda: kvm.kvm_sections(
             kvm_wanted, runs=3 if quick else 15, realtime_runs=5 if quick else 30)))
+    if "metrics" in wanted:
+        steps.append(("metrics", lambda: metrics.scrape_section(vms=5_000 if quick else 100_000,
+                                                                namespaces=50 if quick else 1_000)))
+    if "history" in wanted:
+        steps.append(("history", lambda: metrics.history_section(starts=500 if quick else 2_000)))
     if "recount" in wanted:
         steps.append(("recount", lambda: recount.recount_section(vms=5_000 if quick else 100_000,
                                                                  namespaces=50 if quick else 1_000)))

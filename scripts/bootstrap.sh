@@ -24,6 +24,7 @@ APT_PACKAGES=(
     pkg-config
     gcc
     python3-dev
+    prometheus  # promtool and a real Prometheus for the tests of monitoring/ (the daemon is never started)
     # scripts/build-test-guest.sh: the real Linux guest of the end-to-end tests (its kernel is downloaded, not installed)
     busybox-static
     syslinux

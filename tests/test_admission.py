@@ -28,7 +28,12 @@ def test_a_refused_start_says_what_was_asked_used_and_allowed_and_changes_nothin
         "requested: limits.memory=2Gi, used: limits.memory=2Gi, limited: limits.memory=3Gi")
     assert cluster.vm("b") == before_vm  # runStrategy, status and resourceVersion untouched
     assert cluster.quota() == before_quota
-    assert len(cluster.client.get(f"/api/v1/namespaces/{cluster.ns}/events")["items"]) == events_before
+    # The one trace a refusal leaves is what reports it: a QuotaExceeded event on the quota (issue 14).
+    events = cluster.client.get(f"/api/v1/namespaces/{cluster.ns}/events")["items"]
+    assert len(events) == events_before + 1
+    assert [(e["reason"], e["involvedObject"]["kind"], e["involvedObject"]["name"], e["message"])
+            for e in events if e["reason"] == "QuotaExceeded"] == [
+        ("QuotaExceeded", "ResourceQuota", "compute", refused.value.message)]
 
 
 def test_a_start_changes_a_quotas_used_and_its_resource_version(cluster: Cluster) -> None:

@@ -281,7 +281,7 @@ def test_describe_quota_shows_which_vms_use_how_much(cluster: Cluster) -> None:
         cluster.wait_status(name, "Running")
 
     out = ok(cluster, "describe", "quota", "compute", "-n", cluster.ns)
-    assert "Name:       compute" in out
+    assert "Name:         compute" in out
     resources = out.split("Used by:")[0]
     assert rows(resources.split("\n\n")[1]) == {"limits.cpu": ["limits.cpu", "5", "8"],
                                                 "limits.memory": ["limits.memory", "3Gi", "8Gi"]}

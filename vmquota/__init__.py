@@ -6,9 +6,10 @@ Layers, top to bottom (imports only go downwards; `lint-imports` checks it, from
     apiserver                                       the Kubernetes API server: filters, handlers, documents
     api                                             Kubernetes-style operations, one transaction each
     controller                                      VM lifecycle
-    accounting, workqueue                           charges and admission; the keyed queue
+    accounting, history, workqueue                  charges and admission; usage over time; the keyed queue
     store, hypervisor, disks, domainxml             SQLite, libvirt, qemu-img, domain XML
-    fieldmanager, usage, vmspec, vmstatus, schema, resources, quantity, objects, errors, waiting   pure rules and data
+    fieldmanager, usage, vmspec, vmstatus, schema, resources, quantity, objects, errors, waiting, warning,
+    telemetry                                       pure rules and data; warnings to the client; measurements
 """
 
 __version__ = "0.1.0"

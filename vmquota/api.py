@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmquota import accounting, errors, fieldmanager, imports, objects, quantity, rbac, tokens, usage, vmspec
+from vmquota import accounting, errors, fieldmanager, history, imports, objects, quantity, rbac, tokens, usage, vmspec
 from vmquota import resources as r
 from vmquota.controller import (
     CLONE_DISKS_ANNOTATION,
@@ -188,7 +188,7 @@ class Api:
         obj.pop("status", None)
         rules = self.rules[kind.kind]
         rules.prepare(obj)
-        with self.store.transaction(dry_run=dry_run) as txn:
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             rules.check_namespace(txn, namespace)
             rules.validate(txn, obj, None)
             if txn.exists(kind, namespace if kind.namespaced else "", metadata["name"]):
@@ -237,7 +237,8 @@ class Api:
         fieldmanager.check_manager(manager)
         applied = self._body(kind, namespace, config, keep_name=name)
         ns = namespace if kind.namespaced else ""
-        with self.store.transaction(dry_run=dry_run) as txn:
+        # A refusal of the create or update nested below rolls this transaction back too: recorded after it.
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             if not txn.exists(kind, ns, name):
                 new = fieldmanager.apply(None, applied, manager=manager, api_version=kind.api_version, force=force,
                                          now=objects.now())
@@ -257,7 +258,7 @@ class Api:
                 manager: str = "", warnings: list[str] | None = None) -> Written:
         rules = self.rules[kind.kind]
         ns = namespace if kind.namespaced else ""
-        with self.store.transaction(dry_run=dry_run) as txn:
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             current = existing(txn, kind, ns, name)
             new = make(copy.deepcopy(current))
             metadata, old_meta = new["metadata"], current["metadata"]
@@ -333,7 +334,7 @@ class Api:
 
     def _vm_action(self, namespace: str, name: str, action: Any, *, dry_run: bool) -> Obj:
         """A lifecycle request; a dry run admits it (or refuses it, with the real refusal) and keeps nothing."""
-        with self.store.transaction(dry_run=dry_run) as txn:
+        with accounting.recording_refusals(self.store, dry_run=dry_run), self.store.transaction(dry_run=dry_run) as txn:
             vm = existing(txn, VIRTUAL_MACHINE, namespace, name)
             rv = vm["metadata"]["resourceVersion"]
             action(txn, vm)
@@ -420,6 +421,24 @@ class Api:
                          for part, value in usage.overhead_breakdown(spec, model)],
             "quotas": [q.display for q in accounting.covering(reader, namespace)],
         }
+
+    def usage_history(self, kind: Kind, namespace: str, name: str, since: str | None) -> Obj:
+        """A quota's or project's used over time, its peak, its time at the limit and its refusals per day."""
+        now = accounting.clock()
+        try:
+            start = history.parse_since(since, now=now)
+        except ValueError as e:
+            raise errors.BadRequest(f"since: {e}") from e
+        reader = self.store.reader()
+        with reader.snapshot():
+            quota = self.get(kind, namespace, name)
+            display = f"project/{name}" if kind is PROJECT else name
+            found = history.usage(reader, kind.kind, namespace, name, display, since=start, now=now)
+        metadata = {"name": name, **({"namespace": namespace} if kind.namespaced else {})}
+        status = quota.get("status") or {}
+        return {"kind": "UsageHistory", "apiVersion": "vmquota.io/v1", "metadata": metadata,
+                "hard": status.get("hard", {}), "used": status.get("used", {}),
+                "enforcement": status.get("enforcement", accounting.ENFORCE), **found}
 
     def project_usage(self, name: str) -> Obj:
         """A project's used, per namespace and per VM (like OpenShift's ClusterResourceQuota status)."""
@@ -548,6 +567,24 @@ def _parse_hard(kind: Kind, name: str, raw: Any, field: str) -> r.ResourceList:
     return hard
 
 
+def _check_settings(kind: Kind, obj: Obj) -> None:
+    """A quota's warning threshold and enforcement mode annotations, when set, must be ones vmquota knows."""
+    problem = accounting.settings_problem(obj)
+    if problem:
+        annotation, why = problem
+        raise invalid(kind, obj["metadata"]["name"], f"metadata.annotations[{annotation}]", f"Invalid value: {why}")
+
+
+def _lowered(kind: Kind, obj: Obj, old: Obj | None, hard: r.ResourceList) -> r.ResourceList:
+    """The limits this write sets that the below-used rule checks: none in audit mode (which admits past hard),
+    else those new or changed. A limit left as it was is not "set below" usage, even if audit mode let usage pass
+    it: the quota can still be annotated, or switched back to enforce, which then refuses the next rise."""
+    if (objects.meta(obj).get("annotations") or {}).get(accounting.ENFORCEMENT_ANNOTATION) == accounting.AUDIT:
+        return {}
+    before = accounting.hard_of(kind, old) if old is not None else {}
+    return {name: value for name, value in hard.items() if before.get(name) != value}
+
+
 def _below_used(display: str, hard: r.ResourceList, used: r.ResourceList) -> str | None:
     _, exceeded = r.less_than_or_equal(r.mask(used, hard), hard)
     if not exceeded:
@@ -602,6 +639,7 @@ class _ProjectRules(_Rules):
             if not isinstance(part, dict):
                 raise invalid(PROJECT, name, f"spec.{field}", "Invalid value: must be an object")
             _parse_hard(PROJECT, name, part.get("hard"), f"spec.{field}.hard")
+        _check_settings(PROJECT, obj)
         hard = accounting.hard_of(PROJECT, obj)
         default = _parse_hard(PROJECT, name, (spec.get("namespaceDefaultResourceQuota") or {}).get("hard"),
                               "spec.namespaceDefaultResourceQuota.hard")
@@ -611,7 +649,8 @@ class _ProjectRules(_Rules):
                           f"Invalid value: {r.describe(default, above)} is above the project's limit "
                           f"{r.describe(hard, above)}")
         if old is not None:
-            problem = _below_used(f"project/{name}", hard, accounting.project_usage(txn, name))
+            problem = _below_used(f"project/{name}", _lowered(PROJECT, obj, old, hard),
+                                  accounting.project_usage(txn, name))
             if problem:
                 raise errors.Forbidden(f'{PROJECT.resource} "{name}" is forbidden: {problem}')
 
@@ -669,7 +708,8 @@ class _NamespaceRules(_Rules):
         message = accounting.refusal(room, used)
         if message:
             raise errors.QuotaExceeded(f'namespaces "{namespace}" cannot join project "{project}": {message}',
-                                       quota=room.display)
+                                       quota=room.display, namespace=namespace,
+                                       resources=tuple(accounting.exceeded_by(room, used)), quota_ref=room.ref)
         for quota in txn.list(RESOURCE_QUOTA, namespace):
             _check_under_project(txn, quota, namespace)
         default = (project_obj.get("spec") or {}).get("namespaceDefaultResourceQuota") or {}
@@ -728,8 +768,10 @@ class _QuotaRules(_Rules):
         if spec is not None and not isinstance(spec, dict):
             raise invalid(RESOURCE_QUOTA, name, "spec", "Invalid value: must be an object")
         hard = _parse_hard(RESOURCE_QUOTA, name, (spec or {}).get("hard"), "spec.hard")
+        _check_settings(RESOURCE_QUOTA, obj)
         _check_under_project(txn, obj, namespace)
-        problem = _below_used(f"quota {name}", hard, accounting.namespace_usage(txn, namespace))
+        problem = _below_used(f"quota {name}", _lowered(RESOURCE_QUOTA, obj, old, hard),
+                              accounting.namespace_usage(txn, namespace))
         if problem:
             raise errors.Forbidden(f'{RESOURCE_QUOTA.resource} "{name}" is forbidden: {problem}')
 

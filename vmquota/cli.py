@@ -11,8 +11,10 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +72,14 @@ def _display(kind: objects.Kind) -> str:
 # -- serve ------------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    metrics_folder = _share_metrics()  # before anything imports prometheus_client
+    try:
+        return _serve(args)
+    finally:
+        shutil.rmtree(metrics_folder, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from vmquota import workers  # the server side is imported only to serve
     from vmquota.app import App
 
@@ -171,6 +181,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _share_metrics() -> Path:
+    """Point prometheus_client's multiprocess mode at a fresh folder of this server's own: every API process
+    started after this writes its values there, and a scrape, whichever process answers it, sums them. A
+    temporary folder, so that a restarted server's counters start at zero (as Prometheus expects of a restarted
+    target) and nothing lands in a data directory before the server lock is held. Folders that servers killed
+    with SIGKILL left behind (their process is gone) are removed here."""
+    for stale in Path(tempfile.gettempdir()).glob("vmquota-metrics-*-*"):  # of servers killed (SIGKILL)
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"vmquota-metrics-{os.getpid()}-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
+
+
 # -- client commands -------------------------------------------------------------------------------
 
 def _output(obj: Any, fmt: str) -> None:
@@ -195,6 +220,22 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
         _output(obj, args.output)
     else:
         print(printers.render_table(kind.kind, items, all_namespaces=args.all_namespaces and kind.namespaced))
+    return EXIT_OK
+
+
+def cmd_top(client: Client, args: argparse.Namespace) -> int:
+    """Who uses what, and how close to the limit: quotas and projects fullest first, VMs biggest first."""
+    namespace = None if args.all_namespaces else args.namespace
+    if args.resource == "projects":
+        print(printers.top_quotas(client.get(collection_path(objects.PROJECT, None))["items"], projects=True))
+    elif args.resource == "quotas":
+        quotas = client.get(collection_path(objects.RESOURCE_QUOTA, namespace))["items"]
+        print(printers.top_quotas(quotas, projects=False))
+    else:
+        charges = client.get("/apis/vmquota.io/v1/charges" if namespace is None
+                             else f"/apis/vmquota.io/v1/namespaces/{namespace}/charges")["items"]
+        vms = client.get(collection_path(objects.VIRTUAL_MACHINE, namespace))["items"]
+        print(printers.top_vms(charges, vms))
     return EXIT_OK
 
 
@@ -457,6 +498,11 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("-A", "--all-namespaces", action="store_true")
     get.add_argument("-o", "--output", default="table", choices=["table", "json", "yaml"])
 
+    top_use = sub.add_parser("top", help="who uses what, and how close to the limit")
+    top_use.add_argument("resource", choices=["quotas", "vms", "projects"])
+    namespaced(top_use)
+    top_use.add_argument("-A", "--all-namespaces", action="store_true")
+
     describe = sub.add_parser("describe", help="show an object with its usage and events")
     describe.add_argument("resource")
     describe.add_argument("name")
@@ -501,7 +547,7 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-COMMANDS = {"get": cmd_get, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
+COMMANDS = {"get": cmd_get, "top": cmd_top, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
             "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone}
 
 

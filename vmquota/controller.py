@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vmquota import accounting, domainxml, errors, imports, objects, seeds, usage, vmspec, vmstatus
+from vmquota import accounting, domainxml, errors, history, imports, objects, seeds, telemetry, usage, vmspec, vmstatus
 from vmquota.disks import Disks
 from vmquota.hypervisor import ABSENT, DomainState, ExitCause, GuestStream, Hypervisor, Observed
 from vmquota.objects import VIRTUAL_MACHINE as VM
@@ -142,6 +142,7 @@ class Controller:
                     self._update(key, self._hypervisor_back)
                 self.reconcile(key)
             except errors.HypervisorUnavailable as e:
+                telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(0)
                 log.warning("%s/%s: %s; trying again later", *key, e)
                 self._update(key, functools.partial(self._hypervisor_away, message=str(e)))
                 self.queue.add(key, after=2.0)
@@ -172,6 +173,7 @@ class Controller:
             try:
                 self.resync()
             except errors.HypervisorUnavailable as e:
+                telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(0)
                 log.warning("recount postponed: %s", e)
             except Exception:
                 log.exception("recount failed")
@@ -575,6 +577,7 @@ class Controller:
                 self._transition(txn, vm, Phase.UNSCHEDULABLE, enforce=False, reason="QuotaExceeded",
                                  message=e.message)
                 self.record(txn, vm, "Warning", "FailedCreate", e.message)
+                accounting.record_refusal(txn, e)  # once per reason, as the event: not on every retry
             key = _key(vm)
             txn.after_commit(lambda: self.queue.add(key, after=self.unschedulable_retry_seconds))
 
@@ -753,8 +756,10 @@ class Controller:
             # The ledger is summed while libvirt lists the domains and the disk folders are listed: those
             # two wait mostly outside Python's lock, so the three take little more than the longest.
             domains, folders = pool.submit(self.hypervisor.observe_all), pool.submit(self.disks.vm_dirs)
+            started = time.perf_counter()
             with self.store.transaction() as txn:
                 drifted = accounting.recount(txn)
+                history.roll_up(txn, now=self.clock())  # the usage history stays bounded: one commit for both
             # Look at the hypervisor and the disks before the VMs: anything made after this look belongs to
             # a VM the list below already holds, so garbage collection never takes a new VM's domain or disks.
             observed, disk_dirs = domains.result(), folders.result()
@@ -766,6 +771,9 @@ class Controller:
             if needs_reconcile(vm, observed.get(key, ABSENT)):
                 self.queue.add(key)
         self._collect_garbage(known, observed, disk_dirs)
+        telemetry.RECOUNT_SECONDS.observe(time.perf_counter() - started)
+        telemetry.RECOUNT_CORRECTIONS.inc(len(drifted))
+        telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(1)
         for quota in drifted:
             log.warning("recount corrected the used of %s", quota)
         return drifted

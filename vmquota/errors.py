@@ -85,11 +85,19 @@ class Forbidden(ApiError):
 
 
 class QuotaExceeded(Forbidden):
-    """Admission refused; `quota` is the quota's name (`project/<name>` for a project)."""
+    """Admission refused; `quota` is the quota's name (`project/<name>` for a project).
 
-    def __init__(self, message: str, *, quota: str) -> None:
+    `namespace` is where the refused request was, `resources` the names it would have pushed over hard, and
+    `quota_ref` the quota's (kind, namespace, name): what the refusal is counted and reported under.
+    """
+
+    def __init__(self, message: str, *, quota: str, namespace: str = "", resources: tuple[str, ...] = (),
+                 quota_ref: tuple[str, str, str] | None = None) -> None:
         super().__init__(message)
         self.quota = quota
+        self.namespace = namespace
+        self.resources = resources
+        self.quota_ref = quota_ref
 
 
 class NotFound(ApiError):

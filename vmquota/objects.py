@@ -112,6 +112,9 @@ SUBRESOURCES = (
     *(Subresource(VIRTUAL_MACHINE, action, "subresources.kubevirt.io", "v1", ("update",)) for action in VM_ACTIONS),
     Subresource(PROJECT, "usage", "vmquota.io", "v1", ("get",), kind="ProjectUsage"),
     Subresource(SERVICE_ACCOUNT, "token", "", "v1", ("create",), kind="TokenRequest"),
+    # Usage over time: every change of used, rolled up per minute and per hour (`history.py`).
+    Subresource(PROJECT, "history", "vmquota.io", "v1", ("get",), kind="UsageHistory"),
+    Subresource(RESOURCE_QUOTA, "history", "vmquota.io", "v1", ("get",), kind="UsageHistory"),
 )
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
+
+from vmquota import quantity
 
 Obj = dict[str, Any]
 
@@ -125,7 +128,7 @@ def describe_quota(quota: Obj, charges: list[Obj]) -> str:
     meta, status = _meta(quota), quota.get("status") or {}
     hard, used = status.get("hard") or {}, status.get("used") or {}
     rows = [[name, used.get(name, "0"), hard[name]] for name in sorted(hard)]
-    lines = [f"Name:       {meta.get('name')}", f"Namespace:  {meta.get('namespace')}", "",
+    lines = [f"Name:         {meta.get('name')}", f"Namespace:    {meta.get('namespace')}", *_settings(quota), "",
              table(["Resource", "Used", "Hard"], rows) if rows else "No limits.", "", "Used by:"]
     users = [[c["name"], ", ".join(f"{k}={v}" for k, v in c["charge"].items() if k in hard and v != "0")]
              for c in charges]
@@ -135,7 +138,7 @@ def describe_quota(quota: Obj, charges: list[Obj]) -> str:
 
 
 def describe_project(project: Obj, usage: Obj) -> str:
-    lines = [f"Name:  {_meta(project).get('name')}", ""]
+    lines = [f"Name:         {_meta(project).get('name')}", *_settings(project), ""]
     hard, used = usage.get("hard") or {}, usage.get("used") or {}
     rows = [[name, used.get(name, "0"), hard[name]] for name in sorted(hard)]
     lines.append(table(["Resource", "Used", "Hard"], rows) if rows else "No limits.")
@@ -150,6 +153,65 @@ def describe_project(project: Obj, usage: Obj) -> str:
         for vm in ns["virtualMachines"]:
             lines.append(f"    {vm['name']}: " + ", ".join(f"{k}={v}" for k, v in vm["charge"].items()))
     return "\n".join(lines)
+
+
+THRESHOLD_ANNOTATION = "vmquota.io/warning-threshold"
+ENFORCEMENT_ANNOTATION = "vmquota.io/enforcement"
+
+
+def _settings(quota: Obj) -> list[str]:
+    """How a quota or project is enforced (audit: admitted past hard, recorded and warned) and where it warns."""
+    annotations = _meta(quota).get("annotations") or {}
+    mode = (quota.get("status") or {}).get("enforcement") or annotations.get(ENFORCEMENT_ANNOTATION) or "enforce"
+    threshold = annotations.get(THRESHOLD_ANNOTATION, "80").rstrip("%")
+    note = "  (admits past hard: records and warns instead of refusing)" if mode == "audit" else ""
+    return [f"Enforcement:  {mode}{note}", f"Warning at:   {threshold}% of hard"]
+
+
+def _percent(used: str, hard: str) -> Decimal | None:
+    try:
+        limit = quantity.parse(hard)
+        return quantity.parse(used) * 100 / limit if limit > 0 else None
+    except quantity.QuantityError:
+        return None
+
+
+def top_quotas(items: list[Obj], *, projects: bool) -> str:
+    """Every resource of every quota (or project), fullest first: who is close to the limit."""
+    rows: list[tuple[Decimal, list[str]]] = []
+    for quota in items:
+        meta, status = _meta(quota), quota.get("status") or {}
+        hard, used = status.get("hard") or {}, status.get("used") or {}
+        mode = status.get("enforcement") or (meta.get("annotations") or {}).get(ENFORCEMENT_ANNOTATION) or "enforce"
+        for name in sorted(hard):
+            share = _percent(used.get(name, "0"), hard[name])
+            where = [] if projects else [meta.get("namespace", "")]
+            rows.append((share if share is not None else Decimal(-1),
+                         [*where, meta.get("name", ""), name, used.get(name, "0"), hard[name],
+                          "-" if share is None else f"{share:.0f}%", mode]))
+    rows.sort(key=lambda row: (-row[0], row[1]))
+    headers = [*([] if projects else ["NAMESPACE"]), "NAME", "RESOURCE", "USED", "HARD", "USE", "MODE"]
+    return table(headers, [row for _, row in rows]) if rows else "No quotas found."
+
+
+_TOP_VM_RESOURCES = ("limits.cpu", "requests.cpu", "limits.memory", "requests.memory", "requests.storage")
+
+
+def top_vms(charges: list[Obj], vms: list[Obj]) -> str:
+    """Every VM with what it charges now, the biggest first (by limits.cpu, then limits.memory)."""
+    status = {(_meta(vm).get("namespace"), _meta(vm).get("name")): (vm.get("status") or {}).get("printableStatus", "")
+              for vm in vms}
+
+    def amount(charge: Obj, name: str) -> Decimal:
+        return quantity.parse(charge.get(name, "0"))
+
+    ordered = sorted(charges, key=lambda c: (-amount(c["charge"], "limits.cpu"), -amount(c["charge"], "limits.memory"),
+                                             c["namespace"], c["name"]))
+    rows = [[c["namespace"], c["name"], status.get((c["namespace"], c["name"]), ""),
+             *(c["charge"].get(name, "0") for name in _TOP_VM_RESOURCES)] for c in ordered]
+    headers = ["NAMESPACE", "NAME", "STATUS", "LIMITS.CPU", "REQUESTS.CPU", "LIMITS.MEMORY", "REQUESTS.MEMORY",
+               "STORAGE"]
+    return table(headers, rows) if rows else "No VMs found."
 
 
 def _events(events: list[Obj]) -> list[str]:

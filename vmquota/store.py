@@ -16,8 +16,14 @@ Tables:
     settings(name, value)                          -- this installation's instance id
     vm_states(namespace, name, uid, phase, ...)    -- the few fields of every VM a recount compares
     quota_status(kind, namespace, name, hard, used) -- status.hard and status.used of every quota and project
-Cluster-scoped objects have namespace ''. Triggers keep `vm_states` equal to what the VM
-bodies say, in the same transaction: it is an index, never written directly.
+    quota_settings(kind, namespace, name, ...)     -- a quota's warning threshold and enforcement mode (index)
+    vm_metrics(namespace, name, ...)               -- the few fields of every VM that /metrics exports (index)
+    usage_points(kind, namespace, name, at, ...)   -- every change of a quota's used or hard, until rolled up
+    usage_rollup(kind, namespace, name, resolution, bucket, ...) -- per minute, then per hour: last, peak, at limit
+    refusals(day, namespace, quota, resource, mode, count) -- admissions refused (or, in audit mode, let past hard)
+Cluster-scoped objects have namespace ''. Triggers keep `vm_states`, `vm_metrics` and `quota_settings` equal to
+what the bodies say, in the same transaction: they are indexes, never written directly. `history.py` reads
+and rolls up the usage tables; `accounting.py` writes a point with every change of a quota's status.
 
 Selected reads: `bodies(..., where)` and `extract(..., parts, where)` let SQLite evaluate a selector's
 conditions (`Where`) and cut out the few fields a Table needs (`Part`), so the API server never parses a body
@@ -86,6 +92,43 @@ CREATE TABLE IF NOT EXISTS vm_states (
 ) WITHOUT ROWID;
 """
 
+# Observability (issue 14): what /metrics, the usage history and the warnings read without parsing bodies.
+_OBSERVE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS quota_settings (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    threshold TEXT, mode TEXT,  -- the annotations vmquota.io/warning-threshold and vmquota.io/enforcement
+    PRIMARY KEY (kind, namespace, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vm_metrics (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, created INTEGER, status TEXT, machine_type TEXT,
+    cores, sockets, threads, requests_cpu, limits_cpu, requests_memory, limits_memory, guest_memory,
+    PRIMARY KEY (namespace, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_points (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    at REAL NOT NULL, hard TEXT NOT NULL, used TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_points_by_quota ON usage_points(kind, namespace, name, id);
+CREATE TABLE IF NOT EXISTS usage_rollup (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, resolution INTEGER NOT NULL,
+    bucket INTEGER NOT NULL, hard TEXT NOT NULL, last TEXT NOT NULL, peak TEXT NOT NULL, at_limit TEXT NOT NULL,
+    PRIMARY KEY (kind, namespace, name, resolution, bucket)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refusals (
+    day TEXT NOT NULL, namespace TEXT NOT NULL, quota TEXT NOT NULL, resource TEXT NOT NULL, mode TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, namespace, quota, resource, mode)
+) WITHOUT ROWID;
+"""
+_DOMAIN = "{body}->'$.spec.template.spec.domain'"
+_VM_METRICS = f"""unixepoch({{body}}->>'$.metadata.creationTimestamp'), {{body}}->>'$.status.printableStatus',
+    {_DOMAIN}->>'$.machine.type', {_DOMAIN}->>'$.cpu.cores', {_DOMAIN}->>'$.cpu.sockets', {_DOMAIN}->>'$.cpu.threads',
+    {_DOMAIN}->>'$.resources.requests.cpu', {_DOMAIN}->>'$.resources.limits.cpu',
+    {_DOMAIN}->>'$.resources.requests.memory', {_DOMAIN}->>'$.resources.limits.memory',
+    {_DOMAIN}->>'$.memory.guest'"""
+_QUOTA_SETTINGS = """{body}->>'$.metadata.annotations."vmquota.io/warning-threshold"',
+    {body}->>'$.metadata.annotations."vmquota.io/enforcement"'"""
+
 # What `vm_states` holds of a VM, read out of its JSON body by SQLite when the body is written. The recount
 # compares every VM with the hypervisor; reading these from 100,000 whole bodies took it 0.7 to 1.4 s.
 _VM_STATE = """{body}->>'$.status.phase', {body}->>'$.metadata.deletionTimestamp' IS NOT NULL,
@@ -125,14 +168,47 @@ INSERT OR IGNORE INTO quota_status
     FROM objects WHERE kind IN {_QUOTAS};
 UPDATE objects SET body = json_remove(body, '$.status') WHERE kind IN {_QUOTAS} AND body->'$.status' IS NOT NULL;
 """
+_OBSERVE_TRIGGERS = f"""
+DROP TRIGGER IF EXISTS vm_metrics_insert;
+DROP TRIGGER IF EXISTS vm_metrics_update;
+DROP TRIGGER IF EXISTS vm_metrics_delete;
+CREATE TRIGGER vm_metrics_insert AFTER INSERT ON objects WHEN NEW.kind = {_VM} BEGIN
+    INSERT OR REPLACE INTO vm_metrics VALUES (NEW.namespace, NEW.name, {_VM_METRICS.format(body="NEW.body")});
+END;
+CREATE TRIGGER vm_metrics_update AFTER UPDATE ON objects WHEN NEW.kind = {_VM} BEGIN
+    INSERT OR REPLACE INTO vm_metrics VALUES (NEW.namespace, NEW.name, {_VM_METRICS.format(body="NEW.body")});
+END;
+CREATE TRIGGER vm_metrics_delete AFTER DELETE ON objects WHEN OLD.kind = {_VM} BEGIN
+    DELETE FROM vm_metrics WHERE namespace = OLD.namespace AND name = OLD.name;
+END;
+DELETE FROM vm_metrics;
+INSERT INTO vm_metrics SELECT namespace, name, {_VM_METRICS.format(body="body")} FROM objects WHERE kind = {_VM};
+DROP TRIGGER IF EXISTS quota_settings_insert;
+DROP TRIGGER IF EXISTS quota_settings_update;
+DROP TRIGGER IF EXISTS quota_settings_delete;
+CREATE TRIGGER quota_settings_insert AFTER INSERT ON objects WHEN NEW.kind IN {_QUOTAS} BEGIN
+    INSERT OR REPLACE INTO quota_settings VALUES (NEW.kind, NEW.namespace, NEW.name,
+        {_QUOTA_SETTINGS.format(body="NEW.body")});
+END;
+CREATE TRIGGER quota_settings_update AFTER UPDATE ON objects WHEN NEW.kind IN {_QUOTAS} BEGIN
+    INSERT OR REPLACE INTO quota_settings VALUES (NEW.kind, NEW.namespace, NEW.name,
+        {_QUOTA_SETTINGS.format(body="NEW.body")});
+END;
+CREATE TRIGGER quota_settings_delete AFTER DELETE ON objects WHEN OLD.kind IN {_QUOTAS} BEGIN
+    DELETE FROM quota_settings WHERE kind = OLD.kind AND namespace = OLD.namespace AND name = OLD.name;
+END;
+DELETE FROM quota_settings;
+INSERT INTO quota_settings SELECT kind, namespace, name, {_QUOTA_SETTINGS.format(body="body")}
+    FROM objects WHERE kind IN {_QUOTAS};
+"""
 # A file written before the change log has no history: watching is possible from its current revision on.
 _CHANGES_START = """
 INSERT OR IGNORE INTO counters(name, value)
     SELECT 'pruned', coalesce((SELECT value FROM counters WHERE name = 'rv'), 0);
 """
 # Raise it when the scripts above change: opening an older file runs them again (vm_states is rebuilt, a
-# quota's status moved out of its body, the change log starts).
-SCHEMA_VERSION = 3
+# quota's status moved out of its body, the change log starts, the observability indexes are filled).
+SCHEMA_VERSION = 4
 
 # The change log's window: the newest CHANGES_KEPT changes, pruned every PRUNE_CHANGES_EVERY (so between 10,000
 # and 10,500 are kept). kube-apiserver's watch cache keeps 100 to 1,000 events per kind, and etcd keeps 5
@@ -142,10 +218,14 @@ CHANGES_KEPT = 10_000
 PRUNE_CHANGES_EVERY = 500
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 
+# A quota in audit mode says so in its status (`enforcement: audit`); one in the default mode shows no more.
 _BODY = """CASE WHEN s.kind IS NULL THEN o.body
-    ELSE json_set(o.body, '$.status', json_object('hard', json(s.hard), 'used', json(s.used))) END"""
+    ELSE json_set(o.body, '$.status', CASE WHEN q.mode = 'audit'
+        THEN json_object('hard', json(s.hard), 'used', json(s.used), 'enforcement', 'audit')
+        ELSE json_object('hard', json(s.hard), 'used', json(s.used)) END) END"""
 _JOIN_STATUS = """FROM objects AS o LEFT JOIN quota_status AS s
-        ON s.kind = o.kind AND s.namespace = o.namespace AND s.name = o.name"""
+        ON s.kind = o.kind AND s.namespace = o.namespace AND s.name = o.name
+    LEFT JOIN quota_settings AS q ON q.kind = o.kind AND q.namespace = o.namespace AND q.name = o.name"""
 _WITH_STATUS = f"{_BODY} {_JOIN_STATUS}"
 # The objects of a kind as they were at resourceVersion :at, in key order after (:after_ns, :after_name):
 # those not changed since are as they are; the others are the `previous` body of their first change after
@@ -158,12 +238,14 @@ _CHANGED_SINCE = """SELECT namespace, name, previous FROM (
         FROM changes WHERE rv > :at AND kind = :kind AND (namespace, name) > (:after_ns, :after_name) {namespace})
     WHERE n = 1 AND previous IS NOT NULL ORDER BY namespace, name"""
 _COVERING = f"""
-SELECT kind, namespace, name, hard, used FROM quota_status
-    WHERE kind = '{objects.RESOURCE_QUOTA.kind}' AND namespace = :namespace
+SELECT s.kind AS kind, s.namespace, s.name AS name, s.hard, s.used, q.threshold, q.mode FROM quota_status AS s
+    LEFT JOIN quota_settings AS q ON q.kind = s.kind AND q.namespace = s.namespace AND q.name = s.name
+    WHERE s.kind = '{objects.RESOURCE_QUOTA.kind}' AND s.namespace = :namespace
 UNION ALL
-SELECT s.kind, s.namespace, s.name, s.hard, s.used FROM objects AS n JOIN quota_status AS s
+SELECT s.kind, s.namespace, s.name, s.hard, s.used, q.threshold, q.mode FROM objects AS n JOIN quota_status AS s
     ON s.kind = '{objects.PROJECT.kind}' AND s.namespace = ''
     AND s.name = n.body->>'$.metadata.labels."{objects.PROJECT_LABEL}"'
+    LEFT JOIN quota_settings AS q ON q.kind = s.kind AND q.namespace = '' AND q.name = s.name
     WHERE n.kind = '{objects.NAMESPACE.kind}' AND n.namespace = '' AND n.name = :namespace
 ORDER BY kind DESC, name"""  # ResourceQuota sorts after Project: descending puts the project last
 
@@ -412,9 +494,11 @@ class Reader:
         for ns, name, text in rows:
             yield ns, name, decode_resources(text)
 
-    def covering_statuses(self, namespace: str) -> builtins.list[tuple[str, str, str, str, str]]:
-        """(kind, namespace, name, hard, used) of every quota a charge in `namespace` counts against: its
-        ResourceQuotas in name order, then its project's (named by the namespace's label), if it has one.
+    def covering_statuses(self, namespace: str) -> builtins.list[tuple[str, str, str, str, str, str | None,
+                                                                       str | None]]:
+        """(kind, namespace, name, hard, used, warning threshold, enforcement mode) of every quota a charge in
+        `namespace` counts against: its ResourceQuotas in name order, then its project's (named by the
+        namespace's label), if it has one.
 
         One statement, reading no object but the namespace: admission runs it on every start and stop.
         """
@@ -439,6 +523,72 @@ class Reader:
         rows = self._conn.execute("SELECT namespace, resources, COUNT(*) FROM charges GROUP BY namespace, resources")
         for ns, text, count in rows:
             yield ns, decode_resources(text), count
+
+    # -- observability: what /metrics and the usage history read ---------------------------------------------
+
+    def quota_rows(self) -> builtins.list[tuple[str, str, str, int | None, str, str, str | None, str | None]]:
+        """(kind, namespace, name, creation time, hard, used, warning threshold, mode) of every quota and project,
+        from the small tables and one field of each body."""
+        return self._conn.execute(
+            "SELECT o.kind, o.namespace, o.name, unixepoch(o.body->>'$.metadata.creationTimestamp'), s.hard, "
+            "s.used, q.threshold, q.mode FROM objects AS o JOIN quota_status AS s ON s.kind = o.kind "
+            "AND s.namespace = o.namespace AND s.name = o.name LEFT JOIN quota_settings AS q ON q.kind = o.kind "
+            f"AND q.namespace = o.namespace AND q.name = o.name WHERE o.kind IN {_QUOTAS} "
+            "ORDER BY o.kind, o.namespace, o.name").fetchall()
+
+    def vm_metric_values(self, columns: tuple[str, ...]) -> dict[str, set[str]]:
+        """The distinct values (as text) of some `vm_metrics` columns, in one pass: few, as VMs come in few
+        sizes."""
+        listed = ", ".join(f"CAST({c} AS TEXT)" for c in columns)
+        found: dict[str, set[str]] = {c: set() for c in columns}
+        for row in self._conn.execute(f"SELECT DISTINCT {listed} FROM vm_metrics"):
+            for column, value in zip(columns, row, strict=True):
+                if value is not None:
+                    found[column].add(value)
+        return found
+
+    def vm_metric_text(self, select: str, params: dict[str, str]) -> str:
+        """One text made by SQLite of the `line` column of `select` (a SELECT over `vm_metrics AS v`).
+
+        At 100,000 VMs /metrics writes half a million lines; built in Python they took most of a second.
+        """
+        row = self._conn.execute(f"SELECT coalesce(group_concat(line, ''), '') FROM ({select})", params).fetchone()
+        return str(row[0])
+
+    def refusal_totals(self) -> builtins.list[tuple[str, str, str, str, int]]:
+        """(namespace, quota, resource, mode, count) summed over every day kept."""
+        return self._conn.execute("SELECT namespace, quota, resource, mode, SUM(count) FROM refusals "
+                                  "GROUP BY namespace, quota, resource, mode ORDER BY 1, 2, 3, 4").fetchall()
+
+    def refusals_by_day(self, quota: str, namespace: str | None) -> builtins.list[tuple[str, str, str, int]]:
+        """(day, resource, mode, count) of one quota (its display name), in one namespace or all."""
+        if namespace is None:
+            rows = self._conn.execute("SELECT day, resource, mode, SUM(count) FROM refusals WHERE quota=? "
+                                      "GROUP BY day, resource, mode ORDER BY 1, 2, 3", (quota,))
+        else:
+            rows = self._conn.execute("SELECT day, resource, mode, count FROM refusals WHERE quota=? AND namespace=? "
+                                      "ORDER BY 1, 2, 3", (quota, namespace))
+        return rows.fetchall()
+
+    def usage_points(self, kind: str, namespace: str, name: str) -> builtins.list[tuple[int, float, str, str]]:
+        """(id, at, hard, used) of one quota's changes not rolled up yet, oldest first."""
+        return self._conn.execute("SELECT id, at, hard, used FROM usage_points WHERE kind=? AND namespace=? AND name=? "
+                                  "ORDER BY id", (kind, namespace, name)).fetchall()
+
+    def usage_rollups(self, kind: str, namespace: str, name: str, resolution: int,
+                      since: int = 0) -> builtins.list[tuple[int, str, str, str, str]]:
+        """(bucket, hard, last, peak, at_limit) of one quota at one resolution from `since`, oldest first."""
+        return self._conn.execute("SELECT bucket, hard, last, peak, at_limit FROM usage_rollup WHERE kind=? AND "
+                                  "namespace=? AND name=? AND resolution=? AND bucket >= ? ORDER BY bucket",
+                                  (kind, namespace, name, resolution, since)).fetchall()
+
+    def quotas_with_points_before(self, cutoff: float) -> builtins.list[tuple[str, str, str]]:
+        return self._conn.execute("SELECT DISTINCT kind, namespace, name FROM usage_points WHERE at < ?",
+                                  (cutoff,)).fetchall()
+
+    def quotas_with_rollups_before(self, resolution: int, bucket: int) -> builtins.list[tuple[str, str, str]]:
+        return self._conn.execute("SELECT DISTINCT kind, namespace, name FROM usage_rollup WHERE resolution=? "
+                                  "AND bucket < ?", (resolution, bucket)).fetchall()
 
 
 class Transaction(Reader):
@@ -593,6 +743,32 @@ class Transaction(Reader):
             return None
         return self._stored_text(kind.kind, namespace, name)
 
+    # -- observability -----------------------------------------------------------------------------------
+
+    def add_usage_point(self, kind: Kind, namespace: str, name: str, at: float, hard: str, used: str) -> None:
+        """One change of a quota's status, in the transaction that made it (`accounting.py` is the one caller)."""
+        self._conn.execute("INSERT INTO usage_points(kind, namespace, name, at, hard, used) VALUES (?,?,?,?,?,?)",
+                           (kind.kind, namespace, name, at, hard, used))
+
+    def count_refusal(self, day: str, namespace: str, quota: str, resource: str, mode: str) -> None:
+        self._conn.execute("INSERT INTO refusals(day, namespace, quota, resource, mode, count) VALUES (?,?,?,?,?,1) "
+                           "ON CONFLICT DO UPDATE SET count = count + 1", (day, namespace, quota, resource, mode))
+
+    def delete_usage_points(self, ids: builtins.list[int]) -> None:
+        self._conn.executemany("DELETE FROM usage_points WHERE id=?", [(i,) for i in ids])
+
+    def put_rollup(self, kind: str, namespace: str, name: str, resolution: int, bucket: int, hard: str, last: str,
+                   peak: str, at_limit: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO usage_rollup VALUES (?,?,?,?,?,?,?,?,?)",
+                           (kind, namespace, name, resolution, bucket, hard, last, peak, at_limit))
+
+    def delete_rollups_before(self, kind: str, namespace: str, name: str, resolution: int, bucket: int) -> None:
+        self._conn.execute("DELETE FROM usage_rollup WHERE kind=? AND namespace=? AND name=? AND resolution=? "
+                           "AND bucket < ?", (kind, namespace, name, resolution, bucket))
+
+    def forget_refusals_before(self, day: str) -> None:
+        self._conn.execute("DELETE FROM refusals WHERE day < ?", (day,))
+
     def _prune_events(self, namespace: str) -> None:
         written = self._store._events_unpruned.get(namespace, 0) + 1
         if written < PRUNE_EVERY:
@@ -617,10 +793,11 @@ class Store:
         self.lock_path = path.with_name(path.name + "-lock")
         self._process_lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._writer = _connect(path)
-        self._writer.executescript(_SCHEMA)
+        self._writer.executescript(_SCHEMA + _OBSERVE_SCHEMA)
         if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} {_QUOTA_STATUS_TRIGGER} "
-                                       f"{_CHANGES_START} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+                                       f"{_OBSERVE_TRIGGERS} {_CHANGES_START} "
+                                       f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} COMMIT;")
         self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",

@@ -1,6 +1,6 @@
 """The handlers behind the filters: fixed paths, and Kubernetes' verbs on the served kinds.
 
-`NON_RESOURCE` maps fixed paths (health, version, discovery, OpenAPI) to their handler. Every other path is
+`NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI) to their handler. Every other path is
 routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update, patch, delete,
 and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
 
@@ -17,7 +17,19 @@ from typing import Any
 
 from vmquota import errors, fieldmanager, objects, schema
 from vmquota.api import Api, PartsCache
-from vmquota.apiserver import bodies, discovery, openapi, openapi_pb, paging, patch, protobuf, selectors, tables, watch
+from vmquota.apiserver import (
+    bodies,
+    discovery,
+    metrics,
+    openapi,
+    openapi_pb,
+    paging,
+    patch,
+    protobuf,
+    selectors,
+    tables,
+    watch,
+)
 from vmquota.apiserver.request import Request, Response
 from vmquota.apiserver.routing import Route, route
 from vmquota.store import Where
@@ -28,6 +40,10 @@ TABLE_CACHE_OBJECTS = 20_000
 
 def _healthz(api: Api, request: Request) -> Response:
     return Response(200, b"ok", "text/plain")
+
+
+def _metrics(api: Api, request: Request) -> Response:
+    return Response(200, metrics.scrape(api.store), metrics.CONTENT_TYPE)
 
 
 def _fixed(body: bytes, content_type: str = "application/json") -> NonResourceHandler:
@@ -64,6 +80,7 @@ def _openapi_v3(served: openapi.Served) -> NonResourceHandler:
 def _non_resource() -> dict[str, NonResourceHandler]:
     paths: dict[str, NonResourceHandler] = {
         "/healthz": _healthz,
+        "/metrics": _metrics,
         "/openapi.json": _fixed(json.dumps(openapi.document()).encode()),
         "/version": _fixed(discovery.encoded(discovery.version_info())),
         "/api": _discovery(discovery.encoded(discovery.api_versions()),
@@ -252,6 +269,10 @@ class Handlers:
         if sub == "token":
             _only(request, "POST")
             return Response.json(201, self.api.create_token(ns or "", name or "", typed_body(request)))
+        if sub == "history":
+            _only(request, "GET")
+            assert target.kind is not None and name is not None
+            return Response.json(200, self.api.usage_history(target.kind, ns or "", name, request.param("since")))
         assert sub in (*objects.VM_ACTIONS, *objects.VMI_ACTIONS) and ns is not None and name is not None
         _only(request, "PUT")
         if sub in objects.VMI_ACTIONS:

@@ -55,6 +55,8 @@ _QUERY: dict[str, tuple[str, str]] = {  # name: (JSON type, description), in Kub
                                   "regardless of any activity or inactivity."),
     "watch": ("boolean", "Watch for changes to the described resources and return them as a stream of add, "
                          "update, and remove notifications."),
+    "since": ("string", "How far back the history goes: a duration (90m, 24h, 7d) or an RFC 3339 time; 24h by "
+                        "default."),
     "dryRun": ("string", "When present, indicates that modifications should not be persisted: every validation "
                          "and every quota admission runs, nothing changes. Valid values are: - All"),
     "fieldManager": ("string", "fieldManager is a name associated with the actor or entity that is making these "
@@ -164,18 +166,20 @@ def _subresource_path(sub: Subresource) -> PathItem:
         else _base(sub.group, sub.version)
     params = ("namespace", "name") if parent.namespaced else ("name",)
     method = "put" if "update" in sub.verbs else "get"
-    query = ("dryRun",) if sub.name in ("start", "restart") else ()
+    query = ("dryRun",) if sub.name in ("start", "restart") else ("since",) if sub.name == "history" else ()
     body = "io.kubevirt.v1.StopOptions" if sub.name == "stop" else ""
     name = sub.name.capitalize()
+    answer = schema.STATUS if sub.kind == "Status" else f"io.vmquota.v1.{sub.kind}"
     operation = Operation(method, f"v1{name}" if sub.group == "subresources.kubevirt.io"
                           else f"read{_camel(parent)}{parent.kind}{name}", method,
                           f"{sub.name} the {parent.kind}" if method == "put" else f"read the {sub.name} of a "
-                          f"{parent.kind}", query, schema.STATUS if sub.kind == "Status" else PROJECT_USAGE,
+                          f"{parent.kind}", query, answer,
                           202 if method == "put" else 200, body=body, body_required=False)
     return PathItem(f"{prefix}/{parent.plural}/{{name}}/{sub.name}", params, (operation,), sub.group, sub.version)
 
 
 PROJECT_USAGE = "io.vmquota.v1.ProjectUsage"
+USAGE_HISTORY = "io.vmquota.v1.UsageHistory"
 _EXTRA_DEFINITIONS: dict[str, Schema] = {
     PATCH: schema.obj("Patch is provided to give a concrete name and type to the Kubernetes PATCH request body.",
                       {}, preserve_unknown=True),
@@ -196,6 +200,9 @@ _EXTRA_DEFINITIONS: dict[str, Schema] = {
                                                   "persisted."),
     }),
     PROJECT_USAGE: schema.preserved("What each namespace of a project uses, and the project's sum."),
+    USAGE_HISTORY: schema.preserved("A quota's or project's used over time (every recent change, then per minute "
+                                    "and per hour buckets with their peak), its peak, the seconds it spent at each "
+                                    "limit, and its refusals per day."),
 }
 
 PATHS: tuple[PathItem, ...] = (
@@ -540,6 +547,14 @@ def document() -> dict[str, Any]:
         "responses": _responses(200, {"type": "object"})}}
     paths["/apis/vmquota.io/v1/projects/{name}/usage"] = {"get": {
         "operationId": "readProjectUsage", "parameters": [name_param],
+        "responses": _responses(200, {"type": "object"})}}
+    since_param = {"name": "since", "in": "query", "schema": {"type": "string"},
+                   "description": "how far back: a duration (90m, 24h, 7d) or an RFC 3339 time; default 24h"}
+    paths["/apis/vmquota.io/v1/projects/{name}/history"] = {"get": {
+        "operationId": "readProjectHistory", "parameters": [name_param, since_param],
+        "responses": _responses(200, {"type": "object"})}}
+    paths["/apis/vmquota.io/v1/namespaces/{namespace}/resourcequotas/{name}/history"] = {"get": {
+        "operationId": "readResourceQuotaHistory", "parameters": [ns_param, name_param, since_param],
         "responses": _responses(200, {"type": "object"})}}
     paths["/openapi.json"] = {"get": {"operationId": "openapi", "responses": {
         "200": {"description": "this document", "content": {"application/json": {}}}}}}

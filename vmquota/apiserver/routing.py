@@ -26,7 +26,7 @@ class Route:
     kind: Kind | None
     namespace: str | None  # None: all namespaces (lists) or a cluster-scoped kind
     name: str | None
-    subresource: str | None = None  # start, stop, restart; usage; charges (vmquota.io views)
+    subresource: str | None = None  # start, stop, restart; usage, history, charges (vmquota.io views)
 
 
 def route(path: str) -> Route:
@@ -56,8 +56,10 @@ def route(path: str) -> Route:
             return Route(None, None, None, "charges")
         if len(rest) in (3, 4) and rest[0] == "namespaces" and rest[2] == "charges":
             return Route(None, rest[1], rest[3] if len(rest) == 4 else None, "charges")
-        if len(rest) == 3 and rest[0] == "projects" and rest[2] == "usage":
-            return Route(objects.PROJECT, None, rest[1], "usage")
+        if len(rest) == 3 and rest[0] == "projects" and rest[2] in ("usage", "history"):
+            return Route(objects.PROJECT, None, rest[1], rest[2])
+        if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "resourcequotas" and rest[4] == "history":
+            return Route(objects.RESOURCE_QUOTA, rest[1], rest[3], "history")
 
     namespace = None
     if len(rest) >= 3 and rest[0] == "namespaces" and (group, version, rest[2]) in _BY_GROUP_PLURAL:
