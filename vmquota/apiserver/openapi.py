@@ -165,21 +165,23 @@ def _subresource_path(sub: Subresource) -> PathItem:
     prefix = f"{_base(sub.group, sub.version)}/namespaces/{{namespace}}" if parent.namespaced \
         else _base(sub.group, sub.version)
     params = ("namespace", "name") if parent.namespaced else ("name",)
-    method = "put" if "update" in sub.verbs else "get"
+    method = "put" if "update" in sub.verbs else "post" if "create" in sub.verbs else "get"
     query = ("dryRun",) if sub.name in ("start", "restart") else ("since",) if sub.name == "history" else ()
     body = "io.kubevirt.v1.StopOptions" if sub.name == "stop" else ""
     name = sub.name.capitalize()
-    answer = schema.STATUS if sub.kind == "Status" else f"io.vmquota.v1.{sub.kind}"
+    answer = {"Status": schema.STATUS, "TokenRequest": TOKEN_REQUEST}.get(sub.kind, f"io.vmquota.v1.{sub.kind}")
     operation = Operation(method, f"v1{name}" if sub.group == "subresources.kubevirt.io"
                           else f"read{_camel(parent)}{parent.kind}{name}", method,
-                          f"{sub.name} the {parent.kind}" if method == "put" else f"read the {sub.name} of a "
-                          f"{parent.kind}", query, answer,
-                          202 if method == "put" else 200, body=body, body_required=False)
+                          f"{sub.name} the {parent.kind}" if method == "put" else f"create a {sub.name} of a "
+                          f"{parent.kind}" if method == "post" else f"read the {sub.name} of a {parent.kind}",
+                          query, answer, {"put": 202, "post": 201}.get(method, 200),
+                          body=TOKEN_REQUEST if method == "post" else body, body_required=method == "post")
     return PathItem(f"{prefix}/{parent.plural}/{{name}}/{sub.name}", params, (operation,), sub.group, sub.version)
 
 
 PROJECT_USAGE = "io.vmquota.v1.ProjectUsage"
 USAGE_HISTORY = "io.vmquota.v1.UsageHistory"
+TOKEN_REQUEST = "io.k8s.api.authentication.v1.TokenRequest"
 _EXTRA_DEFINITIONS: dict[str, Schema] = {
     PATCH: schema.obj("Patch is provided to give a concrete name and type to the Kubernetes PATCH request body.",
                       {}, preserve_unknown=True),
@@ -199,6 +201,9 @@ _EXTRA_DEFINITIONS: dict[str, Schema] = {
         "dryRun": schema.array(schema.string(""), "When present, indicates that modifications should not be "
                                                   "persisted."),
     }),
+    TOKEN_REQUEST: schema.preserved("TokenRequest requests a token for a given service account: spec.audiences, "
+                                    "spec.expirationSeconds; the answer's status.token and "
+                                    "status.expirationTimestamp."),
     PROJECT_USAGE: schema.preserved("What each namespace of a project uses, and the project's sum."),
     USAGE_HISTORY: schema.preserved("A quota's or project's used over time (every recent change, then per minute "
                                     "and per hour buckets with their peak), its peak, the seconds it spent at each "
