@@ -11,13 +11,12 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from kvm_harness import Kvm, Server
+from kvm_harness import Kvm, Server, namespace_on
 
 REPO = Path(__file__).resolve().parent.parent
 BOOT_TIMEOUT = 90  # seconds from a start to the guest's "ready" line: ten under emulation, more on a busy host
@@ -45,13 +44,8 @@ def emulated_server(tmp_path: Path) -> Iterator[Server]:
 @pytest.fixture
 def guests(emulated_server: Server) -> Iterator[Kvm]:
     """A namespace on an emulating server; every VM left in it is forced off and deleted afterwards."""
-    k = Kvm(emulated_server, f"guest-{uuid.uuid4().hex[:8]}")
-    k.ok("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
-                                                   "metadata": {"name": k.ns}}))
-    try:
+    with namespace_on(emulated_server, "guest") as k:
         yield k
-    finally:
-        k.close()
 
 
 class Console:

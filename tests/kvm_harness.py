@@ -154,15 +154,22 @@ def server(tmp_path: Path) -> Iterator[Server]:
         assert not disks.exists() or not any(disks.rglob("*.qcow2")), "disk files left behind"
 
 
-@pytest.fixture
-def kvm(server: Server) -> Iterator[Kvm]:
-    k = Kvm(server, f"kvm-{uuid.uuid4().hex[:8]}")
+@contextlib.contextmanager
+def namespace_on(server: Server, prefix: str) -> Iterator[Kvm]:
+    """A fresh namespace on `server`; every VM left in it is forced off and deleted afterwards."""
+    k = Kvm(server, f"{prefix}-{uuid.uuid4().hex[:8]}")
     k.ok("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
                                                    "metadata": {"name": k.ns}}))
     try:
         yield k
     finally:
         k.close()
+
+
+@pytest.fixture
+def kvm(server: Server) -> Iterator[Kvm]:
+    with namespace_on(server, "kvm") as k:
+        yield k
 
 
 def quota_doc(ns: str, hard: dict[str, str]) -> str:
