@@ -109,6 +109,14 @@ fi
 # Without --listen, libvirtd only opens its unix sockets (no TCP/TLS).
 # An old libvirtd that is still shutting down (e.g. just sent SIGTERM) holds the
 # pidfile lock, so wait for it to go before starting a new one.
+# The system daemon is the one whose pid /run/libvirtd.pid holds: the tests' extra libvirt hosts (each a
+# libvirtd in a mount namespace of its own, scripts/test-host.sh) are libvirtd processes too, and `pidof`
+# would take them for it.
+system_libvirtd_running() {
+    local pid
+    pid=$(cat /run/libvirtd.pid 2>/dev/null) || return 1
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = libvirtd ]
+}
 start_libvirtd() {
     say "starting libvirtd"
     printf '\n=== libvirtd started by scripts/libvirtd-up.sh at %s ===\n' "$(date -Is)" >>"$LIBVIRTD_LOG"
@@ -127,7 +135,7 @@ starts=0
 waited_msg=0
 deadline=$((SECONDS + WAIT_SECS))
 until virsh_answers; do
-    if ! pidof libvirtd >/dev/null 2>&1; then
+    if ! system_libvirtd_running; then
         [ "$starts" -lt 2 ] || fail_with_log "libvirtd exited during start-up"
         start_libvirtd
         starts=$((starts + 1))

@@ -114,3 +114,8 @@ def disk_targets(count: int) -> list[str]:
     if count > 26:
         raise ValueError("at most 26 disks can be attached")
     return [f"vd{chr(ord('a') + i)}" for i in range(count)]
+
+
+def attached_targets(spec: VMSpec) -> dict[str, str]:
+    """Each attached disk's name -> the target device it gets in the domain (vda, vdb, ...)."""
+    return dict(zip(spec.attached, disk_targets(len(spec.attached)), strict=True))

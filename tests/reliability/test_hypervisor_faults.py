@@ -142,14 +142,20 @@ def libvirtd_answers() -> bool:
     return subprocess.run(["virsh", "-c", URI, "version"], capture_output=True, timeout=30, check=False).returncode == 0
 
 
+def system_libvirtd_pid() -> int | None:
+    """The system daemon's pid, from its pid file: never another libvirtd (the tests' extra hosts run their own)."""
+    try:
+        pid = int(Path("/run/libvirtd.pid").read_text().strip())
+        return pid if Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd" else None
+    except (OSError, ValueError):
+        return None
+
+
 def kill_libvirtd() -> None:
-    pids = [int(p) for p in subprocess.run(["pidof", "libvirtd"], capture_output=True, text=True,
-                                           check=False).stdout.split()]
-    assert pids, "no libvirtd to kill"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not subprocess.run(["pidof", "libvirtd"], capture_output=True, check=False).stdout,
-               timeout=30, what="libvirtd to die")
+    pid = system_libvirtd_pid()
+    assert pid is not None, "no system libvirtd to kill"
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: system_libvirtd_pid() is None, timeout=30, what="libvirtd to die")
 
 
 def start_libvirtd() -> None:
