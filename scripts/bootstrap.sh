@@ -31,6 +31,7 @@ APT_PACKAGES=(
     syslinux-common
     mtools
     dosfstools
+    cpio
 )
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }

@@ -19,7 +19,7 @@
 set -euo pipefail
 
 CACHE="${VMQUOTA_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmquota/test-guest}"
-TOOLS=(busybox-static syslinux syslinux-common mtools dosfstools)
+TOOLS=(busybox-static syslinux syslinux-common mtools dosfstools cpio)
 # The drivers the guest needs, loaded in this order after their dependencies: virtio disks and network,
 # the IDE or SATA CD-ROM a seed may be attached as, ISO 9660 for the seed, and the ACPI power button with evdev.
 MODULES=(virtio_pci virtio_blk virtio_net ata_piix ahci sr_mod isofs button evdev)
