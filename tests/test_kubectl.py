@@ -271,3 +271,26 @@ def test_explain_answers_from_the_served_schema(kubectl: Kubectl) -> None:
     out = kubectl.ok("explain", "vm.spec.runStrategy")
     assert "KIND:       VirtualMachine" in out and "FIELD: runStrategy <string>" in out
     assert "Halted" in out
+
+
+def test_nodes_and_vmis_as_kubectl_shows_them_and_cordon(kubectl: Kubectl, ns: str, client: Client,
+                                                          tmp_path: Path) -> None:
+    header, rows = table(kubectl.ok("get", "nodes", "-o", "wide"))
+    assert header == ["NAME", "STATUS", "ROLES", "AGE", "VERSION", "INTERNAL-IP", "EXTERNAL-IP", "OS-IMAGE",
+                      "KERNEL-VERSION", "CONTAINER-RUNTIME"]
+    (name, row), = rows.items()
+    assert row[1] == "Ready" and row[4].startswith("v") and row[5] == "127.0.0.1"
+    assert kubectl.ok("cordon", name).strip() == f"node/{name} cordoned"
+    assert table(kubectl.ok("get", "nodes"))[1][name][1] == "Ready,SchedulingDisabled"
+    assert kubectl.ok("uncordon", name).strip() == f"node/{name} uncordoned"
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(demo(ns))
+    kubectl.ok("apply", "-f", str(path))
+    client.put(action_path(ns, "web-1", "start"))
+    kubectl.ok("wait", "--for=condition=Ready", "vm/web-1", "-n", ns, "--timeout=60s")
+    header, rows = table(kubectl.ok("get", "vmi", "-n", ns, "-o", "wide"))
+    assert header == ["NAME", "AGE", "PHASE", "IP", "NODENAME", "READY", "LIVE-MIGRATABLE", "PAUSED"]
+    assert rows["web-1"][2:4] == ["Running", name]
+    refused = kubectl.run("delete", "vmi", "web-1", "-n", ns)
+    assert refused.returncode == 1 and "written by vmquota only" in refused.stderr

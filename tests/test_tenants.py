@@ -624,3 +624,19 @@ def test_the_cli_issues_a_users_kubeconfig_and_reads_the_audit_log(tenants: Tena
     events = [json.loads(line) for line in audit.stdout.splitlines()]
     assert events and all(e["user"]["username"] == "alice" for e in events)
     assert events[-1]["objectRef"]["namespace"] == tenants.prod
+
+
+def test_only_cluster_admin_writes_nodes_and_a_team_reads_its_own_vmis(tenants: Tenants) -> None:
+    alice, dev, prod = tenants.as_user("alice", "team-a"), tenants.dev, tenants.prod
+    node = tenants.admin.get("/api/v1/nodes")["items"][0]["metadata"]["name"]
+    assert refusal(alice.patch, f"/api/v1/nodes/{node}", {"spec": {"unschedulable": True}}) == forbidden(
+        f'nodes "{node}" is forbidden: User "alice" cannot patch resource "nodes" in API group "" at the cluster '
+        f'scope', node, "", "nodes")
+    assert refusal(alice.post, "/api/v1/nodes", {"metadata": {"name": "mine"},
+                                                 "spec": {"providerID": "qemu+ssh://mine/system"}})["code"] == 403
+    alice.post(vms(dev), vm_manifest("web-1", cores=1, disk=None, strategy="Always"))
+    wait_until(lambda: alice.get(f"/apis/kubevirt.io/v1/namespaces/{dev}/virtualmachineinstances")["items"],
+               what="alice's VMI")
+    assert refusal(alice.get, f"/apis/kubevirt.io/v1/namespaces/{prod}/virtualmachineinstances")["code"] == 403
+    tenants.admin.patch(f"/api/v1/nodes/{node}", {"spec": {"unschedulable": True}})
+    tenants.admin.patch(f"/api/v1/nodes/{node}", {"spec": {"unschedulable": None}})

@@ -166,6 +166,14 @@ def admit(quotas: Iterable[Quota], delta: Mapping[str, Decimal], *, subject: str
     return audited
 
 
+def check_charge(txn: Transaction, namespace: str, name: str, new: r.ResourceList, *, subject: str) -> None:
+    """Raise QuotaExceeded if making the VM charge `new` would be refused; writes nothing (placement asks this
+    before it chooses a node, so that a quota's refusal comes first, as in Kubernetes)."""
+    delta = r.subtract(new, txn.charge(namespace, name) or {})
+    if r.increased(delta):
+        admit(covering(txn, namespace), delta, subject=subject, namespace=namespace)
+
+
 def set_charge(txn: Transaction, namespace: str, name: str, new: r.ResourceList | None, *,
                enforce: bool, subject: str) -> r.ResourceList:
     """Make the VM `namespace/name` charge `new` (None: nothing, it is gone); returns the change.

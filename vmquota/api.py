@@ -27,6 +27,7 @@ from vmquota.controller import (
     CLONE_SOURCE_ANNOTATION,
     Controller,
     data_volume_owner,
+    nodes,
     runtime_phase,
 )
 from vmquota.objects import (
@@ -34,6 +35,7 @@ from vmquota.objects import (
     CLUSTER_ROLE_BINDING,
     EVENT,
     NAMESPACE,
+    NODE,
     PROJECT,
     RESOURCE_QUOTA,
     ROLE,
@@ -100,6 +102,7 @@ class Api:
             VIRTUAL_MACHINE_CLONE.kind: _CloneRules(self),
             EVENT.kind: _EventRules(self),
             SERVICE_ACCOUNT.kind: _ServiceAccountRules(self),
+            NODE.kind: _NodeRules(self),
             ROLE.kind: _RoleRules(self, ROLE),
             CLUSTER_ROLE.kind: _RoleRules(self, CLUSTER_ROLE),
             ROLE_BINDING.kind: _BindingRules(self, ROLE_BINDING),
@@ -829,6 +832,7 @@ class _VMRules(_Rules):
                               f"{quantity.format(disk.size)}")
 
     def before_create(self, txn: Transaction, obj: Obj) -> None:
+        obj["metadata"]["uid"] = objects.new_uid()  # before the admission: a VMI made by it names its owner's uid
         self.api.controller.admit_new(txn, obj)
 
     def before_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
@@ -927,6 +931,39 @@ class _EventRules(_Rules):
 
 class _ServiceAccountRules(_Rules):
     kind = SERVICE_ACCOUNT
+
+
+class _NodeRules(_Rules):
+    """A libvirt host: its URI is checked and fixed once set; its status is the controller's (the heartbeat)."""
+    kind = NODE
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        spec = obj.get("spec")
+        if not isinstance(spec, dict):
+            raise invalid(NODE, name, "spec.providerID", "Required value: the host's libvirt URI")
+        uri = spec.get("providerID")
+        problem = nodes.provider_problem(uri)
+        if problem:
+            raise invalid(NODE, name, "spec.providerID", problem)
+        if old is not None and (old.get("spec") or {}).get("providerID") != uri:
+            raise invalid(NODE, name, "spec.providerID", "Forbidden: the host of a node cannot change; make "
+                                                         "another node")
+        if "unschedulable" in spec and not isinstance(spec["unschedulable"], bool):
+            raise invalid(NODE, name, "spec.unschedulable", "must be true or false")
+        problem = nodes.settings_problem(obj)
+        if problem:
+            raise errors.Invalid(f'{NODE.qualified_kind} "{name}" is invalid: {problem}')
+        for other in txn.list(NODE):
+            if other["metadata"]["name"] != name and (other.get("spec") or {}).get("providerID") == uri:
+                raise invalid(NODE, name, "spec.providerID", f"Duplicate value: node {other['metadata']['name']} "
+                                                             f"is this host already")
+
+    def before_create(self, txn: Transaction, obj: Obj) -> None:
+        obj.pop("status", None)  # the heartbeat writes it
+
+    def before_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
+        new["status"] = old.get("status") or {}
 
 
 def _string_list(value: Any) -> bool:

@@ -45,6 +45,9 @@ RESOURCE_NAMES = {
     "virtualmachine": objects.VIRTUAL_MACHINE,
     "events": objects.EVENT, "event": objects.EVENT,
     "clones": objects.VIRTUAL_MACHINE_CLONE, "virtualmachineclones": objects.VIRTUAL_MACHINE_CLONE,
+    "nodes": objects.NODE, "node": objects.NODE, "no": objects.NODE,
+    "vmis": objects.VIRTUAL_MACHINE_INSTANCE, "vmi": objects.VIRTUAL_MACHINE_INSTANCE,
+    "virtualmachineinstances": objects.VIRTUAL_MACHINE_INSTANCE,
 }
 
 
@@ -59,7 +62,7 @@ class Refused(Exception):
 def _kind(word: str, allowed: tuple[str, ...] | None = None) -> objects.Kind:
     kind = RESOURCE_NAMES.get(word)
     if kind is None or (allowed and word not in allowed):
-        choices = ", ".join(allowed) if allowed else "projects, namespaces, quotas, vms, events"
+        choices = ", ".join(allowed) if allowed else "projects, namespaces, quotas, vms, vmis, nodes, events"
         raise UsageError(f"unknown resource type {word!r}; use one of: {choices}")
     return kind
 
@@ -81,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from vmquota import workers  # the server side is imported only to serve
-    from vmquota.app import App
+    from vmquota.app import App, NodeTiming
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = args.listen.rpartition(":")
@@ -100,7 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
                        tls=not args.plain_http, tls_cert_file=args.tls_cert_file,
                        tls_private_key_file=args.tls_private_key_file, anonymous_auth=args.anonymous_auth,
                        token_auth_file=args.token_auth_file, authorization_mode=args.authorization_mode,
-                       max_requests_inflight_per_user=args.max_requests_inflight_per_user)
+                       max_requests_inflight_per_user=args.max_requests_inflight_per_user,
+                       node_timing=NodeTiming(args.node_status_update_frequency, args.node_monitor_grace_period))
     except errors.HypervisorUnavailable as e:
         print(f"vmquota: {e}\nvmquota: is libvirtd running? `make run` starts it (scripts/libvirtd-up.sh); "
               f"`--hypervisor test:///default` runs on libvirt's simulated host.", file=sys.stderr)
@@ -247,8 +251,14 @@ def _events_for(client: Client, namespace: str, name: str) -> list[dict[str, Any
 
 def cmd_describe(client: Client, args: argparse.Namespace) -> int:
     kind = _kind(args.resource, ("project", "projects", "quota", "quotas", "resourcequota", "vm", "vms",
-                                 "virtualmachine"))
-    if kind is objects.VIRTUAL_MACHINE:
+                                 "virtualmachine", "node", "nodes"))
+    if kind is objects.NODE:
+        node = client.get(object_path(kind, None, args.name))
+        vmis = [v for v in client.get(collection_path(objects.VIRTUAL_MACHINE_INSTANCE, None))["items"]
+                if (v.get("status") or {}).get("nodeName") == args.name]
+        charges = client.get("/apis/vmquota.io/v1/charges")["items"]
+        print(printers.describe_node(node, vmis, charges))
+    elif kind is objects.VIRTUAL_MACHINE:
         vm = client.get(object_path(kind, args.namespace, args.name))
         charge = client.get(f"/apis/vmquota.io/v1/namespaces/{args.namespace}/charges/{args.name}")
         print(printers.describe_vm(vm, charge, _events_for(client, args.namespace, args.name)))
@@ -407,6 +417,18 @@ def cmd_lifecycle(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cordon(client: Client, args: argparse.Namespace) -> int:
+    """cordon: no new VM is placed on the node (those on it keep running); uncordon undoes it."""
+    cordon = args.command == "cordon"
+    node = client.get(object_path(objects.NODE, None, args.node))
+    if bool((node.get("spec") or {}).get("unschedulable")) == cordon:
+        print(f"node/{args.node} already {'cordoned' if cordon else 'uncordoned'}")
+        return EXIT_OK
+    client.patch(object_path(objects.NODE, None, args.node), {"spec": {"unschedulable": True if cordon else None}})
+    print(f"node/{args.node} {'cordoned' if cordon else 'uncordoned'}")
+    return EXIT_OK
+
+
 def cmd_clone(client: Client, args: argparse.Namespace) -> int:
     if args.dry_run and (args.start or args.wait):
         raise UsageError("--dry-run checks the clone's admission only: a start of the target can be checked once "
@@ -458,6 +480,11 @@ def parser() -> argparse.ArgumentParser:
                        help="memory charged on top of the guest's: none (default) or kubevirt")
     serve.add_argument("--resync-interval", type=float, default=30.0,
                        help="seconds between full recounts from the hypervisor (default 30)")
+    serve.add_argument("--node-status-update-frequency", type=float, default=10.0, metavar="SECONDS",
+                       help="seconds between two looks at each node's libvirt (kubelet's name; default 10)")
+    serve.add_argument("--node-monitor-grace-period", type=float, default=40.0, metavar="SECONDS",
+                       help="how long a node's libvirt may not answer before the node is NotReady "
+                            "(kube-controller-manager's name; default 40)")
     serve.add_argument("--use-emulation", action="store_true",
                        help="run guests under plain QEMU emulation even where KVM works (KubeVirt's useEmulation)")
     serve.add_argument("--api-processes", type=int, default=None,
@@ -531,6 +558,9 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true",
                            help="would it be admitted now? exit 0, or 1 with the refusal; nothing changes")
 
+    for action, words in (("cordon", "place no new VM on a node"), ("uncordon", "place VMs on a node again")):
+        sub.add_parser(action, help=words).add_argument("node")
+
     clone = sub.add_parser("clone", help="clone a VM with copies of its disks")
     clone.add_argument("source")
     clone.add_argument("target")
@@ -548,7 +578,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"get": cmd_get, "top": cmd_top, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
-            "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone}
+            "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone,
+            "cordon": cmd_cordon, "uncordon": cmd_cordon}
 
 
 LOCAL_COMMANDS = {"kubeconfig": cmd_kubeconfig, "audit": cmd_audit}

@@ -36,7 +36,7 @@ _SERVER_TOP = frozenset({"apiVersion", "kind", "status"})
 # Struct fields of the built-in kinds: Kubernetes records no `.` for a struct, only for maps and for the
 # objects of a custom resource's schema (which are all vmquota's other kinds know).
 _BUILTIN_STRUCTS = frozenset({("spec",), ("spec", "scopeSelector")})
-_BUILTIN_KINDS = frozenset({"Namespace", "ResourceQuota", "Event"})
+_BUILTIN_KINDS = frozenset({"Namespace", "ResourceQuota", "Event", "Node"})
 _MISSING = object()
 
 

@@ -113,6 +113,21 @@ def _observed(state: int, reason: int, uid: str) -> Observed:
     return Observed(mapped, uid, cause)
 
 
+@dataclass(frozen=True)
+class HostInfo:
+    """What a Node's status shows of its libvirt host (`virNodeGetInfo` and the connection's versions)."""
+    hostname: str
+    cpus: int
+    memory_bytes: int
+    architecture: str
+    libvirt_version: str  # "v9.0.0": kubectl's VERSION column of `get nodes`
+    hypervisor: str  # "QEMU 7.2.0", "Test 2.0.0"
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
 class Hypervisor:
     def __init__(self, uri: str, *, instance: str, use_emulation: bool = False) -> None:
         self.uri = uri
@@ -132,8 +147,13 @@ class Hypervisor:
     def connect(self, *, on_event: EventCallback | None = None,
                 on_reconnect: Callable[[], object] | None = None) -> None:
         """Open the connection now, so `serve` can say at once when the hypervisor is not there."""
-        self._on_event, self._on_reconnect = on_event, on_reconnect
+        self.listen(on_event=on_event, on_reconnect=on_reconnect)
         self._connection()
+
+    def listen(self, *, on_event: EventCallback | None, on_reconnect: Callable[[], object] | None) -> None:
+        """Whom to tell of lifecycle events and reconnections, from the next connection on (no call to libvirt:
+        a host that is away now is told so on its first use)."""
+        self._on_event, self._on_reconnect = on_event, on_reconnect
 
     def _connection(self) -> Any:
         with self._lock:
@@ -223,6 +243,15 @@ class Hypervisor:
             return bool(self._conn is not None and self._conn.isAlive())
         except libvirt.libvirtError:
             return False
+
+    def host_info(self) -> HostInfo:
+        """The host's CPUs, memory and versions, for its Node's capacity; HypervisorUnavailable if it is away."""
+        conn = self._connection()
+        model, memory_mib, cpus, *_ = self._call("reading the host's info", conn.getInfo)
+        return HostInfo(hostname=self._call("reading the host's name", conn.getHostname), cpus=int(cpus),
+                        memory_bytes=int(memory_mib) * 1024 * 1024, architecture=str(model),
+                        libvirt_version="v" + _version(self._call("reading libvirt's version", conn.getLibVersion)),
+                        hypervisor=f"{conn.getType()} {_version(self._call('reading the version', conn.getVersion))}")
 
     # -- looking --------------------------------------------------------------------------------
 

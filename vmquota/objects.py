@@ -90,6 +90,11 @@ VIRTUAL_MACHINE_CLONE = Kind("VirtualMachineClone", "clone.kubevirt.io", "v1beta
                              namespaced=True, short_names=("vmclone", "vmclones"), categories=("all",),
                              verbs=("create", "delete", "get", "list", "watch"))
 EVENT = Kind("Event", "", "v1", "events", namespaced=True, short_names=("ev",), verbs=READ_VERBS)
+# The hosts (issue 13): a libvirt host is a Node; a VM holding a runtime has a VirtualMachineInstance, which the
+# controller writes (as KubeVirt's virt-controller does) and users only read.
+NODE = Kind("Node", "", "v1", "nodes", namespaced=False, short_names=("no",))
+VIRTUAL_MACHINE_INSTANCE = Kind("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances",
+                                namespaced=True, short_names=("vmi", "vmis"), categories=("all",), verbs=READ_VERBS)
 
 # Who may do what (RBAC, `rbac.py`), and the identities of scripts (ServiceAccounts, with tokens from TokenRequest).
 SERVICE_ACCOUNT = Kind("ServiceAccount", "", "v1", "serviceaccounts", namespaced=True, short_names=("sa",))
@@ -101,7 +106,7 @@ CLUSTER_ROLE_BINDING = Kind("ClusterRoleBinding", "rbac.authorization.k8s.io", "
 RBAC_KINDS = (ROLE, CLUSTER_ROLE, ROLE_BINDING, CLUSTER_ROLE_BINDING)
 
 KINDS = (PROJECT, NAMESPACE, RESOURCE_QUOTA, VIRTUAL_MACHINE, VIRTUAL_MACHINE_CLONE, EVENT, SERVICE_ACCOUNT,
-         *RBAC_KINDS)
+         *RBAC_KINDS, NODE, VIRTUAL_MACHINE_INSTANCE)
 BY_KIND = {k.kind: k for k in KINDS}
 
 # KubeVirt serves a VM's lifecycle actions in an API group of their own; vmquota's views of its accounting

@@ -77,12 +77,37 @@ def event_row(event: Obj) -> list[str]:
             f"{involved.get('kind', '').lower()}/{involved.get('name', '')}", event.get("message", "")]
 
 
+def _ready(node: Obj) -> str:
+    conditions = (node.get("status") or {}).get("conditions") or []
+    ready = next((c.get("status") for c in conditions if c.get("type") == "Ready"), None)
+    return {"True": "Ready", "False": "NotReady"}.get(str(ready), "Unknown")
+
+
+def node_row(node: Obj) -> list[str]:
+    """kubectl's columns, and where the host is and what it has."""
+    status, spec = node.get("status") or {}, node.get("spec") or {}
+    word = _ready(node) + (",SchedulingDisabled" if spec.get("unschedulable") else "")
+    allocatable = status.get("allocatable") or {}
+    return [_meta(node).get("name", ""), word, age(_meta(node).get("creationTimestamp")),
+            f"cpu {allocatable.get('cpu', '?')}, memory {allocatable.get('memory', '?')}",
+            spec.get("providerID", "")]
+
+
+def vmi_row(vmi: Obj) -> list[str]:
+    status = vmi.get("status") or {}
+    interfaces = status.get("interfaces") or [{}]
+    return [_meta(vmi).get("name", ""), age(_meta(vmi).get("creationTimestamp")), status.get("phase", ""),
+            interfaces[0].get("ipAddress", "") or "", status.get("nodeName", "")]
+
+
 TABLES: dict[str, tuple[list[str], Callable[[Obj], list[str]]]] = {
     "VirtualMachine": (["NAME", "AGE", "STATUS", "READY"], vm_row),
     "ResourceQuota": (["NAME", "AGE", "USED/HARD"], quota_row),
     "Project": (["NAME", "AGE", "USED/HARD"], project_row),
     "Namespace": (["NAME", "STATUS", "PROJECT", "AGE"], namespace_row),
     "Event": (["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"], event_row),
+    "Node": (["NAME", "STATUS", "AGE", "ALLOCATABLE", "URI"], node_row),
+    "VirtualMachineInstance": (["NAME", "AGE", "PHASE", "IP", "NODENAME"], vmi_row),
     "VirtualMachineClone": (["NAME", "SOURCE", "TARGET", "PHASE"], lambda c: [
         _meta(c).get("name", ""), ((c.get("spec") or {}).get("source") or {}).get("name", ""),
         ((c.get("spec") or {}).get("target") or {}).get("name", ""), (c.get("status") or {}).get("phase", "")]),
@@ -121,6 +146,39 @@ def describe_vm(vm: Obj, charge: Obj, events: list[Obj]) -> str:
     lines += [f"  {part['part']}: {part['memory']}" for part in charge.get("overhead", [])]
     lines += [f"Counts against: {', '.join(charge.get('quotas', [])) or 'no quota'}"]
     lines += ["", "Events:", *_events(events)]
+    return "\n".join(lines)
+
+
+def describe_node(node: Obj, vmis: list[Obj], charges: list[Obj]) -> str:
+    """A node: its host, its state, and its VMs' requests against what it can allocate (as kubectl's
+    "Allocated resources")."""
+    meta, spec, status = _meta(node), node.get("spec") or {}, node.get("status") or {}
+    lines = [f"Name:           {meta.get('name')}", f"Provider ID:    {spec.get('providerID', '')}",
+             f"Unschedulable:  {bool(spec.get('unschedulable'))}"]
+    for key, value in sorted((meta.get("annotations") or {}).items()):
+        if key.startswith("vmquota.io/"):
+            lines.append(f"Setting:        {key}={value}")
+    lines.append("Conditions:")
+    for c in status.get("conditions") or []:
+        lines.append(f"  {c.get('type')}={c.get('status')} {c.get('reason', '')}: {c.get('message', '')} "
+                     f"(heartbeat {c.get('lastHeartbeatTime', '?')}, since {c.get('lastTransitionTime', '?')})")
+    capacity, allocatable = status.get("capacity") or {}, status.get("allocatable") or {}
+    lines += ["Capacity:", *[f"  {k}: {v}" for k, v in sorted(capacity.items())],
+              "Allocatable:", *[f"  {k}: {v}" for k, v in sorted(allocatable.items())]]
+    charge_of = {(c.get("namespace"), c.get("name")): c.get("charge") or {} for c in charges}
+    rows, cpu, memory = [], Decimal(0), Decimal(0)
+    for vmi in vmis:
+        key = (_meta(vmi).get("namespace"), _meta(vmi).get("name"))
+        charge = charge_of.get(key, {})
+        rows.append([key[0] or "", key[1] or "", (vmi.get("status") or {}).get("phase", ""),
+                     charge.get("requests.cpu", "0"), charge.get("requests.memory", "0")])
+        cpu += quantity.parse(charge.get("requests.cpu", "0"))
+        memory += quantity.parse(charge.get("requests.memory", "0"))
+    lines += ["", f"VMs ({len(rows)}):", table(["NAMESPACE", "NAME", "PHASE", "CPU REQUESTS", "MEMORY REQUESTS"], rows)
+              if rows else "  none"]
+    lines += ["", "Allocated resources (requests of its VMs / allocatable):",
+              f"  cpu:    {quantity.format(cpu)} / {allocatable.get('cpu', '?')}",
+              f"  memory: {quantity.format(memory)} / {allocatable.get('memory', '?')}"]
     return "\n".join(lines)
 
 

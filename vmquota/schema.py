@@ -619,6 +619,46 @@ _VIRTUAL_MACHINE = obj("VirtualMachine handles the VirtualMachines that are not 
     }, preserve_unknown=True),
 })
 
+_CONDITIONS = array(obj("A condition of the object: its type, whether it holds, since when and why.", {
+    "type": string(""), "status": string(""), "reason": string(""), "message": string(""),
+    "lastProbeTime": ref(TIME), "lastTransitionTime": ref(TIME), "lastHeartbeatTime": ref(TIME),
+}, required=("type", "status")), "Conditions of the object.")
+
+_VIRTUAL_MACHINE_INSTANCE = obj("VirtualMachineInstance is the running instance of a VirtualMachine: vmquota writes "
+                                "one for each VM that holds a runtime, and removes it when the VM is off.", {
+    "spec": _VMI_SPEC,
+    "status": obj("Status is the high level overview of how the VirtualMachineInstance is doing.", {
+        "phase": string("Phase is the status of the VirtualMachineInstance in kubernetes world.",
+                        enum=("Pending", "Scheduling", "Scheduled", "Running", "Succeeded", "Failed", "Unknown")),
+        "nodeName": string("NodeName is the name where the VirtualMachineInstance is currently running."),
+        "conditions": _CONDITIONS,
+        "interfaces": array(preserved("The interface's name, MAC and IP addresses."),
+                            "Interfaces represent the details of available network interfaces."),
+        "migrationState": preserved("Represents the status of a live migration"),
+        "guestOSInfo": preserved("Guest OS Information"),
+    }, preserve_unknown=True),
+})
+
+_NODE = obj("Node is a libvirt host that runs VMs: spec.providerID is its libvirt URI. vmquota maintains its "
+            "status (capacity and allocatable from the host, the Ready condition from a heartbeat).", {
+    "spec": obj("NodeSpec describes the attributes that a node is created with.", {
+        "providerID": string("The libvirt URI of the host: qemu:///system, qemu+ssh://host/system, "
+                             "qemu+tls://host/system or qemu+unix:///system?socket=PATH (test:///FILE for "
+                             "simulated hosts)."),
+        "unschedulable": boolean("Unschedulable controls node schedulability of new VMs (cordon)."),
+        "taints": array(preserved("A taint."), "If specified, the node's taints."),
+    }),
+    "status": obj("NodeStatus is information about the current status of a node.", {
+        "capacity": map_of(ref(QUANTITY), "Capacity represents the total resources of a node."),
+        "allocatable": map_of(ref(QUANTITY), "Allocatable represents the resources of a node that are "
+                                             "available for scheduling: capacity, less what is reserved, "
+                                             "times the node's overcommit ratio."),
+        "conditions": _CONDITIONS,
+        "nodeInfo": preserved("Set of ids/uuids to uniquely identify the node."),
+        "addresses": array(preserved("An address of the node."), "List of addresses reachable to the node."),
+    }, preserve_unknown=True),
+})
+
 _CLONE_REF = obj("A typed reference to a VirtualMachine.", {
     "apiGroup": string("APIGroup is the group for the resource being referenced."),
     "kind": string("Kind is the type of resource being referenced: VirtualMachine."),
@@ -722,6 +762,8 @@ _KIND_BODIES: dict[str, Schema] = {
     objects.CLUSTER_ROLE.kind: _CLUSTER_ROLE,
     objects.ROLE_BINDING.kind: _ROLE_BINDING,
     objects.CLUSTER_ROLE_BINDING.kind: _CLUSTER_ROLE_BINDING,
+    objects.NODE.kind: _NODE,
+    objects.VIRTUAL_MACHINE_INSTANCE.kind: _VIRTUAL_MACHINE_INSTANCE,
 }
 
 

@@ -261,6 +261,41 @@ CREATE TRIGGER IF NOT EXISTS rbac_generation_{event.lower()} AFTER {event} ON ob
         ON CONFLICT(name) DO UPDATE SET value = value + 1;
 END;""" for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")))
 
+# The hosts (issue 13): where each VM holding a runtime is placed, and what that reserves of the node (its
+# requests: millicores and bytes, integers so that SQLite sums them exactly). A migrating VM has a second row, on
+# its target. `node_allocated` is their sum per node, kept by triggers in the same transaction; the recount checks
+# it. Host capacity only: quotas are charged in `charges`, never here. Made at every open (IF NOT EXISTS).
+RUNS, MIGRATION_TARGET = "runs", "migration-target"  # a placement's role: where it runs, or is moving to
+_HOSTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS placements (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, node TEXT NOT NULL, role TEXT NOT NULL,
+    cpu_milli INTEGER NOT NULL, memory INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name, node)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS node_allocated (
+    node TEXT PRIMARY KEY, cpu_milli INTEGER NOT NULL, memory INTEGER NOT NULL, vms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS node_allocated_insert AFTER INSERT ON placements BEGIN
+    INSERT INTO node_allocated(node, cpu_milli, memory, vms) VALUES (NEW.node, NEW.cpu_milli, NEW.memory, 1)
+        ON CONFLICT(node) DO UPDATE SET cpu_milli = cpu_milli + NEW.cpu_milli, memory = memory + NEW.memory,
+                                        vms = vms + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS node_allocated_delete AFTER DELETE ON placements BEGIN
+    UPDATE node_allocated SET cpu_milli = cpu_milli - OLD.cpu_milli, memory = memory - OLD.memory, vms = vms - 1
+        WHERE node = OLD.node;
+END;
+"""
+# What placement reads of each Node, cut out by SQLite (a start reads all nodes: no Python parse of their bodies).
+_NODE_CANDIDATES = """
+SELECT o.name, coalesce(o.body->>'$.spec.unschedulable', 0), coalesce(json(o.body->'$.metadata.labels'), '{}'),
+       o.body->>'$.status.allocatable.cpu', o.body->>'$.status.allocatable.memory',
+       EXISTS (SELECT 1 FROM json_each(o.body, '$.status.conditions') AS c
+               WHERE c.value->>'$.type' = 'Ready' AND c.value->>'$.status' = 'True'),
+       coalesce(a.cpu_milli, 0), coalesce(a.memory, 0)
+FROM objects AS o LEFT JOIN node_allocated AS a ON a.node = o.name
+WHERE o.kind = 'Node' ORDER BY o.name"""
+
+
 @dataclass(frozen=True)
 class Where:
     """A condition on the stored bodies that SQLite evaluates, so a selected read never parses what it drops
@@ -465,6 +500,33 @@ class Reader:
         yield from self._conn.execute("SELECT namespace, name, uid, phase, deleting, run_strategy, running, last_exit, "
                                       "volumes_ready FROM vm_states ORDER BY namespace, name")
 
+    def placements_of(self, namespace: str, name: str) -> builtins.list[tuple[str, str, int, int]]:
+        """(node, role, cpu millicores, memory bytes) of each placement of a VM: one, or two while it migrates."""
+        return self._conn.execute("SELECT node, role, cpu_milli, memory FROM placements WHERE namespace=? AND name=? "
+                                  "ORDER BY role DESC", (namespace, name)).fetchall()
+
+    def running_placements(self) -> dict[tuple[str, str], str]:
+        """(namespace, name) -> the node each placed VM runs on."""
+        rows = self._conn.execute("SELECT namespace, name, node FROM placements WHERE role = ?", (RUNS,)).fetchall()
+        return {(namespace, name): node for namespace, name, node in rows}
+
+    def node_candidates(self) -> builtins.list[tuple[str, int, str, str | None, str | None, int, int, int]]:
+        """Every Node as placement needs it: name, cordoned, labels (JSON), allocatable cpu and memory (as
+        written), Ready, and the cpu millicores and memory bytes placed on it."""
+        return self._conn.execute(_NODE_CANDIDATES).fetchall()
+
+    def placement_drift(self) -> builtins.list[tuple[str, int, int, int]]:
+        """The nodes whose `node_allocated` differs from the sum of their placements: (node, cpu, memory, vms) as
+        the sum says (normally none)."""
+        return self._conn.execute("""
+            SELECT s.node, s.cpu, s.memory, s.vms FROM
+                (SELECT node, SUM(cpu_milli) AS cpu, SUM(memory) AS memory, COUNT(*) AS vms FROM placements
+                 GROUP BY node) AS s LEFT JOIN node_allocated AS a ON a.node = s.node
+            WHERE a.node IS NULL OR a.cpu_milli != s.cpu OR a.memory != s.memory OR a.vms != s.vms
+            UNION ALL
+            SELECT node, 0, 0, 0 FROM node_allocated WHERE vms != 0 AND node NOT IN (SELECT node FROM placements)
+        """).fetchall()
+
     def exists(self, kind: Kind, namespace: str, name: str) -> bool:
         return self._conn.execute("SELECT 1 FROM objects WHERE kind=? AND namespace=? AND name=?",
                                   (kind.kind, namespace, name)).fetchone() is not None
@@ -642,7 +704,7 @@ class Transaction(Reader):
         return row[0] if row else None
 
     def create(self, kind: Kind, obj: Obj) -> Obj:
-        """Insert a new object, filling uid, resourceVersion and creationTimestamp."""
+        """Insert a new object, filling resourceVersion, creationTimestamp and the uid (unless vmquota chose it)."""
         metadata = obj.setdefault("metadata", {})
         namespace = metadata.get("namespace", "") if kind.namespaced else ""
         name = metadata["name"]
@@ -650,7 +712,7 @@ class Transaction(Reader):
         if key in self._store._written:  # written in this transaction, so it exists
             raise errors.AlreadyExists(f'{kind.resource} "{name}" already exists')
         rv = self._next_rv()
-        metadata["uid"] = objects.new_uid()
+        metadata["uid"] = metadata.get("uid") or objects.new_uid()  # the API drops a uid a user sent
         metadata["creationTimestamp"] = objects.now()
         metadata["resourceVersion"] = str(rv)
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
@@ -712,6 +774,24 @@ class Transaction(Reader):
             self._conn.execute("UPDATE objects SET rv=?, body=json_set(body, '$.metadata.resourceVersion', ?) "
                                "WHERE kind=? AND namespace=? AND name=?", (rv, str(rv), *key))
         self._log(rv, key, change=MODIFIED, body=None, previous=previous, again=again)
+
+    def place(self, namespace: str, name: str, node: str, role: str, cpu_milli: int, memory: int) -> None:
+        """Reserve on `node` what the VM needs (replacing its placement there, if any)."""
+        self.unplace(namespace, name, node)
+        self._conn.execute("INSERT INTO placements(namespace, name, node, role, cpu_milli, memory) "
+                           "VALUES (?,?,?,?,?,?)", (namespace, name, node, role, cpu_milli, memory))
+
+    def unplace(self, namespace: str, name: str, node: str | None = None) -> None:
+        """Release the VM's reservation on `node` (every node when None)."""
+        if node is None:
+            self._conn.execute("DELETE FROM placements WHERE namespace=? AND name=?", (namespace, name))
+        else:
+            self._conn.execute("DELETE FROM placements WHERE namespace=? AND name=? AND node=?",
+                               (namespace, name, node))
+
+    def correct_node_allocated(self, node: str, cpu_milli: int, memory: int, vms: int) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO node_allocated(node, cpu_milli, memory, vms) VALUES (?,?,?,?)",
+                           (node, cpu_milli, memory, vms))
 
     def set_charge(self, namespace: str, name: str, resources: dict[str, Decimal] | None) -> None:
         if resources is None:
@@ -798,7 +878,7 @@ class Store:
             self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} {_QUOTA_STATUS_TRIGGER} "
                                        f"{_OBSERVE_TRIGGERS} {_CHANGES_START} "
                                        f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} COMMIT;")
+        self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} {_HOSTS_SCHEMA} COMMIT;")
         self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
                              (objects.new_uid(),))

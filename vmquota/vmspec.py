@@ -115,6 +115,7 @@ class VMSpec:
     autoattach_graphics: bool
     cloud_init: CloudInit | None = None
     interfaces: tuple[Interface, ...] = ()
+    node_selector: dict[str, str] = field(default_factory=dict)  # which nodes it may run on
 
     @property
     def vcpus(self) -> int:
@@ -169,6 +170,7 @@ def read(vm: objects.Obj) -> VMSpec:
     graphics = devices.get("autoattachGraphicsDevice", True)
     cloud_init = _cloud_init(template.get("volumes"), devices.get("disks"))
     interfaces = _interfaces(devices.get("interfaces"), template.get("networks"))
+    node_selector = _node_selector(template.get("nodeSelector"))
     return VMSpec(
         run_strategy=run_strategy,
         uses_running_field=uses_running,
@@ -184,6 +186,7 @@ def read(vm: objects.Obj) -> VMSpec:
         autoattach_graphics=graphics is not False,
         cloud_init=cloud_init,
         interfaces=interfaces,
+        node_selector=node_selector,
     )
 
 
@@ -198,6 +201,14 @@ def stored_run_strategy(run_strategy: str | None, running: bool | int | None) ->
     if running is not None:
         return RunStrategy.ALWAYS if running else RunStrategy.HALTED
     return RunStrategy(run_strategy or RunStrategy.HALTED.value)
+
+
+def _node_selector(value: Any) -> dict[str, str]:
+    selector = _mapping(value, "spec.template.spec.nodeSelector")
+    for key, label in selector.items():
+        if not isinstance(label, str) or not isinstance(key, str):
+            raise FieldError(f"spec.template.spec.nodeSelector[{key}]", "Invalid value: must be a string")
+    return dict(selector)
 
 
 def _mapping(value: Any, path: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 
-BUILTIN_KINDS = frozenset({objects.NAMESPACE.kind, objects.RESOURCE_QUOTA.kind, objects.EVENT.kind})
+BUILTIN_KINDS = frozenset({objects.NAMESPACE.kind, objects.RESOURCE_QUOTA.kind, objects.EVENT.kind, objects.NODE.kind})
 
 # How the lists of the built-in kinds merge, as their Go types' patchStrategy tags say; every other list is
 # atomic (the patch's list replaces the stored one). ("merge", None): a set of primitives; ("merge", key):

@@ -329,6 +329,28 @@ def _namespace_cells(values: Sequence[Any], clock: Clock) -> list[Any]:
     return [name, phase if isinstance(phase, str) else "Active", clock.age(created)]
 
 
+def _node_cells(values: Sequence[Any], clock: Clock) -> list[Any]:
+    """kube-apiserver's printNode: the Ready condition's word, SchedulingDisabled when cordoned; the version is
+    the host's libvirt's."""
+    name, created, ready, unschedulable, version, address, os_image, kernel = values
+    status = {"True": "Ready", "False": "NotReady"}.get(ready, "Unknown")
+    if unschedulable in (True, 1):
+        status += ",SchedulingDisabled"
+    return [name, status, "<none>", clock.age(created), _string_cell(version), _string_cell(address) or "<none>",
+            "<none>", _string_cell(os_image) or "<unknown>", _string_cell(kernel) or "<unknown>", "libvirt"]
+
+
+def _vmi_cells(values: Sequence[Any], clock: Clock) -> list[Any]:
+    name, created, phase, interfaces, node, ready, migratable, paused = values
+    try:
+        first = json.loads(interfaces)[0] if isinstance(interfaces, str) else {}
+    except (ValueError, IndexError, KeyError):
+        first = {}
+    address = first.get("ipAddress") if isinstance(first, dict) else None
+    return [name, clock.age(created, crd=True), _string_cell(phase), _string_cell(address), _string_cell(node),
+            _string_cell(ready), _string_cell(migratable), _string_cell(paused)]
+
+
 def _event_cells(values: Sequence[Any], clock: Clock) -> list[Any]:
     """kube-apiserver's printEvent, wide (the server always sends the wide cells; kubectl hides them)."""
     (name, involved, type_, reason, message, first, last, event_time, count, series, source,
@@ -407,6 +429,36 @@ PRINTERS: dict[str, Printer] = {
         (_NAME_COLUMN, Column("Status", description="The status of the namespace"), _AGE_COLUMN),
         (_NAME, Part(("status", "phase")), _CREATED),
         _namespace_cells),
+    # kubectl's built-in Node printer: Name, Status, Roles, Age, Version; -o wide adds the rest.
+    objects.NODE.kind: Printer(
+        (_NAME_COLUMN, Column("Status", description="The status of the node"),
+         Column("Roles", description="The roles of the node"), _AGE_COLUMN,
+         Column("Version", description="Kubelet Version reported by the node: here the host's libvirt version."),
+         Column("Internal-IP", priority=1, description="List of internal IPs."),
+         Column("External-IP", priority=1, description="List of external IPs."),
+         Column("OS-Image", priority=1, description="OS Image reported by the node from /etc/os-release."),
+         Column("Kernel-Version", priority=1, description="Kernel Version reported by the node."),
+         Column("Container-Runtime", priority=1, description="What runs the node's VMs.")),
+        (_NAME, _CREATED, Part(("status", "conditions"), item=("type", "Ready", "status")),
+         Part(("spec", "unschedulable")), Part(("status", "nodeInfo", "kubeletVersion")),
+         Part(("status", "addresses"), item=("type", "InternalIP", "address")),
+         Part(("status", "nodeInfo", "osImage")), Part(("status", "nodeInfo", "kernelVersion"))),
+        _node_cells),
+    # KubeVirt's VirtualMachineInstance CRD columns.
+    objects.VIRTUAL_MACHINE_INSTANCE.kind: Printer(
+        (_NAME_COLUMN, _crd_column("Age", "date", ".metadata.creationTimestamp"),
+         _crd_column("Phase", "string", ".status.phase"),
+         _crd_column("IP", "string", ".status.interfaces[0].ipAddress"),
+         _crd_column("NodeName", "string", ".status.nodeName"),
+         _crd_column("Ready", "string", ".status.conditions[?(@.type=='Ready')].status"),
+         _crd_column("Live-Migratable", "string", ".status.conditions[?(@.type=='LiveMigratable')].status",
+                     priority=1),
+         _crd_column("Paused", "string", ".status.conditions[?(@.type=='Paused')].status", priority=1)),
+        (_NAME, _CREATED, Part(("status", "phase")), Part(("status", "interfaces"), as_json=True),
+         Part(("status", "nodeName")), Part(("status", "conditions"), item=("type", "Ready", "status")),
+         Part(("status", "conditions"), item=("type", "LiveMigratable", "status")),
+         Part(("status", "conditions"), item=("type", "Paused", "status"))),
+        _vmi_cells),
     objects.EVENT.kind: Printer(
         (Column("Last Seen", description=_EVENT_DOC["lastTimestamp"]),
          Column("Type", description=_EVENT_DOC["type"]),

@@ -14,7 +14,6 @@ from vmquota.controller.context import Context
 from vmquota.controller.state import deleting, volumes_ready
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.objects import Obj
-from vmquota.vmspec import VMSpec
 
 CLONE_SOURCE_ANNOTATION = "vmquota.io/clone-source"  # "<namespace>/<name>/<uid>" of the VM whose disks to copy
 CLONE_DISKS_ANNOTATION = "vmquota.io/clone-disks"  # "target-disk=source-disk,...": which disk each copy is of
@@ -48,8 +47,8 @@ class Clones:
         source_vm = self.ctx.store.reader().get(VM, src_ns, src_name)
         if source_vm is None or source_vm["metadata"]["uid"] != src_uid:
             raise errors.HypervisorError(f"the clone source {src_ns}/{src_name} is gone")
-        if self.ctx.hypervisor.observe(src_ns, src_name).up:
-            self.copy_live(src_ns, src_name, src_uid, vmspec.read(source_vm), copies)
+        if self.ctx.host_of(source_vm).observe(src_ns, src_name).up:
+            self.copy_live(source_vm, copies)
         for src_disk, target in copies.items():
             if not target.exists():  # a stopped source, or a disk the running guest does not attach
                 disks.copy(disks.path(src_ns, src_uid, src_disk), target)
@@ -66,15 +65,16 @@ class Clones:
         if not source_path.exists():
             raise errors.HypervisorError(f"disk {disk.name}: the source data volume {disk.source.pvc} is not "
                                          f"made yet; trying again")
-        if self.ctx.hypervisor.observe(ns, src_name).up:
-            self.copy_live(ns, src_name, src_uid, vmspec.read(owner), {disk.source.pvc: target})
+        if self.ctx.host_of(owner).observe(ns, src_name).up:
+            self.copy_live(owner, {disk.source.pvc: target})
         if not target.exists():
             self.ctx.disks.copy(source_path, target)
 
-    def copy_live(self, ns: str, name: str, uid: str, spec: VMSpec, copies: dict[str, Path]) -> None:
+    def copy_live(self, source: Obj, copies: dict[str, Path]) -> None:
         """libvirt's backup job: QEMU copies the attached disks as they are at one instant (crash-consistent)."""
-        hypervisor = self.ctx.hypervisor
-        devices = domainxml.attached_targets(spec)
+        ns, name, uid = source["metadata"]["namespace"], source["metadata"]["name"], source["metadata"]["uid"]
+        hypervisor = self.ctx.host_of(source)
+        devices = domainxml.attached_targets(vmspec.read(source))
         partial = {devices[disk]: target.with_suffix(".partial") for disk, target in copies.items() if disk in devices}
         for path in partial.values():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from vmquota.controller.clone import Clones
 from vmquota.controller.context import Context
 from vmquota.controller.guest import Guests
 from vmquota.controller.lifecycle import Lifecycle
+from vmquota.controller.nodes import HEARTBEAT_SECONDS, NODE_GRACE_SECONDS, NodeHealth
 from vmquota.controller.recount import Recount
 from vmquota.controller.state import GUEST_REQUEST, Key, deleting, key_of, runtime_phase
 from vmquota.controller.volumes import Volumes
@@ -38,13 +39,15 @@ log = logging.getLogger(__name__)
 class Controller:
     def __init__(self, *, store: Store, hypervisor: Hypervisor, disks: Disks,
                  overhead: OverheadModel = OverheadModel.NONE, resync_interval: float = 30.0,
-                 workers: int = 4, clock: Callable[[], float] = time.time) -> None:
+                 workers: int = 4, clock: Callable[[], float] = time.time,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS, node_grace_seconds: float = NODE_GRACE_SECONDS) -> None:
         self.ctx = Context(store=store, hypervisor=hypervisor, disks=disks, overhead=overhead, clock=clock)
         self.clones = Clones(self.ctx)
         self.volumes = Volumes(self.ctx, self.clones)
         self.lifecycle = Lifecycle(self.ctx, self.volumes)
         self.guests = Guests(self.ctx)
         self.recount = Recount(self.ctx)
+        self.nodes = NodeHealth(self.ctx, heartbeat_seconds=heartbeat_seconds, grace_seconds=node_grace_seconds)
         self.resync_interval = resync_interval
         self._workers = workers
         self._threads: list[threading.Thread] = []
@@ -77,32 +80,36 @@ class Controller:
         """Connect to the hypervisor's events, recount once, then work until `shutdown`."""
         self.hypervisor.connect(on_event=lambda ns, name: self.queue.add((ns, name)),
                                 on_reconnect=self.resync)
+        self.ctx.hosts.listen(on_event=lambda ns, name: self.queue.add((ns, name)), on_reconnect=self.resync)
         for i in range(self._workers):
             thread = threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.nodes.register_first()
         self.resync()
-        resync = threading.Thread(target=self._resync_loop, name="resync", daemon=True)
-        resync.start()
-        self._threads.append(resync)
+        for loop, name in ((self._resync_loop, "resync"), (self._heartbeat_loop, "heartbeat")):
+            thread = threading.Thread(target=loop, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def shutdown(self) -> None:
         self._stopping.set()
         self.queue.close()
         for thread in self._threads:
             thread.join(timeout=10)
+        self.ctx.hosts.close()
 
     def _work(self) -> None:
         while (key := self.queue.get()) is not None:
             try:
                 if key in self._unreachable:
                     # Say the outage is over before the work it held up, so no one sees that work done first.
-                    self.hypervisor.ensure_reachable()
+                    self._host_of(key).ensure_reachable()
                     self._unreachable.discard(key)
                     self.ctx.update(key, self._hypervisor_back)
                 self.reconcile(key)
             except errors.HypervisorUnavailable as e:
-                telemetry.HYPERVISOR_UP.labels(self.hypervisor.uri).set(0)
+                telemetry.HYPERVISOR_UP.labels(self._host_of(key).uri).set(0)
                 log.warning("%s/%s: %s; trying again later", *key, e)
                 self.ctx.update(key, functools.partial(self._hypervisor_away, message=str(e)))
                 self.queue.add(key, after=2.0)
@@ -111,6 +118,10 @@ class Controller:
                 self.queue.add(key, after=5.0)
             finally:
                 self.queue.done(key)
+
+    def _host_of(self, key: Key) -> Hypervisor:
+        vm = self.store.reader().get(VM, *key)
+        return self.ctx.hosts.first if vm is None else self.ctx.host_of(vm)
 
     def _hypervisor_away(self, txn: Transaction, vm: Obj, message: str) -> None:
         """Say on a VM whose work waits for the hypervisor why it waits: a condition, and one event per outage."""
@@ -137,6 +148,13 @@ class Controller:
                 log.warning("recount postponed: %s", e)
             except Exception:
                 log.exception("recount failed")
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.nodes.heartbeat_seconds):
+            try:
+                self.nodes.heartbeat()
+            except Exception:
+                log.exception("node heartbeat failed")
 
     # -- requests: run inside the caller's transaction ------------------------------------------
 
@@ -180,7 +198,8 @@ class Controller:
         vm = self.store.reader().get(VM, ns, name)
         if vm is None:
             return
-        observed = self.hypervisor.observe(ns, name)
+        host = self.ctx.host_of(vm)
+        observed = host.observe(ns, name)
         up = observed.up and observed.uid == vm["metadata"]["uid"]
         phase = runtime_phase(vm)
         spec = vmspec.read(vm)
@@ -195,7 +214,7 @@ class Controller:
             request = (vm.get("status") or {}).get(GUEST_REQUEST)
             if up and request:
                 self.guests.act(key, vm, request)
-                observed = self.hypervisor.observe(*key)
+                observed = host.observe(*key)
             lifecycle.reconcile_running(key, vm, spec, observed, up)
         else:
             lifecycle.reconcile_stopped(key, vm, spec, observed, up)

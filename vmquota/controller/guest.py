@@ -43,7 +43,7 @@ class Guests:
 
     def act(self, key: Key, vm: Obj, request: str) -> None:
         """Do a request written in the VM, then clear it with an event saying how it went."""
-        hypervisor = self.ctx.hypervisor
+        hypervisor = self.ctx.host_of(vm)
         uid = vm["metadata"]["uid"]
         act = {"Pause": hypervisor.suspend, "Unpause": hypervisor.resume, "SoftReboot": hypervisor.reboot}[request]
         try:
@@ -71,7 +71,7 @@ class Guests:
     def open_console(self, namespace: str, name: str) -> GuestStream:
         """The serial console of a running VM, as a stream (`recv`, `sendall`, `close`)."""
         vm = self._running_vm(namespace, name)
-        return self.ctx.hypervisor.open_console(namespace, name, vm["metadata"]["uid"])
+        return self.ctx.host_of(vm).open_console(namespace, name, vm["metadata"]["uid"])
 
     def open_port(self, namespace: str, name: str, port: int) -> socket.socket:
         """A TCP connection to `port` of a running VM's guest, through its masquerade interface."""
@@ -83,4 +83,4 @@ class Guests:
         if allowed and port not in allowed:
             raise errors.BadRequest(f"port {port} is not among the ports of interface {spec.interfaces[0].name}: "
                                     + ", ".join(map(str, allowed)))
-        return self.ctx.hypervisor.open_port(namespace, name, vm["metadata"]["uid"], port)
+        return self.ctx.host_of(vm).open_port(namespace, name, vm["metadata"]["uid"], port)

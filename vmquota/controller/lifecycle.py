@@ -12,8 +12,10 @@ Two halves, as in all of the controller:
 
 from __future__ import annotations
 
+import logging
+
 from vmquota import accounting, errors, objects, usage, vmspec
-from vmquota.controller import volumes
+from vmquota.controller import placement, volumes
 from vmquota.controller.context import Context
 from vmquota.controller.state import (
     STOP_DEADLINE,
@@ -34,6 +36,8 @@ from vmquota.objects import Obj
 from vmquota.store import Transaction
 from vmquota.vmspec import RunStrategy, VMSpec
 from vmquota.vmstatus import Phase
+
+log = logging.getLogger(__name__)
 
 UNSCHEDULABLE_RETRY_SECONDS = 5.0  # how soon a refused automatic start is tried again
 BACKOFF_BASE_SECONDS = 5.0  # the first back-off of a crash loop; it doubles with each failure
@@ -84,8 +88,22 @@ class Lifecycle:
         status.pop("lastExit", None)
         status.pop("startFailure", None)
         # `spec` is still right for the charge (only the strategy changed): no second read of the spec.
-        self.ctx.transition(txn, vm, Phase.STARTING, spec=spec, enforce=True)
+        try:
+            self.ctx.transition(txn, vm, Phase.STARTING, spec=spec, enforce=True)
+        except placement.Unschedulable as e:  # admitted by its quotas, but no node has room: it waits for one
+            self._unschedulable(txn, vm, str(e))
+            return
         self.ctx.record(txn, vm, "Normal", "StartRequested", "start admitted")
+
+    def _unschedulable(self, txn: Transaction, vm: Obj, message: str) -> None:
+        """No node fits: ErrorUnschedulable with the scheduler's words, charging nothing; placement is tried
+        again every unschedulable_retry_seconds (once more words change, one event per reason)."""
+        conditions = vm.setdefault("status", {}).get("conditions") or []
+        if not (runtime_phase(vm) is Phase.UNSCHEDULABLE and any(c.get("message") == message for c in conditions)):
+            self.ctx.transition(txn, vm, Phase.UNSCHEDULABLE, enforce=False, reason="Unschedulable", message=message)
+            self.ctx.record(txn, vm, "Warning", "FailedScheduling", message)
+        key = key_of(vm)
+        txn.after_commit(lambda: self.ctx.queue.add(key, after=self.unschedulable_retry_seconds))
 
     def request_stop(self, txn: Transaction, vm: Obj, grace_seconds: int | None = None) -> None:
         phase = runtime_phase(vm)
@@ -135,14 +153,14 @@ class Lifecycle:
                 if not self.volumes.ensure_disks(vm, spec):
                     return  # a start waits for its disks: the import queues the VM when it ends
                 self.volumes.write_seed(vm, spec)
-                self.ctx.hypervisor.start(*key, vm["metadata"]["uid"], self.volumes.domain_xml(vm, spec))
+                self.ctx.host_of(vm).start(*key, vm["metadata"]["uid"], self.volumes.domain_xml(vm, spec))
             except errors.HypervisorUnavailable:
                 raise
             except errors.HypervisorError as e:
                 message = str(e)
                 self.ctx.update(key, lambda txn, vm: self._start_failed(txn, vm, message))
                 return
-            observed = self.ctx.hypervisor.observe(*key)
+            observed = self.ctx.host_of(vm).observe(*key)
             if not observed.up and observed.cause is ExitCause.NONE:
                 self.ctx.queue.add(key, after=0.5)  # the event will come; look again soon in case it does not
                 return
@@ -198,7 +216,7 @@ class Lifecycle:
             if deadline is None:  # the guest has not been asked yet
                 grace = status.get(STOP_GRACE, spec.grace_seconds)
                 if grace > 0:
-                    self.ctx.hypervisor.shutdown(*key, uid)
+                    self.ctx.host_of(vm).shutdown(*key, uid)
                     self.ctx.update(key, lambda txn, vm: self._asked_to_shut_down(txn, vm, now, grace), expect_uid=uid)
                     self.ctx.queue.add(key, after=grace)  # or sooner: a later stop with a shorter grace queues it
                     return
@@ -207,7 +225,7 @@ class Lifecycle:
                 self.ctx.queue.add(key, after=deadline - now)
                 return
             # destroy returns once the domain is off: confirmed here, not when (or if) its event comes
-            self.ctx.hypervisor.destroy(*key, uid)
+            self.ctx.host_of(vm).destroy(*key, uid)
 
         def confirm_off(txn: Transaction, vm: Obj) -> None:
             if runtime_phase(vm) is not Phase.STOPPING:
@@ -273,12 +291,14 @@ class Lifecycle:
             return
         if up:  # started behind vmquota's back: it runs, so it charges, whatever the quota says
             def found_running(txn: Transaction, vm: Obj) -> None:
-                self.ctx.transition(txn, vm, Phase.RUNNING, enforce=False)
+                self.ctx.transition(txn, vm, Phase.RUNNING, enforce=False, node=self.ctx.hosts.first_name(txn))
                 self.ctx.record(txn, vm, "Warning", "StartedOutsideVmquota",
                             "the domain was found running; charged as it is")
             self.ctx.update(key, found_running)
             return
-        if not wants_running(spec.run_strategy, last_exit(vm)):
+        # A Manual VM's start that waits for a node was admitted: it is tried again like an automatic one.
+        waits_for_node = runtime_phase(vm) is Phase.UNSCHEDULABLE and spec.run_strategy is RunStrategy.MANUAL
+        if not wants_running(spec.run_strategy, last_exit(vm)) and not waits_for_node:
             return
         retry_at = float((vm.get("status") or {}).get("startFailure", {}).get("retryAfterTimestamp", 0) or 0)
         if retry_at > self.ctx.clock():
@@ -301,13 +321,21 @@ class Lifecycle:
                 accounting.record_refusal(txn, e)  # once per reason, as the event: not on every retry
             key = key_of(vm)
             txn.after_commit(lambda: self.ctx.queue.add(key, after=self.unschedulable_retry_seconds))
+        except placement.Unschedulable as e:
+            self._unschedulable(txn, vm, str(e))
 
     def finalize(self, key: Key, vm: Obj) -> None:
         uid = vm["metadata"]["uid"]
         if not self.volumes.imports.cancel(uid):  # an import still in qemu-img: remove its files once it has ended
             self.ctx.queue.add(key, after=5.0)
             return
-        self.ctx.hypervisor.undefine(*key, uid)
+        self.ctx.hosts.first.undefine(*key, uid)
+        for _node, host in self.ctx.hosts.nodes():  # it may have run on any of them
+            if host is not self.ctx.hosts.first:
+                try:
+                    host.undefine(*key, uid)
+                except errors.HypervisorError as e:  # an away host's leftover is the recount's garbage
+                    log.warning("leaving the domain of %s/%s on %s to the recount: %s", *key, host.uri, e)
         if self.volumes.clones.clones_to_copy(key[0], key[1], uid):  # they copy their disks from ours: keep ours
             self.volumes.ensure_disks(vm, vmspec.read(vm))
             self.ctx.queue.add(key, after=1.0)

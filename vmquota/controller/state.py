@@ -24,6 +24,9 @@ STOP_GRACE = "stopGracePeriodSeconds"
 STOP_DEADLINE = "stopDeadline"
 # A pause, unpause or soft reboot asked for and not yet done: KubeVirt's VMI subresources, acted on by reconcile.
 GUEST_REQUEST = "guestRequest"
+# The node the VM's runtime is placed on (vmquota's bookkeeping beside KubeVirt's fields; its VMI shows it as
+# status.nodeName). Absent while it holds no runtime, and on VMs that ran before there were nodes: the first node.
+NODE_NAME = "nodeName"
 GUEST_ADDRESS = "10.0.2.15"  # what QEMU's user-mode DHCP gives the guest: the first address of 10.0.2.0/24
 
 
@@ -39,6 +42,10 @@ def subject(name: str) -> str:
 def runtime_phase(vm: Obj) -> Phase:
     """The phase the controller acts on (printableStatus may say Terminating instead)."""
     return Phase((vm.get("status") or {}).get("phase", Phase.STOPPED.value))
+
+
+def node_of(vm: Obj) -> str | None:
+    return (vm.get("status") or {}).get(NODE_NAME) or None
 
 
 def deleting(vm: Obj) -> bool:

@@ -95,7 +95,7 @@ class Volumes:
         vm_dir = disks.vm_dir(ns, uid)
         vm_dir.mkdir(parents=True, exist_ok=True)  # a VM without disks has no folder yet, and QEMU opens its log there
         return domainxml.build(namespace=ns, name=name, uid=uid, instance=self.ctx.store.instance_id, spec=spec,
-                               disks=attached, domain_type=self.ctx.hypervisor.domain_type, seed=seed, nics=nics,
+                               disks=attached, domain_type=self.ctx.host_of(vm).domain_type, seed=seed, nics=nics,
                                console_log=vm_dir / "console.log")
 
 

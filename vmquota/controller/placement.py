@@ -1,0 +1,146 @@
+"""Placement: which node a starting VM runs on, decided as Kubernetes' scheduler decides, and its words when none.
+
+Pure: `choose` takes what a VM needs (its requests with the memory overhead, its nodeSelector) and each node as
+the store holds it (allocatable, what is already placed there, cordoned, ready, labels), and returns a node's
+name or raises `Unschedulable` with kube-scheduler's message: `0/3 nodes are available: 2 Insufficient memory,
+1 node(s) were unschedulable.` A node is ruled out by the first filter it fails, in kube-scheduler's order
+(unschedulable, not ready, node selector), then by every resource that does not fit.
+
+Host capacity and tenant quota stay apart: nothing here reads a quota, and `accounting` never reads a node.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from vmquota import errors, quantity
+from vmquota import resources as r
+from vmquota.store import MIGRATION_TARGET, RUNS, Reader
+from vmquota.vmspec import VMSpec
+
+UNSCHEDULABLE = "node(s) were unschedulable"
+NOT_READY = "node(s) had untolerated taint {node.kubernetes.io/unreachable: }"
+SELECTOR = "node(s) didn't match Pod's node affinity/selector"
+WANTED_ELSEWHERE = "node(s) didn't match the requested node name"
+INSUFFICIENT = "Insufficient {}"
+
+
+__all__ = ["MIGRATION_TARGET", "RUNS", "Candidate", "Need", "Policy", "Unschedulable", "candidates", "choose",
+           "need_of", "reservation"]
+
+
+class Unschedulable(errors.VmquotaError):
+    """No node fits: the message is the scheduler's."""
+
+
+class Policy(enum.StrEnum):
+    SPREAD = "spread"  # the node with the most memory left after placing the VM: load evens out
+    PACK = "pack"  # the node with the least memory left that still fits: whole hosts stay free
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a VM asks of a node."""
+    cpu: Decimal  # requests.cpu
+    memory: Decimal  # requests.memory, with the overhead
+    node_selector: Mapping[str, str]
+    node_name: str | None = None  # a move to one node (`migrate --to`)
+    exclude: str | None = None  # a migration never targets the node the VM is on
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node as placement sees it."""
+    name: str
+    labels: Mapping[str, str]
+    unschedulable: bool
+    ready: bool
+    allocatable_cpu: Decimal
+    allocatable_memory: Decimal
+    placed_cpu: Decimal  # requests of the VMs placed on it, and of migrations into it
+    placed_memory: Decimal
+
+    def free_memory(self) -> Decimal:
+        return self.allocatable_memory - self.placed_memory
+
+
+def reasons(need: Need, node: Candidate) -> list[str]:
+    """Why `need` cannot go on `node` (nothing when it can)."""
+    if need.node_name is not None and node.name != need.node_name:
+        return [WANTED_ELSEWHERE]
+    if node.unschedulable:
+        return [UNSCHEDULABLE]
+    if not node.ready:
+        return [NOT_READY]
+    if any(node.labels.get(key) != value for key, value in need.node_selector.items()):
+        return [SELECTOR]
+    found = []
+    if node.placed_cpu + need.cpu > node.allocatable_cpu:
+        found.append(INSUFFICIENT.format("cpu"))
+    if node.placed_memory + need.memory > node.allocatable_memory:
+        found.append(INSUFFICIENT.format("memory"))
+    return found
+
+
+def choose(need: Need, nodes: Iterable[Candidate], policy: Policy = Policy.SPREAD) -> str:
+    """The node the VM goes on; Unschedulable when none fits."""
+    candidates = [n for n in nodes if n.name != need.exclude]
+    histogram: Counter[str] = Counter()
+    fitting = []
+    for node in candidates:
+        found = reasons(need, node)
+        histogram.update(found)
+        if not found:
+            fitting.append(node)
+    if not fitting:
+        raise Unschedulable(message(len(candidates), histogram))
+    if policy is Policy.PACK:
+        return min(fitting, key=lambda n: (n.free_memory(), n.name)).name
+    return min(fitting, key=lambda n: (-n.free_memory(), n.name)).name
+
+
+def message(count: int, histogram: Mapping[str, int]) -> str:
+    """kube-scheduler's FitError: the reasons with how many nodes each ruled out, the most common first."""
+    if count == 0:
+        return "0/0 nodes are available: no nodes available to schedule pods."
+    parts = [f"{n} {reason}" for reason, n in sorted(histogram.items(), key=lambda item: (-item[1], item[0]))]
+    return f"0/{count} nodes are available: {', '.join(parts)}."
+
+
+def need_of(spec: VMSpec, charge: r.ResourceList, *, node_name: str | None = None,
+            exclude: str | None = None) -> Need:
+    """What a VM with this charge (while it runs) asks of a node."""
+    return Need(cpu=charge.get("requests.cpu", Decimal(0)), memory=charge.get("requests.memory", Decimal(0)),
+                node_selector=spec.node_selector, node_name=node_name, exclude=exclude)
+
+
+def reservation(charge: r.ResourceList) -> tuple[int, int]:
+    """The millicores and bytes a running VM reserves of its node: its requests, memory with the overhead."""
+    cpu = charge.get("requests.cpu", Decimal(0)) * 1000
+    return int(cpu.to_integral_value(rounding="ROUND_CEILING")), int(charge.get("requests.memory", Decimal(0)))
+
+
+def candidates(reader: Reader) -> list[Candidate]:
+    """Every node as the store holds it, with what is placed on it."""
+    found = []
+    for name, cordoned, labels, cpu, memory, ready, placed_cpu, placed_memory in reader.node_candidates():
+        found.append(Candidate(
+            name=name, labels=json.loads(labels), unschedulable=bool(cordoned), ready=bool(ready),
+            allocatable_cpu=_quantity(cpu), allocatable_memory=_quantity(memory),
+            placed_cpu=Decimal(placed_cpu) / 1000, placed_memory=Decimal(placed_memory)))
+    return found
+
+
+def _quantity(text: str | None) -> Decimal:
+    """An allocatable as the heartbeat wrote it; a node not heard from yet has none: nothing fits on it."""
+    if text is None:
+        return Decimal(0)
+    try:
+        return quantity.parse(text)
+    except (errors.Invalid, ValueError):
+        return Decimal(0)
