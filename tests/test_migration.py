@@ -6,6 +6,8 @@ real migrations, with shared and with copied storage, run on KVM in tests/e2e.)
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import Cluster, events_path, open_app, simulated_host, vm_manifest, wait_until
 
+from vmquota import cli
 from vmquota.app import NodeSettings
 from vmquota.client import ClientError
 from vmquota.objects import VIRTUAL_MACHINE_INSTANCE_MIGRATION as VMIM
@@ -160,3 +163,39 @@ def test_the_migration_kind_is_served_like_kubevirts(pool: Pool) -> None:
     assert found["kind"] == "VirtualMachineInstanceMigration" and set(found["shortNames"]) == {"vmim", "vmims"}
     subresources = pool.c.client.get("/apis/subresources.kubevirt.io/v1")["resources"]
     assert "virtualmachines/migrate" in [r["name"] for r in subresources]
+
+
+def vmquota(url: str, *args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.run([*args, "--server", url])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_the_cli_migrates_to_a_chosen_node_and_waits(pool: Pool) -> None:
+    c = pool.c
+    running_on_a(pool, memory="1Gi")
+    assert vmquota(c.app.url, "migrate", "web", "-n", c.ns, "--to", "c", "--wait") == (
+        0, "VM web migrated to node c\n", "")
+    assert pool.runs_on("c", "web")
+    code, _out, err = vmquota(c.app.url, "migrate", "web", "-n", c.ns, "--to", "c", "--wait")
+    assert code == 1 and "didn't match Pod's node affinity/selector" in err  # c is its own node now
+
+
+def test_drain_cordons_the_node_and_moves_every_vm_off_it(pool: Pool) -> None:
+    c = pool.c
+    c.create_quota({"limits.memory": "3Gi"})
+    for name in ("x", "y", "z"):
+        c.create_vm(vm_manifest(name, cores=1, memory="1Gi", disk=None, strategy="Always",
+                                template={"spec": {"domain": {"cpu": {"cores": 1}, "memory": {"guest": "1Gi"},
+                                                              "devices": {"disks": []}}, "volumes": []}}))
+        c.wait_status(name, "Running")
+    on_a = [n for n in ("x", "y", "z") if c.vm(n)["status"]["nodeName"] == "a"]
+    assert on_a
+    used = c.used()
+    code, out, _err = vmquota(c.app.url, "drain", "a")
+    assert code == 0 and out.splitlines()[0] == "node/a cordoned" and out.splitlines()[-1] == "node/a drained"
+    assert c.client.get(f"{NODES}/a")["spec"]["unschedulable"] is True
+    assert all(c.vm(n)["status"]["nodeName"] != "a" and c.status(n) == "Running" for n in ("x", "y", "z"))
+    assert not any(pool.runs_on("a", n) for n in ("x", "y", "z"))
+    assert c.used() == used  # the quota was exactly full throughout: every VM was charged once

@@ -976,6 +976,8 @@ class _NodeRules(_Rules):
 
     def before_create(self, txn: Transaction, obj: Obj) -> None:
         obj.pop("status", None)  # the heartbeat writes it
+        # As kubelet labels its node: `migrate --to NODE` selects the target by this label.
+        obj["metadata"].setdefault("labels", {}).setdefault("kubernetes.io/hostname", obj["metadata"]["name"])
 
     def before_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
         new["status"] = old.get("status") or {}
