@@ -3,6 +3,7 @@
 #
 #   scripts/test-host.sh start NAME [--private-dir DIR]...   start host NAME (nothing to do if it runs)
 #   scripts/test-host.sh stop NAME                           destroy its domains, end it, remove its files
+#   scripts/test-host.sh kill NAME                           SIGKILL its libvirtd only, as a crash: its QEMUs run on
 #   scripts/test-host.sh uri NAME                            print its libvirt URI (whether it runs or not)
 #
 # A host NAME lives under $VMQUOTA_TEST_HOSTS (/tmp/vmquota-hosts)/NAME. Inside its namespace
@@ -15,8 +16,9 @@
 #                                  pools and secrets; host_uuid of its own in libvirtd.conf (libvirt refuses a
 #                                  migration between hosts with the same UUID); in qemu.conf: QEMU writes its
 #                                  own logs (no virtlogd needed), no cgroups (the system daemon's cgroup names
-#                                  would collide with a migrating domain's), incoming migrations on ports
-#                                  49200-49250 (libvirt refuses a loopback migration_address: the migration
+#                                  would collide with a migrating domain's), the ports libvirt picks itself
+#                                  (the NBD server of a storage copy) in 49240-49250, so migrate URIs can use
+#                                  49200-49239 (libvirt refuses a loopback migration_address: the migration
 #                                  driver asks the target to listen on the address of its migrate URI instead).
 # The daemon listens on no TCP port: only its unix sockets. It answers at
 #   qemu+unix:///system?socket=<dir>/run/libvirt-sock
@@ -28,18 +30,22 @@
 # `stop` ends only this host's daemon, found by its own pid file and checked to be a libvirtd in this host's
 # namespace, never the system daemon (/run/libvirtd.pid); it destroys only the domains of this host (through
 # its own socket, then any QEMU process left in its namespace) and removes its folder. Both commands can be
-# repeated; a host that died is cleaned up by `stop` or by the next `start`. Needs root.
+# repeated. `start` after `kill` brings the daemon back with the host's state (host_uuid, definitions, files), in its
+# old namespace while QEMU processes of it still run there (libvirtd finds them again), else in a new one.
+# Needs root.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
 ROOT="${VMQUOTA_TEST_HOSTS:-/tmp/vmquota-hosts}"
 WAIT_SECS="${TEST_HOST_WAIT:-20}"
-MIGRATION_PORTS=(49200 49250)
+# The ports libvirt picks by itself on this host (its NBD server for a storage copy; a migration without a port):
+# the top of the suite's 49200-49250, so a caller's own migrate URI port (49200-49239) never collides with them.
+LIBVIRT_PORTS=(49240 49250)
 
 say() { printf 'test-host: %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -93,7 +99,7 @@ copy_config() {
         printf '\n# scripts/test-host.sh: an extra test host\n'
         printf 'stdio_handler = "file"\n'
         printf 'cgroup_controllers = [ ]\n'
-        printf 'migration_port_min = %s\nmigration_port_max = %s\n' "${MIGRATION_PORTS[@]}"
+        printf 'migration_port_min = %s\nmigration_port_max = %s\n' "${LIBVIRT_PORTS[@]}"
     } >>"$etc/qemu.conf"
 }
 
@@ -126,17 +132,27 @@ cmd_start() {
         printf '%s\n' "$uri"
         return 0
     fi
-    if [ -e "$base" ]; then
-        say "host $name is not running; removing what is left of it"
-        cmd_stop "$name" 2>/dev/null
+    if pid=$(host_pid "$base"); then
+        die "the libvirtd of host $name (pid $pid) runs but does not answer; stop it first"
     fi
-    local started=$SECONDS
-    mkdir -p "$base"/{run,lib,log,cache,etc,private}
-    chmod 0700 "$base"
-    copy_config "$base/etc"
-    cp -a /var/cache/libvirt/. "$base/cache/" 2>/dev/null || true
-    printf '%s' "$wanted" >"$base/private-dirs"
-    [ -z "$wanted" ] || printf '\n' >>"$base/private-dirs"
+    local started=$SECONDS comeback="" left=""
+    if [ -s "$base/etc/libvirtd.conf" ] && [ -e "$base/private-dirs" ]; then
+        # A host whose daemon was killed comes back with what it had: the same host_uuid, definitions and files,
+        # and, inside its old namespace, the QEMU processes that outlived the daemon.
+        [ "$(cat "$base/private-dirs")" = "$wanted" ] \
+            || die "host $name was started with other private folders ($(tr '\n' ' ' <"$base/private-dirs")); stop it first"
+        comeback=1
+        left=$(namespace_pids "$(cat "$base/mntns" 2>/dev/null || true)" | head -n 1)
+        rm -f "$base/run/libvirt-sock" "$base/run/libvirt-sock-ro" "$base/run/libvirt-admin-sock"
+    else
+        [ ! -e "$base" ] || rm -rf --one-file-system "$base"  # a start that failed half-way
+        mkdir -p "$base"/{run,lib,log,cache,etc,private}
+        chmod 0700 "$base"
+        copy_config "$base/etc"
+        cp -a /var/cache/libvirt/. "$base/cache/" 2>/dev/null || true
+        printf '%s' "$wanted" >"$base/private-dirs"
+        [ -z "$wanted" ] || printf '\n' >>"$base/private-dirs"
+    fi
     # The mounts, then libvirtd, in one shell inside the new namespace. libvirtd --daemon forks; its child keeps
     # the namespace (and its mounts) alive until it and its QEMU processes end.
     local script='set -e
@@ -156,9 +172,17 @@ cmd_start() {
         readlink /proc/self/ns/mnt >"$base/mntns"
         exec libvirtd --daemon --pid-file "$base/libvirtd.pid" </dev/null >>"$base/log/libvirtd.log" 2>&1'
     mkdir -p /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt
-    if ! unshare -m --propagation private bash -c "$script" test-host "$base" "${private[@]+"${private[@]}"}"; then
+    local launched=0
+    if [ -n "$left" ]; then
+        nsenter --mount="/proc/$left/ns/mnt" -- libvirtd --daemon --pid-file "$base/libvirtd.pid" \
+            </dev/null >>"$base/log/libvirtd.log" 2>&1 && launched=1
+    else
+        unshare -m --propagation private bash -c "$script" test-host "$base" "${private[@]+"${private[@]}"}" \
+            && launched=1
+    fi
+    if [ "$launched" -ne 1 ]; then
         tail -n 20 "$base/log/libvirtd.log" >&2 2>/dev/null || true
-        cmd_stop "$name" 2>/dev/null
+        [ -n "$comeback" ] || cmd_stop "$name" 2>/dev/null
         die "libvirtd of host $name failed to start"
     fi
     local deadline=$((SECONDS + WAIT_SECS))
@@ -166,13 +190,13 @@ cmd_start() {
         if ! host_pid "$base" >/dev/null && [ -s "$base/libvirtd.pid" ]; then
             say "last lines of $base/log/libvirtd.log:"
             tail -n 20 "$base/log/libvirtd.log" >&2 2>/dev/null || true
-            cmd_stop "$name" 2>/dev/null
+            [ -n "$comeback" ] || cmd_stop "$name" 2>/dev/null
             die "libvirtd of host $name exited during start-up"
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
             say "last lines of $base/log/libvirtd.log:"
             tail -n 20 "$base/log/libvirtd.log" >&2 2>/dev/null || true
-            cmd_stop "$name" 2>/dev/null
+            [ -n "$comeback" ] || cmd_stop "$name" 2>/dev/null
             die "host $name did not answer within ${WAIT_SECS}s"
         fi
         sleep 0.05
@@ -214,6 +238,15 @@ cmd_stop() {
     say "host $name stopped"
 }
 
+cmd_kill() {
+    local name="$1" base="$ROOT/$1" pid
+    pid=$(host_pid "$base") || die "host $name has no libvirtd running"
+    kill -KILL "$pid"
+    local deadline=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.02; done
+    say "killed the libvirtd of host $name (pid $pid); its QEMU processes run on"
+}
+
 [ $# -ge 2 ] || usage
 command=$1 name=$2
 shift 2
@@ -221,6 +254,7 @@ check_name "$name"
 case "$command" in
     start) cmd_start "$name" "$@" ;;
     stop) [ $# -eq 0 ] || die "stop takes no options"; cmd_stop "$name" ;;
+    kill) [ $# -eq 0 ] || die "kill takes no options"; cmd_kill "$name" ;;
     uri) [ $# -eq 0 ] || die "uri takes no options"; uri_of "$name" ;;
     *) usage ;;
 esac

@@ -26,11 +26,20 @@ class ExtraHost:
     name: str
     uri: str
     started_s: float  # how long `test-host.sh start` took
+    private_args: tuple[str, ...] = ()  # its --private-dir options, which a restart repeats
 
     def stop(self) -> None:
         """End this host now (its daemon and domains), as a host that goes down; `extra_host` does it again at the
         end, which is then nothing to do."""
         _run("stop", self.name)
+
+    def kill_daemon(self) -> None:
+        """SIGKILL this host's libvirtd alone, as a crash: its QEMU processes run on."""
+        _run("kill", self.name)
+
+    def restart_daemon(self) -> None:
+        """Start its libvirtd again after `kill_daemon`, with the host's state (it finds its QEMUs again)."""
+        _run("start", self.name, *self.private_args)
 
 
 def _run(*args: str) -> str:
@@ -54,10 +63,10 @@ def extra_host(name: str, private_dirs: tuple[Path, ...] = ()) -> Iterator[Extra
     """A running extra host for the block's duration; stopped afterwards whatever happened, even if it failed
     half-way through starting."""
     name = _named(name)
-    args = [arg for folder in private_dirs for arg in ("--private-dir", str(folder))]
+    args = tuple(arg for folder in private_dirs for arg in ("--private-dir", str(folder)))
     t0 = time.perf_counter()
     try:
         uri = _run("start", name, *args)
-        yield ExtraHost(name, uri, time.perf_counter() - t0)
+        yield ExtraHost(name, uri, time.perf_counter() - t0, args)
     finally:
         _run("stop", name)
