@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import libvirt
 import pytest
 from conftest import wait_until
-from hosts_harness import ExtraHost, extra_host
+from hosts_harness import SCRIPT, ExtraHost, extra_host
 
 from vmquota import domainxml, errors, vmspec
 from vmquota.hypervisor import DomainState, MigrationProgress, MigrationStep
@@ -312,3 +313,72 @@ def test_refusals_change_nothing(site: Site) -> None:
         assert len(conn_b.listAllDomains()) == 1
         assert a.observe(guest.ns, guest.name).state is DomainState.RUNNING
         assert guest.disk.exists()
+
+
+# -- the extra hosts themselves (scripts/test-host.sh) ----------------------------------------------------------
+
+HOSTS_ROOT = Path("/tmp/vmquota-hosts")
+
+
+def daemon_pid(extra: ExtraHost) -> int:
+    return int((HOSTS_ROOT / extra.name / "libvirtd.pid").read_text())
+
+
+def script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def host_uuid(uri: str) -> str:
+    conn = libvirt.openReadOnly(uri)
+    try:
+        return str(ET.fromstring(conn.getCapabilities()).findtext("host/uuid"))
+    finally:
+        conn.close()
+
+
+def test_extra_hosts_are_hosts_of_their_own(site: Site) -> None:
+    system_pid = Path("/run/libvirtd.pid").read_text().strip()
+    marker = site.base / "disks" / "seen-by-shared-hosts"
+    marker.write_text("here")
+    tag = uuid.uuid4().hex[:6]
+    with extra_host(f"{tag}-a") as a, extra_host(f"{tag}-b", private_dirs=(site.base / "disks",)) as b:
+        uuids = {host_uuid(a.uri), host_uuid(b.uri), host_uuid("qemu:///system")}
+        assert len(uuids) == 3  # libvirt refuses a migration between hosts that share one
+        assert a.uri == f"qemu+unix:///system?socket={HOSTS_ROOT}/{a.name}/run/libvirt-sock"
+        pids = {daemon_pid(a), daemon_pid(b)}
+        assert str(system_pid) not in {str(p) for p in pids}
+        listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+        assert not any(f"pid={pid}," in listening for pid in pids)  # a unix socket only, no TCP
+
+        # b sees an empty folder of its own over the disks folder; a sees this machine's.
+        def seen_by(extra: ExtraHost) -> list[str]:
+            return subprocess.run(["nsenter", f"--mount=/proc/{daemon_pid(extra)}/ns/mnt", "ls", str(marker.parent)],
+                                  capture_output=True, text=True, check=True).stdout.split()
+        assert seen_by(a) == [marker.name]
+        assert seen_by(b) == []
+
+        # Starting a running host again changes nothing; with other private folders it is refused.
+        again = script("start", a.name)
+        assert again.returncode == 0 and again.stdout.strip() == a.uri and daemon_pid(a) in pids
+        other = script("start", a.name, "--private-dir", str(site.base))
+        assert other.returncode == 1 and "already runs with other private folders" in other.stderr
+    assert not (HOSTS_ROOT / a.name).exists() and not (HOSTS_ROOT / b.name).exists()
+    assert script("stop", a.name).returncode == 0  # nothing left to stop: still fine
+    assert Path("/run/libvirtd.pid").read_text().strip() == system_pid  # the system daemon was never touched
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("start", "Bad_Name"), "invalid host name 'Bad_Name'"),
+    (("start", "hosts-x", "--private-dir", "relative/dir"), "not an absolute path"),
+    (("start", "hosts-x", "--private-dir", "/nonexistent/hosts-dir"), "no such folder"),
+    (("start", "hosts-x", "--private-dir", "/etc"), "not a folder a test host may hide"),
+    (("start", "hosts-x", "--private-dir"), "--private-dir needs a folder"),
+    (("start", "hosts-x", "--bogus"), "unknown option '--bogus'"),
+    (("kill", "hosts-x-not-running"), "has no libvirtd running"),
+    (("stop", "../etc"), "invalid host name"),
+])
+def test_test_host_refuses_bad_input(args: tuple[str, ...], message: str) -> None:
+    done = script(*args)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not (HOSTS_ROOT / "hosts-x").exists()
