@@ -499,7 +499,7 @@ class Hypervisor:
             with _ProgressReporter(self, namespace, name, uid, on_progress, progress_interval):
                 self._call(what, lambda: dom.migrateToURI3(target.uri, params, flags))
         except errors.HypervisorError:
-            target._remove_created(namespace, name, pools, created)
+            target._remove_created(namespace, name, created)
             raise
         finally:
             target._drop_pools(pools)
@@ -573,8 +573,10 @@ class Hypervisor:
             return conn.storagePoolCreateXML(ET.tostring(xml, encoding="unicode"),
                                              libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
         except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED and "already" in e.get_error_message():
-                return None  # "Storage source conflict with pool ...": another pool has this folder
+            message = e.get_error_message()
+            if e.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED and (
+                    "conflict with pool" in message or "already exists" in message):
+                return None  # "Storage source conflict with pool 'x'": a pool of the host has this folder already
             raise self._failure(f"preparing {folder} on {self.uri} for the disks of {namespace}/{name}", e) from e
 
     def _volume_exists(self, conn: Any, path: Path) -> bool:
@@ -588,22 +590,20 @@ class Hypervisor:
             raise self._failure(f"looking for {path} on {self.uri}", e) from e
         return True
 
-    def _remove_created(self, namespace: str, name: str, pools: list[Any], created: list[Path]) -> None:
+    def _remove_created(self, namespace: str, name: str, created: list[Path]) -> None:
         """After a failed copy_storage migration: the disks it made here go, unless the VM runs here after all."""
         if not created or self.observe(namespace, name).up:
             return
-        for pool in pools:
-            folder = _pool_path(pool)
-            for path in created:
-                if str(path.parent) != folder:
-                    continue
-                try:
-                    pool.refresh(0)
-                    pool.storageVolLookupByName(path.name).delete(0)
-                except libvirt.libvirtError as e:
-                    if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                        log.warning("removing %s from %s after a failed migration: %s", path, self.uri,
-                                    e.get_error_message())
+        conn = self._connection()
+        for path in created:
+            try:
+                pool = conn.storagePoolLookupByTargetPath(str(path.parent))
+                pool.refresh(0)
+                pool.storageVolLookupByName(path.name).delete(0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                    log.warning("removing %s from %s after a failed migration: %s", path, self.uri,
+                                e.get_error_message())
 
     def _drop_pools(self, pools: list[Any]) -> None:
         """Transient pools end when destroyed; their folder and files stay (a dir pool deletes nothing)."""
@@ -809,11 +809,6 @@ def _writable_disks(xml: str) -> dict[str, Path]:
             continue
         found[str(target.get("dev"))] = Path(str(source.get("file")))
     return found
-
-
-def _pool_path(pool: Any) -> str:
-    path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
-    return path or ""
 
 
 class _ProgressReporter:
