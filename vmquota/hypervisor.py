@@ -415,24 +415,29 @@ class Hypervisor:
         return bool(info[0] not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED))
 
     # -- live migration (issue 13): peer-to-peer, to another libvirt host ------------------------------------
-    #
-    # What each side's lifecycle events say during a migration (the controller must not take them for a guest
-    # that shut down or a domain that appeared from nowhere); `listen_migrations` hands them over decoded:
-    #   source: SUSPENDED/MIGRATED  paused for the final switch-over (after the live copy rounds)
-    #           STOPPED/MIGRATED    it runs on the target now; with UNDEFINE_SOURCE the definition goes next
-    #                               (UNDEFINED/REMOVED), so the source then observes ABSENT, never a shutdown
-    #           RESUMED/MIGRATED    the switch-over failed or was cancelled: it runs on the source again
-    #   target: DEFINED/ADDED       the persistent definition (PERSIST_DEST), before or after it starts
-    #           STARTED/MIGRATED    the incoming QEMU took over (it is paused until the switch-over ends)
-    #           RESUMED/MIGRATED    it runs on the target
-    #           STOPPED/FAILED      an incoming migration that failed or was cancelled: the target's copy ends
-    # A migration that fails before the switch-over sends the source nothing: it never stopped running.
 
     _on_migration: MigrationCallback | None = None
 
     def listen_migrations(self, on_migration: MigrationCallback | None) -> None:
-        """Whom to tell of the migration events of vmquota's domains on this host (besides `listen`'s callback,
-        which hears of every event as before)."""
+        """Whom to tell of the migration events of vmquota's domains on this host, decoded, with this host's URI
+        (`listen`'s callback still hears of every event, these too, as before).
+
+        What each side's libvirt says during a migration, so the controller never takes it for a guest that
+        shut down or a domain that came from nowhere (seen on libvirt 9.0, in this order on success):
+            target  STARTED/MIGRATED    Arrived  the incoming QEMU exists, paused until the switch-over
+            source  SUSPENDED/MIGRATED  Paused   paused for the final switch-over, not by a user
+            target  DEFINED/ADDED       -        its persistent definition (PERSIST_DEST)
+            target  RESUMED/MIGRATED    Resumed  it runs on the target
+            source  STOPPED/MIGRATED    Left     it runs elsewhere now; UNDEFINE_SOURCE removes the definition
+                                                 next, so the source then observes ABSENT (in between: OFF with
+                                                 the exit cause Migrated), never a shutdown
+        On a failure or cancel:
+            source  RESUMED/MIGRATED    Resumed  a switch-over failed after the pause: it runs on the source again
+                                                 (libvirt's word for it; the tests' failures all come earlier)
+            target  STOPPED/FAILED      -        the incoming copy ends (STOPPED/FAILED is also any QEMU failure,
+                                                 so it is left to `listen`'s callback and `observe`)
+        A migration that fails before the switch-over sends the source nothing: it never stopped running.
+        """
         self._on_migration = on_migration
 
     def _tell_migration(self, dom: Any, event: int, detail: int) -> None:
