@@ -478,9 +478,12 @@ class Hypervisor:
         copy_storage migration created on the target.
         """
         what = f"migrating {namespace}/{name} to {target.uri}"
-        address, _port = _parse_migrate_uri(migrate_uri)
         if target.uri == self.uri:
             raise errors.HypervisorError(f"{what}: the target is this host")
+        if self.domain_type == "test" and target.domain_type == "test":
+            self._migrate_simulated(namespace, name, uid, target)
+            return
+        address, _port = _parse_migrate_uri(migrate_uri)
         dom = self._running(namespace, name, uid)
         target.ensure_reachable()  # a host that is down: a clear error before libvirt is asked anything
         target.clear_for_incoming(namespace, name, uid)
@@ -695,14 +698,6 @@ class Hypervisor:
 
     # -- live migration on libvirt's test driver ----------------------------------------------------
 
-    def migrate(self, namespace: str, name: str, uid: str, target: Hypervisor, *, migrate_uri: str,
-                copy_storage: bool, trust_shared_storage: bool = False) -> None:
-        """Move the running domain of this VM to `target`: on simulated hosts only, for now."""
-        if self.domain_type != "test" or target.domain_type != "test":
-            raise errors.HypervisorError(f"migrating {namespace}/{name}: live migration between libvirt hosts "
-                                         f"is not available yet")
-        self._migrate_simulated(namespace, name, uid, target)
-
     def _migrate_simulated(self, namespace: str, name: str, uid: str, target: Hypervisor) -> None:
         """libvirt's test driver cannot migrate: the domain is defined and started on the target, then removed
         here, which is what a migration's outcome looks like from outside (the events differ)."""
@@ -710,10 +705,6 @@ class Hypervisor:
         xml = self._call(f"reading the domain of {namespace}/{name}", lambda: dom.XMLDesc(0))
         target.start(namespace, name, uid, xml)
         self.undefine(namespace, name, uid)
-
-    def abort_migration(self, namespace: str, name: str, uid: str) -> bool:
-        """The simulated migration is over before it could be aborted."""
-        return False
 
 
 NETDEV = "hostnet0"  # libvirt's id for the first NIC's QEMU network backend
