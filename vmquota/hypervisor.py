@@ -796,16 +796,17 @@ class MigrationProgress:
     elapsed_ms: int
 
 
-def _parse_migrate_uri(uri: str) -> tuple[str, int]:
-    """(address, port) of `tcp://ADDRESS:PORT`; anything else is refused before libvirt sees it."""
+def _parse_migrate_uri(uri: str) -> tuple[str, int | None]:
+    """(address, port) of `tcp://ADDRESS[:PORT]` (without a port the target's libvirtd picks one from its
+    migration_port_min..max); anything else is refused before libvirt sees it."""
     try:
         parsed = urllib.parse.urlsplit(uri)
         port = parsed.port
     except ValueError as e:
         raise errors.HypervisorError(f"invalid migration URI {uri!r}: {e}") from e
-    if parsed.scheme != "tcp" or not parsed.hostname or port is None or not 0 < port < 65536 \
+    if parsed.scheme != "tcp" or not parsed.hostname or (port is not None and not 0 < port < 65536) \
             or parsed.path or parsed.query or parsed.fragment or parsed.username is not None:
-        raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS:PORT")
+        raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS[:PORT]")
     return parsed.hostname, port
 
 
