@@ -4,6 +4,7 @@ runs the real migrations)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,15 @@ import libvirt
 import pytest
 
 from vmquota import errors
-from vmquota.hypervisor import ExitCause, Hypervisor, MigrationStep, _observed, _parse_migrate_uri, _writable_disks
+from vmquota.hypervisor import (
+    ExitCause,
+    Hypervisor,
+    MigrationStep,
+    _observed,
+    _parse_migrate_uri,
+    _peer_uri,
+    _writable_disks,
+)
 
 
 @pytest.mark.parametrize("uri", ["tcp://127.0.0.1:49200", "tcp://[::1]:49201", "tcp://node-2.example:49202"])
@@ -83,3 +92,28 @@ def test_a_failing_migration_listener_does_not_break_the_event_thread() -> None:
     host.listen_migrations(broken)
     host._lifecycle(None, _Dom("vmquota_dev_web"), libvirt.VIR_DOMAIN_EVENT_STARTED,
                     libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED, None)
+
+
+EXTRA = "qemu+unix:///system?socket=/tmp/vmquota-hosts/hosts-b/run/libvirt-sock"
+
+
+@pytest.mark.parametrize(("target", "source", "socket"), [
+    ("qemu:///system", EXTRA, "/run/libvirt/libvirt-sock"),
+    (EXTRA, "qemu:///system", "/tmp/vmquota-hosts/hosts-b/run/libvirt-sock"),
+    ("qemu+unix:///system", EXTRA, "/run/libvirt/libvirt-sock"),
+])
+def test_a_local_target_is_dialled_through_this_process_root(target: str, source: str, socket: str) -> None:
+    # The source daemon may sit in another mount namespace, where the same path is another daemon's socket.
+    assert _peer_uri(target, source) == f"qemu+unix:///system?socket=/proc/{os.getpid()}/root{socket}"
+
+
+@pytest.mark.parametrize(("target", "source"), [
+    ("qemu+ssh://root@node-2/system", "qemu:///system"),  # remote: the source dials it as it is
+    ("qemu+tls://node-2/system", EXTRA),
+    ("qemu:///system", "qemu+ssh://root@node-1/system"),  # a remote source cannot see this process's files
+    ("qemu:///session", "qemu:///system"),
+    ("qemu+unix:///system?socket=relative/sock", "qemu:///system"),
+    ("test:///default", "qemu:///system"),
+])
+def test_other_uris_pass_unchanged(target: str, source: str) -> None:
+    assert _peer_uri(target, source) == target

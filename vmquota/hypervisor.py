@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import os
 import re
 import socket
 import threading
@@ -460,9 +461,10 @@ class Hypervisor:
 
         libvirt's `migrateToURI3` with LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE, as KubeVirt's
         virt-launcher does: this host's libvirtd talks to the target's itself (at `target.uri`, which it must be
-        able to reach) and the guest's memory goes to `migrate_uri` (`tcp://ADDRESS:PORT`, where the target
-        listens, on that address only). It blocks for the whole migration; `abort_migration` from another thread
-        ends it, `on_progress` hears `migration_progress` every `progress_interval` seconds meanwhile.
+        able to reach; a daemon of this machine through `_peer_uri`) and the guest's memory goes to `migrate_uri`
+        (`tcp://ADDRESS:PORT`, where the target listens, on that address only). It blocks for the whole
+        migration; `abort_migration` from another thread ends it, `on_progress` hears `migration_progress` every
+        `progress_interval` seconds meanwhile.
 
         copy_storage: the disks are local to each host, so their contents are copied too (NON_SHARED_DISK over
         NBD): the target gets an empty qcow2 of each disk's virtual size first, made by its libvirt in a
@@ -502,7 +504,7 @@ class Hypervisor:
             flags |= libvirt.VIR_MIGRATE_UNSAFE
         try:
             with _ProgressReporter(self, namespace, name, uid, on_progress, progress_interval):
-                self._call(what, lambda: dom.migrateToURI3(target.uri, params, flags))
+                self._call(what, lambda: dom.migrateToURI3(_peer_uri(target.uri, self.uri), params, flags))
         except errors.HypervisorError:
             target._remove_created(namespace, name, created)
             raise
@@ -793,6 +795,38 @@ def _parse_migrate_uri(uri: str) -> tuple[str, int]:
             or parsed.path or parsed.query or parsed.fragment or parsed.username is not None:
         raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS:PORT")
     return parsed.hostname, port
+
+
+SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"  # where qemu:///system answers
+
+
+def _local_socket(uri: str) -> str | None:
+    """The unix socket of a libvirt URI of this machine's system daemon (qemu:///system, or qemu+unix:///system
+    with or without ?socket=); None for any other URI (a remote host, a session daemon, test:///)."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.netloc or parsed.path != "/system":
+        return None
+    if parsed.scheme == "qemu" and not parsed.query:
+        return SYSTEM_SOCKET
+    if parsed.scheme == "qemu+unix":
+        sockets = urllib.parse.parse_qs(parsed.query).get("socket", [SYSTEM_SOCKET])
+        return sockets[-1] if sockets[-1].startswith("/") else None
+    return None
+
+
+def _peer_uri(target: str, source: str) -> str:
+    """The target's URI as the source's libvirtd must dial it for a peer-to-peer migration (libvirt's dconnuri).
+
+    A local socket path means what the dialling process's mount namespace makes of it, and a libvirtd in a mount
+    namespace of its own (the test hosts of scripts/test-host.sh) finds its own socket at /run/libvirt, so
+    `qemu:///system` from there is the source itself ("Attempt to migrate guest to the same host"). When both
+    hosts are daemons of this machine, the target's socket is named through /proc/<this process>/root, which
+    is the socket this process sees, from any mount namespace. Remote URIs (qemu+ssh, qemu+tls) pass unchanged.
+    """
+    socket_path = _local_socket(target)
+    if socket_path is None or _local_socket(source) is None:
+        return target
+    return f"qemu+unix:///system?socket=/proc/{os.getpid()}/root{socket_path}"
 
 
 def _is_ip(address: str) -> bool:

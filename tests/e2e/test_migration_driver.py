@@ -382,3 +382,26 @@ def test_test_host_refuses_bad_input(args: tuple[str, ...], message: str) -> Non
     assert done.returncode != 0
     assert message in done.stderr
     assert not (HOSTS_ROOT / "hosts-x").exists()
+
+
+def test_from_the_system_daemon_and_back(site: Site) -> None:
+    """The server's own host (qemu:///system, the first node) to an extra host and back, shared storage."""
+    system = Host("qemu:///system", instance=INSTANCE)
+    system.connect()
+    site.hosts.append(system)
+    tag = uuid.uuid4().hex[:6]
+    with extra_host(f"{tag}-x") as x_host:
+        x = site.host(x_host)
+        guest = site.guest(system)
+        try:
+            system.migrate(guest.ns, guest.name, guest.uid, x, migrate_uri=f"tcp://127.0.0.1:{free_migration_port()}",
+                           copy_storage=False, trust_shared_storage=True)
+            assert x.observe(guest.ns, guest.name).state is DomainState.RUNNING
+            assert system.observe(guest.ns, guest.name).state is DomainState.ABSENT
+            x.migrate(guest.ns, guest.name, guest.uid, system, migrate_uri=f"tcp://127.0.0.1:{free_migration_port()}",
+                      copy_storage=False, trust_shared_storage=True)
+            assert system.observe(guest.ns, guest.name).state is DomainState.RUNNING
+            assert x.observe(guest.ns, guest.name).state is DomainState.ABSENT
+        finally:
+            system.undefine(guest.ns, guest.name, guest.uid)  # wherever it is, nothing of it stays on the system
+    assert system.observe(guest.ns, guest.name).state is DomainState.ABSENT
