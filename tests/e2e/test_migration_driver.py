@@ -285,6 +285,19 @@ def test_the_target_daemon_killed_mid_way_leaves_it_on_the_source(site: Site) ->
         wait_until(lambda: b.observe(guest.ns, guest.name).state is DomainState.ABSENT, timeout=30,
                    what="b to drop the interrupted incoming domain")
         assert a.observe(guest.ns, guest.name).state is DomainState.RUNNING
+        wait_until(lambda: len(qemus_of(guest)) == 1, timeout=30, what="one QEMU of the guest: the source's")
+
+
+def qemus_of(guest: Guest) -> list[int]:
+    """The QEMU processes on this machine that run this guest's domain, on whichever host."""
+    wanted = f"guest={domainxml.domain_name(guest.ns, guest.name)},".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if wanted in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+    return found
 
 
 def test_refusals_change_nothing(site: Site) -> None:
