@@ -133,6 +133,9 @@ cmd_start() {
                 case "$dir" in /|/proc*|/sys*|/dev*|/run|/run/libvirt*|/etc*|/usr*|"$ROOT"*)
                     die "--private-dir $2: not a folder a test host may hide" ;;
                 esac
+                case "$ROOT/" in "$dir"/*)  # it would hide the hosts' own folders (sockets, pid files)
+                    die "--private-dir $2: not a folder a test host may hide (it holds $ROOT)" ;;
+                esac
                 private+=("$dir"); shift 2 ;;
             *) die "start: unknown option '$1'" ;;
         esac
@@ -156,13 +159,14 @@ cmd_start() {
     started_ms=$(($(date +%s%N) / 1000000))
     if [ -s "$base/etc/libvirtd.conf" ] && [ -e "$base/private-dirs" ]; then
         # A host whose daemon was killed comes back with what it had: the same host_uuid, definitions and files,
-        # and, inside its old namespace, the QEMU processes that outlived the daemon.
+        # and its guests' QEMU processes that outlived the daemon (found again through their monitor sockets).
         [ "$(cat "$base/private-dirs")" = "$wanted" ] \
             || die "host $name was started with other private folders ($(tr '\n' ' ' <"$base/private-dirs")); stop it first"
         comeback=1
         # shellcheck disable=SC2046
         kill -KILL $(host_probes "$base") 2>/dev/null || true
-        rm -f "$base/run/libvirt-sock" "$base/run/libvirt-sock-ro" "$base/run/libvirt-admin-sock"
+        rm -f "$base/run/libvirt-sock" "$base/run/libvirt-sock-ro" "$base/run/libvirt-admin-sock" \
+            "$base/libvirtd.pid"  # the dead daemon's: the start-up check below waits for the new one's
     else
         [ ! -e "$base" ] || rm -rf --one-file-system "$base"  # a start that failed half-way
         mkdir -p "$base"/{run,lib,log,cache,etc,private}

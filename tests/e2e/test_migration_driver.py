@@ -385,6 +385,7 @@ def test_extra_hosts_are_hosts_of_their_own(site: Site) -> None:
     (("start", "hosts-x", "--private-dir", "relative/dir"), "not an absolute path"),
     (("start", "hosts-x", "--private-dir", "/nonexistent/hosts-dir"), "no such folder"),
     (("start", "hosts-x", "--private-dir", "/etc"), "not a folder a test host may hide"),
+    (("start", "hosts-x", "--private-dir", "/tmp"), "not a folder a test host may hide (it holds"),
     (("start", "hosts-x", "--private-dir"), "--private-dir needs a folder"),
     (("start", "hosts-x", "--bogus"), "unknown option '--bogus'"),
     (("kill", "hosts-x-not-running"), "has no libvirtd running"),
