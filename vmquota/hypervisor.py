@@ -462,7 +462,8 @@ class Hypervisor:
         libvirt's `migrateToURI3` with LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE, as KubeVirt's
         virt-launcher does: this host's libvirtd talks to the target's itself (at `target.uri`, which it must be
         able to reach; a daemon of this machine through `_peer_uri`) and the guest's memory goes to `migrate_uri`
-        (`tcp://ADDRESS:PORT`, where the target listens, on that address only). It blocks for the whole
+        (`tcp://ADDRESS[:PORT]`, where the target listens, on that address only; without a port the target's
+        libvirtd picks one of its migration ports). It blocks for the whole
         migration; `abort_migration` from another thread ends it, `on_progress` hears `migration_progress` every
         `progress_interval` seconds meanwhile.
 
@@ -784,16 +785,17 @@ class MigrationProgress:
     elapsed_ms: int
 
 
-def _parse_migrate_uri(uri: str) -> tuple[str, int]:
-    """(address, port) of `tcp://ADDRESS:PORT`; anything else is refused before libvirt sees it."""
+def _parse_migrate_uri(uri: str) -> tuple[str, int | None]:
+    """(address, port) of `tcp://ADDRESS[:PORT]`; anything else is refused before libvirt sees it. Without a port
+    the target's libvirtd picks one from its `migration_port_min`..`max` (qemu.conf)."""
     try:
         parsed = urllib.parse.urlsplit(uri)
         port = parsed.port
     except ValueError as e:
         raise errors.HypervisorError(f"invalid migration URI {uri!r}: {e}") from e
-    if parsed.scheme != "tcp" or not parsed.hostname or port is None or not 0 < port < 65536 \
-            or parsed.path or parsed.query or parsed.fragment or parsed.username is not None:
-        raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS:PORT")
+    if parsed.scheme != "tcp" or not parsed.hostname or port == 0 or parsed.path or parsed.query \
+            or parsed.fragment or parsed.username is not None or uri.endswith(":"):
+        raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS[:PORT]")
     return parsed.hostname, port
 
 
