@@ -19,6 +19,7 @@ from vmquota.hypervisor import (
     _observed,
     _parse_migrate_uri,
     _peer_uri,
+    _readonly_files,
     _writable_disks,
 )
 
@@ -50,6 +51,8 @@ def test_a_storage_copy_moves_writable_file_disks_only() -> None:
       <disk type="file" device="disk"><target dev="vde"/></disk>
     </devices></domain>"""
     assert _writable_disks(xml) == {"vda": Path("/d/root.qcow2"), "vdb": Path("/d/data.qcow2")}
+    # ... and the read-only files are the ones it streams over first, as libvirt does not copy them.
+    assert _readonly_files(xml) == [Path("/d/seed.img"), Path("/d/seed.iso")]
 
 
 class _Dom:

@@ -78,9 +78,9 @@ class Site:
     def steps_on(self, host: Host) -> list[MigrationStep]:
         return [step for uri, _ns, _name, step in list(self.steps) if uri == host.uri]
 
-    def guest(self, host: Host, *, random_mib: int = 0) -> Guest:
+    def guest(self, host: Host, *, random_mib: int = 0, seed: bool = False) -> Guest:
         """A running domain on `host` whose disk is a qcow2 under this test's disks folder; `random_mib` of random
-        data in it make a storage copy take its time."""
+        data in it make a storage copy take its time; `seed` adds a read-only CD-ROM beside it, as cloud-init's."""
         ns = f"hosts-{uuid.uuid4().hex[:6]}"
         guest = Guest(ns, "vm", str(uuid.uuid4()), self.base / "disks" / ns / "root.qcow2")
         guest.disk.parent.mkdir(parents=True)
@@ -95,8 +95,13 @@ class Site:
         # The spec gives CPU and memory; the disk is handed to the domain XML directly, as vmquota's volumes do.
         spec = vmspec.read({"spec": {"runStrategy": "Manual", "template": {"spec": {"domain": {
             "cpu": {"cores": 1}, "memory": {"guest": "64Mi"}}}}}})
+        cdrom = None
+        if seed:
+            cdrom = domainxml.Seed(guest.disk.parent / "seed.iso", cdrom=True)
+            cdrom.path.write_bytes(os.urandom(MIB + 512))  # any bytes do: only their copy is checked
         xml = domainxml.build(namespace=ns, name=guest.name, uid=guest.uid, instance=INSTANCE, spec=spec,
-                              disks=[domainxml.DomainDisk(guest.disk, "vda")], domain_type=host.domain_type)
+                              disks=[domainxml.DomainDisk(guest.disk, "vda")], domain_type=host.domain_type,
+                              seed=cdrom)
         host.start(ns, guest.name, guest.uid, xml)
         assert host.observe(ns, guest.name).state is DomainState.RUNNING
         return guest
@@ -173,8 +178,9 @@ def test_shared_storage_migration_there_and_back(site: Site) -> None:
 def test_local_disks_are_copied(site: Site) -> None:
     with two_hosts(site, private_target=True) as (a_host, b_host):
         a, b = site.host(a_host), site.host(b_host)
-        guest = site.guest(a, random_mib=8)
+        guest = site.guest(a, random_mib=8, seed=True)
         copy = private_copy(b_host, site, guest.disk)
+        seed = guest.disk.parent / "seed.iso"
         assert not copy.exists()
 
         a.migrate(guest.ns, guest.name, guest.uid, b, migrate_uri=f"tcp://127.0.0.1:{free_migration_port()}",
@@ -185,6 +191,8 @@ def test_local_disks_are_copied(site: Site) -> None:
         # b's disk is a file of its own with the source's contents; the source's file is left for its owner.
         assert copy.exists() and guest.disk.exists()
         subprocess.run(["qemu-img", "compare", "-q", "-U", str(guest.disk), str(copy)], check=True)
+        # The read-only seed, which libvirt does not copy, was streamed over before the target's QEMU opened it.
+        assert private_copy(b_host, site, seed).read_bytes() == seed.read_bytes()
         pools = libvirt.open(b.uri).listAllStoragePools()
         assert pools == []  # the transient pool that made the disk is gone again
 
