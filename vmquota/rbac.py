@@ -368,7 +368,8 @@ def _aggregate_to(*levels: str) -> dict[str, str]:
 def bootstrap() -> list[BootstrapObject]:
     """The roles and bindings every server starts with (kube-apiserver's bootstrap policy, KubeVirt's roles,
     vmquota's own views), reduced to the resources vmquota serves."""
-    public = ["/healthz", "/livez", "/readyz", "/version", "/version/"]
+    # The dashboard's page and files (`/`, `/ui/...`) hold no data; the page then reads the API as its user.
+    public = ["/healthz", "/livez", "/readyz", "/version", "/version/", "/", "/ui/*"]
     return [
         _cluster_role("cluster-admin", [_rule(["*"], ["*"], ["*"]), {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
         _binding("cluster-admin", "cluster-admin", [identity.MASTERS]),
