@@ -229,7 +229,7 @@ function quotaCard(kind, id, title, obj) {
   for (const resource of Object.keys(hard).sort()) {
     const u = used[resource] ?? "0";
     const pct = quantity.percent(u, hard[resource]);
-    const shown = Number.isFinite(pct) ? `${pct.toFixed(0)}%` : "–";
+    const shown = quantity.percentText(pct);
     const fill = el("div", { class: "fill" });
     fill.style.width = `${Math.min(Number.isFinite(pct) ? pct : 100, 100)}%`;
     const marker = el("div", { class: "marker" });

@@ -19,3 +19,11 @@ export function percent(used, hard) {
   if (h === 0) return u > 0 ? Infinity : 0;
   return (u / h) * 100;
 }
+
+// A share in whole percent, rounded half to even as `vmquota top` (Python's Decimal) writes it: 12.5 % is "12%".
+export function percentText(pct) {
+  if (!Number.isFinite(pct)) return "–";
+  const floor = Math.floor(pct);
+  const rounded = Math.abs(pct - floor - 0.5) < 1e-9 ? (floor % 2 === 0 ? floor : floor + 1) : Math.round(pct);
+  return `${rounded}%`;
+}
