@@ -20,7 +20,7 @@ import libvirt
 from benchmarks.common import Row, SectionResult
 
 SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "tables", "watch",
-            "tenants")
+            "tenants", "dashboard")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
@@ -60,6 +60,9 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
         steps.append(("tenants", lambda: tenants.tenants_section(requests=600 if quick else 3_000,
                                                                  rounds=1 if quick else 3,
                                                                  decisions=2_000 if quick else 20_000)))
+    if "dashboard" in wanted:
+        from benchmarks import dashboard
+        steps.append(("dashboard", lambda: dashboard.dashboard_section(vms=1_000, rounds=3 if quick else 9)))
     return steps
 
 

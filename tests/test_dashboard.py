@@ -190,6 +190,11 @@ def test_a_vm_started_through_the_api_shows_on_the_page_soon(browser: Browser, d
                            "[data-resource=\"limits.cpu\"] .used`)?.textContent === used",
                            arg=[f"{d.ns}/compute", quota["status"]["used"]["limits.cpu"]], timeout=SOON_MS)
     assert quota["status"]["used"]["limits.cpu"] == "2"
+    project = d.admin.get(f"/apis/vmquota.io/v1/projects/{d.project}")  # read again after each VM or quota change
+    page.wait_for_function("([id, used]) => document.querySelector(`[data-quota=\"${id}\"] "
+                           "[data-resource=\"limits.cpu\"] .used`)?.textContent === used",
+                           arg=[d.project, project["status"]["used"]["limits.cpu"]], timeout=SOON_MS)
+    assert project["status"]["used"]["limits.cpu"] == "2"
     # A VM created meanwhile joins the table.
     d.vm("web-2")
     page.wait_for_selector(f'tr[data-vm="{d.ns}/web-2"]', timeout=SOON_MS)

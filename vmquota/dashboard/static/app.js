@@ -114,23 +114,31 @@ async function relist(what) {
   return list.metadata.resourceVersion;
 }
 
-// Projects: the whole list for whoever may list it; a member reads each project its namespaces belong to.
-async function relistProjects() {
+// Projects: the whole list for whoever may list it (true), else false: then `memberProjects` reads them.
+async function listProjects() {
   try {
-    const rv = await relist("projects");
-    state.projectsListed = true;
-    return rv;
+    await relist("projects");
+    return true;
   } catch (e) {
     if (e.code !== 403) throw e;
+    return false;
   }
-  state.projectsListed = false;
+}
+
+// A member reads each project its namespaces belong to.
+async function memberProjects() {
   const names = new Set([...state.namespaces.values()]
     .map((ns) => (ns.metadata.labels || {})["vmquota.io/project"]).filter(Boolean));
-  state.projects.clear();
+  const found = new Map();
   await Promise.all([...names].map(async (name) => {
-    try { state.projects.set(name, await api(`${PATHS.projects}/${encodeURIComponent(name)}`)); } catch { /* not a member */ }
+    try { found.set(name, await api(`${PATHS.projects}/${encodeURIComponent(name)}`)); } catch { /* not a member */ }
   }));
-  return null;
+  state.projects = found;
+}
+
+async function relistProjects() {
+  state.projectsListed = await listProjects();
+  if (!state.projectsListed) await memberProjects();
 }
 
 // -- the watch API -----------------------------------------------------------------------------------------
@@ -260,22 +268,35 @@ function renderQuotas() {
   renderHistoryChoices();
 }
 
+// One row, cloned for each VM: a thousand rows of createElement and setAttribute took most of the first paint.
+const VM_ROW = el("tr", {}, el("td"), el("td", { class: "name" }), el("td"), el("td", { class: "num" }),
+  el("td", { class: "num" }), el("td"), el("td", { class: "actions" }));
+const BUTTONS = {
+  start: el("button", { class: "start", "data-action": "start", type: "button" }, "Start"),
+  stop: el("button", { class: "stop", "data-action": "stop", type: "button" }, "Stop"),
+};
+
 function vmRow(vm) {
   const ns = vm.metadata.namespace, name = vm.metadata.name;
   const phase = (vm.status && vm.status.printableStatus) || "Stopped";
   const may = state.may.get(ns) || { start: false, stop: false };
-  const actions = el("td", { class: "actions" });
-  if (may.start) actions.append(el("button", { class: "start", "data-action": "start", type: "button" }, "Start"));
-  if (may.stop) actions.append(el("button", { class: "stop", "data-action": "stop", type: "button" }, "Stop"));
   const spec = (vm.spec && vm.spec.template && vm.spec.template.spec && vm.spec.template.spec.domain) || {};
   const cpu = spec.cpu || {};
   const vcpus = (cpu.sockets || 1) * (cpu.cores || 1) * (cpu.threads || 1);
-  return el("tr", { "data-vm": `${ns}/${name}`, "data-phase": phase },
-    el("td", {}, ns), el("td", { class: "name" }, name),
-    el("td", { class: `phase phase-${phase.toLowerCase()}` }, phase),
-    el("td", { class: "num" }, vcpus), el("td", { class: "num" }, (spec.memory && spec.memory.guest) || ""),
-    el("td", {}, (vm.spec && (vm.spec.runStrategy || (vm.spec.running ? "Always" : "Halted"))) || ""),
-    actions);
+  const row = VM_ROW.cloneNode(true);
+  row.dataset.vm = `${ns}/${name}`;
+  row.dataset.phase = phase;
+  const cells = row.children;
+  cells[0].textContent = ns;
+  cells[1].textContent = name;
+  cells[2].textContent = phase;
+  cells[2].className = `phase phase-${phase.toLowerCase()}`;
+  cells[3].textContent = String(vcpus);
+  cells[4].textContent = (spec.memory && spec.memory.guest) || "";
+  cells[5].textContent = (vm.spec && (vm.spec.runStrategy || (vm.spec.running ? "Always" : "Halted"))) || "";
+  if (may.start) cells[6].append(BUTTONS.start.cloneNode(true));
+  if (may.stop) cells[6].append(BUTTONS.stop.cloneNode(true));
+  return row;
 }
 
 const vmRows = new Map(); // "ns/name" -> <tr>, so that a watch event replaces one row, not the table
@@ -481,13 +502,15 @@ async function whoami() {
 
 async function start() {
   const started = performance.now();
-  state.user = await whoami();
-  // Everything the first paint needs, at once: the lists, then who may press what.
+  // Everything the first paint needs in two round trips: who I am and every list at once, then who may press
+  // what (and a member's projects, which need the namespaces).
   const rvs = {};
-  await Promise.all(["namespaces", "quotas", "vms", "events"].map(async (what) => { rvs[what] = await relist(what); }));
-  rvs.projects = await relistProjects();
+  const [user, projectsListed] = await Promise.all([whoami(), listProjects(),
+    ...["namespaces", "quotas", "vms", "events"].map(async (what) => { rvs[what] = await relist(what); })]);
+  state.user = user;
+  state.projectsListed = projectsListed;
   const namespaces = new Set([...state.vms.values()].map((vm) => vm.metadata.namespace));
-  await loadPermissions(namespaces);
+  await Promise.all([loadPermissions(namespaces), projectsListed ? null : memberProjects()]);
   document.getElementById("who").textContent = state.user ? `signed in as ${state.user}` : "";
   document.getElementById("login").hidden = true;
   document.getElementById("main").hidden = false;
@@ -505,24 +528,37 @@ async function start() {
   await Promise.all([...state.namespaces.keys()].map(loadCharges));
   renderTop();
 
+  // Three watches, no more: a browser keeps at most six HTTP/1.1 connections to one server, and each watch holds
+  // one for good. Projects and namespaces change with what these show (a VM's charge moves its project's used;
+  // a namespace joins a project rarely), so they are read again, shortly after any change of a VM or a quota.
   follow("vms", rvs.vms, (type, vm) => {
     applyTo(state.vms, key)(type, vm);
     const ns = vm.metadata.namespace;
     if (!state.may.has(ns)) loadPermissions([ns]).then(() => updateVm(type, vm));
     else updateVm(type, vm);
     refreshCharges(ns);
-  }, () => { renderVms(); });
-  follow("quotas", rvs.quotas, (type, quota) => { applyTo(state.quotas, key)(type, quota); renderQuotas(); scheduleHistory(); },
-    renderQuotas);
+    refreshProjects();
+  }, () => { renderVms(); refreshProjects(); });
+  follow("quotas", rvs.quotas, (type, quota) => {
+    applyTo(state.quotas, key)(type, quota);
+    renderQuotas();
+    scheduleHistory();
+    refreshProjects();
+  }, renderQuotas);
   follow("events", rvs.events, (type, event) => { applyTo(state.events, key)(type, event); renderEvents(); }, renderEvents);
-  follow("namespaces", rvs.namespaces, (type, ns) => {
-    applyTo(state.namespaces, (o) => o.metadata.name)(type, ns);
-    if (!state.projectsListed) relistProjects().then(renderQuotas);
-  }, () => {});
-  if (state.projectsListed) {
-    follow("projects", rvs.projects, (type, p) => { applyTo(state.projects, (o) => o.metadata.name)(type, p); renderQuotas(); scheduleHistory(); },
-      renderQuotas);
-  }
+}
+
+let projectsTimer = null;
+function refreshProjects() {
+  clearTimeout(projectsTimer);
+  projectsTimer = setTimeout(async () => {
+    try {
+      await relist("namespaces");
+      await relistProjects();
+      renderQuotas();
+      scheduleHistory();
+    } catch { /* the next change tries again */ }
+  }, 200);
 }
 
 function boot() {
