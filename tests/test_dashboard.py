@@ -333,8 +333,8 @@ def tls_watch(url: str, ca_pem: str, token: str, path: str) -> Iterator[list[dic
         try:
             for line in response:
                 events.append(json.loads(line))
-        except (OSError, ValueError, http.client.HTTPException):
-            pass  # the connection closed at the end of the block
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            pass  # the connection closed under it at the end of the block
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

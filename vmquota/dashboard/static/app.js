@@ -63,7 +63,6 @@ async function api(path, { method = "GET", body } = {}) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
   if (!response.ok) {
-    if (response.status === 401) needSignIn("Your credentials were refused; sign in again.");
     throw new ApiError(response.status, (data && data.message) || text || response.statusText, data && data.reason);
   }
   return data;
@@ -459,6 +458,7 @@ async function press(button) {
     await api(vmPath(ns, name, action), { method: "PUT", body: {} });
     toast(`${action} of ${ns}/${name} admitted`, "info");
   } catch (e) {
+    if (e.code === 401) { needSignIn("Your credentials were refused; sign in again."); return; }
     // A refusal of the quota (403 with Kubernetes' "exceeded quota: ..." message) or of RBAC: said as it came.
     const shown = el("li", { class: "refused" }, `${action} ${ns}/${name}: ${e.message}`);
     document.getElementById("last-refusals").prepend(shown);
