@@ -417,8 +417,9 @@ def bootstrap() -> list[BootstrapObject]:
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, READ),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], READ)],
             labels={"kubevirt.io": "", **_aggregate_to("view")}),
-        # vmquota's views of its accounting: what each VM of a namespace charges.
-        _cluster_role("vmquota.io:view", [_rule(["vmquota.io"], ["charges"], READ)],
+        # vmquota's views of its accounting: what each VM of a namespace charges, and how its quotas' use moved
+        # (the same status a viewer reads now, over time: the dashboard's charts).
+        _cluster_role("vmquota.io:view", [_rule(["vmquota.io"], ["charges", "resourcequotas/history"], READ)],
                       labels=_aggregate_to("view")),
     ]
 
