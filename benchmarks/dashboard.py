@@ -48,10 +48,12 @@ FETCH_ONLY = """async (namespaces) => {
       resource: "virtualmachines", subresource: sub, namespace: ns}}}))));
   return performance.now() - started;
 }"""
-# After the mark: when the last API answer before it ended, so the DOM's share of the first paint shows apart.
+# After the mark: when the last API answer of the first paint ended (charges and history are asked for after it),
+# so that building the DOM shows apart.
 LAST_ANSWER = """() => {
   const mark = performance.getEntriesByName('vmquota-first-paint')[0].startTime;
-  const api = performance.getEntriesByType('resource').filter(e => e.name.includes('/api') && e.responseEnd < mark);
+  const api = performance.getEntriesByType('resource').filter(e => e.name.includes('/api') &&
+    !e.name.includes('/charges') && !e.name.includes('/history') && e.responseEnd < mark);
   return Math.max(...api.map(e => e.responseEnd));
 }"""
 

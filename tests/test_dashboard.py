@@ -293,6 +293,11 @@ def test_a_user_without_rights_sees_the_vms_but_no_start_button(browser: Browser
     assert page.text_content("#who") == "signed in as vera"
     assert vm_phase(page, Demo.ns, "web-1") == "Stopped"
     assert page.query_selector_all("#vm-rows button") == []
+    # Her quotas' history is hers to read (the view role holds resourcequotas/history), her project's is not: the
+    # chart moves on to the first quota and offers the project no more.
+    page.wait_for_selector("#chart canvas", timeout=SOON_MS)
+    assert page.input_value("#history-of") == f"quota:{Demo.ns}/compute"
+    assert page.is_disabled(f'#history-of option[value="project:{Demo.project}"]')
     quota = admin.get(f"{quotas_path(Demo.ns)}/compute")
     assert shown_bars(page, f"{Demo.ns}/compute") == expected_bars(quota)
     # The token stays in this tab's sessionStorage, never in the URL.

@@ -372,17 +372,22 @@ function renderEvents() {
 
 let chart = null;
 let historyTimer = null;
+const historyRefused = new Set(); // choices whose history the API refused this user
 
 function renderHistoryChoices() {
   const select = document.getElementById("history-of");
   const current = select.value;
-  const options = [
-    ...[...state.projects.keys()].sort().map((name) => [`project:${name}`, `project ${name}`]),
-    ...[...state.quotas.keys()].sort().map((id) => [`quota:${id}`, `quota ${id.replace("/", " / ")}`]),
-  ];
+  const projects = [...state.projects.keys()].sort().map((name) => [`project:${name}`, `project ${name}`]);
+  const quotas = [...state.quotas.keys()].sort().map((id) => [`quota:${id}`, `quota ${id.replace("/", " / ")}`]);
+  const options = [...projects, ...quotas];
   if (options.map(([v]) => v).join() === [...select.options].map((o) => o.value).join()) return;
-  select.replaceChildren(...options.map(([value, label]) => el("option", { value }, label)));
+  select.replaceChildren(...options.map(([value, label]) => {
+    const option = el("option", { value }, label);
+    option.disabled = historyRefused.has(value);
+    return option;
+  }));
   if (options.some(([v]) => v === current)) select.value = current;
+  else select.value = (options.find(([v]) => !historyRefused.has(v)) || [""])[0];
   scheduleHistory(0);
 }
 
@@ -409,6 +414,16 @@ async function drawHistory() {
   try {
     history = await api(historyPath(choice));
   } catch (e) {
+    const select = document.getElementById("history-of");
+    const next = [...select.options].find((o) => !o.disabled && o.value !== choice && !historyRefused.has(o.value));
+    if (e.code === 403 && next) {
+      // Not this user's to read (a project's history, for a member): offered no more, the next one shown.
+      historyRefused.add(choice);
+      select.querySelector(`option[value="${CSS.escape(choice)}"]`).disabled = true;
+      select.value = next.value;
+      scheduleHistory(0);
+      return;
+    }
     note.textContent = `History unavailable: ${e.message}`;
     return;
   }
