@@ -15,6 +15,8 @@ import json
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -23,8 +25,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import events_path, quotas_path, vm_manifest, vmquota_serve, vms_path, wait_until
-from playwright.sync_api import Browser, Page, sync_playwright
+from conftest import (
+    INSECURE_SERVE_ARGS,
+    events_path,
+    free_port,
+    quotas_path,
+    vm_manifest,
+    vmquota_serve,
+    vms_path,
+    wait_until,
+)
+from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 from vmquota import kubeconfig, objects, quantity
 from vmquota.apiserver import dashboard
@@ -363,3 +374,89 @@ def test_a_watch_over_tls_gets_live_changes(secure: tuple[str, Client], tmp_path
         seen = wait_until(lambda: [e for e in events if (e["object"].get("status") or {}).get("printableStatus")
                                    == "Running"], what="the start over the TLS watch")
     assert seen[0]["type"] == "MODIFIED"
+
+
+# -- the watch: 410 Gone relists, a closed stream resumes ---------------------------------------------------
+
+def test_a_watch_answered_410_gone_relists_and_follows_on(browser: Browser, demo: tuple[str, Demo]) -> None:
+    """The server answers a watch from a resourceVersion its log no longer holds with Kubernetes' ERROR event
+    (code 410). The page's first VM watch gets exactly that, after a VM was made behind its list: the page
+    must list again (so the VM shows) and watch on from the new list."""
+    url, d = demo
+    d.vm("web-1")
+    context = browser.new_context()
+    page = context.new_page()
+    answered: list[str] = []
+
+    def expire_first_watch(route: Route) -> None:
+        if answered:
+            route.continue_()
+            return
+        d.vm("made-meanwhile")  # not in the list the page holds, and no watch event will tell it
+        rv = route.request.url.rpartition("resourceVersion=")[2]
+        answered.append(rv)
+        gone = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": f"too old resource version: {rv} (1)", "reason": "Expired", "code": 410}
+        route.fulfill(status=200, content_type="application/json",
+                      body=json.dumps({"type": "ERROR", "object": gone}) + "\n")
+
+    page.route("**/apis/kubevirt.io/v1/virtualmachines?watch=true*", expire_first_watch)
+    page.goto(url + "/")
+    ready(page)
+    page.wait_for_selector(f'tr[data-vm="{d.ns}/made-meanwhile"]', timeout=SOON_MS)
+    assert answered
+    d.start("web-1")  # and the watch after the relist follows
+    page.wait_for_selector(f'tr[data-vm="{d.ns}/web-1"][data-phase="Running"]', timeout=SOON_MS)
+    context.close()
+
+
+def serving_count(log: Path) -> int:
+    return log.read_bytes().count(b"vmquota serving on") if log.exists() else 0
+
+
+def serve_on(port: int, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`vmquota serve` on a port of the test's choosing (conftest's picks its own), plain HTTP as there."""
+    before = serving_count(log)
+    with open(log, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "vmquota", "serve", "--hypervisor", "test:///default",
+                                    "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
+                                    "--api-processes", "1", *INSECURE_SERVE_ARGS], stderr=out)
+    wait_until(lambda: serving_count(log) > before or process.poll() is not None, timeout=30,
+               what="the server to say it serves")
+    assert process.poll() is None, log.read_text()
+    return process
+
+
+def test_the_page_resumes_its_watches_when_the_server_comes_back(browser: Browser, tmp_path: Path) -> None:
+    """A watch stream that ends (here: the server stopped and started again on its data directory) is opened
+    again from the last resourceVersion the page saw; what changed meanwhile, and after, reaches the page."""
+    port, data_dir, log = free_port(), tmp_path / "data", tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    first = serve_on(port, data_dir, log)
+    try:
+        admin = Client(url)
+        d = Demo(admin)
+        d.vm("web-1")
+        page = ready(open_page(browser, url))
+        assert page.text_content("#live") == "live"
+        admin.close()
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    page.wait_for_selector("#live.off", timeout=SOON_MS)  # it noticed, and retries
+
+    second = serve_on(port, data_dir, log)
+    try:
+        admin = Client(url)
+        d = Demo.__new__(Demo)  # the objects exist already: only its helpers
+        d.admin = admin
+        d.vm("web-2")
+        d.start("web-1")
+        page.wait_for_selector(f'tr[data-vm="{d.ns}/web-2"]', timeout=15000)  # retries back off up to 5 s
+        page.wait_for_selector(f'tr[data-vm="{d.ns}/web-1"][data-phase="Running"]', timeout=SOON_MS)
+        assert page.text_content("#live") == "live"
+        admin.close()
+    finally:
+        page.context.close()
+        second.terminate()
+        second.wait(timeout=30)

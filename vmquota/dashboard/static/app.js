@@ -183,7 +183,7 @@ async function follow(what, resourceVersion, apply, onRelist) {
       if (e instanceof ApiError && e.code === 410) continue; // relist at once
       setLive(false);
       await new Promise((resolve) => setTimeout(resolve, delay));
-      delay = Math.min(delay * 2, 10000);
+      delay = Math.min(delay * 2, 5000); // a server back from a restart is followed within 5 s
     }
   }
 }
