@@ -264,7 +264,10 @@ class Handlers:
             _only(request, "GET")
             if name is not None:
                 return Response.json(200, self.api.charge(ns or "", name))
-            return Response.json(200, self.api.charges(ns))
+            charges = self.api.charges(ns)
+            if request.visible_namespaces is not None:  # a tenant's view across namespaces: only its own
+                charges["items"] = [c for c in charges["items"] if c["namespace"] in request.visible_namespaces]
+            return Response.json(200, charges)
         if sub == "usage":
             _only(request, "GET")
             return Response.json(200, _masked(self.api.project_usage(name or ""), request.visible_namespaces))
