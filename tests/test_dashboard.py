@@ -211,6 +211,19 @@ def test_a_vm_started_through_the_api_shows_on_the_page_soon(browser: Browser, d
     page.wait_for_selector(f'tr[data-vm="{d.ns}/web-2"]', timeout=SOON_MS)
 
 
+def test_a_burst_of_new_vms_reaches_the_table_sorted(browser: Browser, demo: tuple[str, Demo]) -> None:
+    url, d = demo
+    d.vm("m-00", disk=None)
+    page = ready(open_page(browser, url))
+    for i in range(30, 0, -1):  # made in reverse order; the table is sorted by namespace/name
+        d.vm(f"m-{i:02d}", disk=None)
+    wanted = sorted(f"{d.ns}/{vm['metadata']['name']}" for vm in d.admin.get(vms_path(d.ns))["items"])
+    page.wait_for_function("n => document.querySelectorAll('#vm-rows tr').length === n", arg=len(wanted),
+                           timeout=SOON_MS)
+    assert page.eval_on_selector_all("#vm-rows tr", "rows => rows.map(r => r.dataset.vm)") == wanted
+    assert page.text_content("#vm-count") == "31"
+
+
 def test_a_start_button_starts_the_vm_and_a_stop_button_stops_it(browser: Browser, demo: tuple[str, Demo]) -> None:
     url, d = demo
     d.vm("web-1")

@@ -13,6 +13,7 @@ const ENFORCEMENT_ANNOTATION = "vmquota.io/enforcement";
 const DEFAULT_THRESHOLD = 80;
 const TOP_VMS = 10;
 const EVENTS_SHOWN = 50;
+const MAX_EVENTS = 500;
 const TOP_RESOURCES = ["limits.cpu", "requests.cpu", "limits.memory", "requests.memory", "requests.storage"];
 
 const PATHS = {
@@ -197,6 +198,15 @@ function applyTo(map, keyOf) {
 
 // -- rendering ---------------------------------------------------------------------------------------------
 
+// Draw `render` once in the next frame, however many watch events asked for it meanwhile (a burst of a hundred
+// new VMs sorts and draws the table once, not a hundred times).
+const pendingRenders = new Set();
+function soon(render) {
+  if (pendingRenders.has(render)) return;
+  pendingRenders.add(render);
+  requestAnimationFrame(() => { pendingRenders.delete(render); render(); });
+}
+
 function el(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(attributes)) {
@@ -326,7 +336,7 @@ function updateVm(type, vm) {
     vmRows.set(id, row);
     filterRow(row);
   } else {
-    renderVms(); // a new VM: keep the table sorted
+    soon(renderVms); // a new VM: the table stays sorted, drawn once for a burst of them
   }
   document.getElementById("vm-count").textContent = String(state.vms.size);
 }
@@ -351,6 +361,13 @@ function renderTop() {
     ...TOP_RESOURCES.map((r) => el("td", { class: "num", "data-resource": r }, c.charge[r] ?? "0"))));
   document.getElementById("top-rows").replaceChildren(...(rows.length ? rows
     : [el("tr", {}, el("td", { colspan: String(2 + TOP_RESOURCES.length), class: "empty" }, "No VM charges compute now."))]));
+}
+
+// A page left open for days must not keep every event it was told of: the newest MAX_EVENTS stay.
+function forgetOldEvents() {
+  if (state.events.size <= MAX_EVENTS) return;
+  const oldest = [...state.events].sort(([, a], [, b]) => eventTime(a).localeCompare(eventTime(b)));
+  for (const [id] of oldest.slice(0, state.events.size - MAX_EVENTS)) state.events.delete(id);
 }
 
 function eventTime(e) { return e.lastTimestamp || e.eventTime || e.metadata.creationTimestamp || ""; }
@@ -556,11 +573,15 @@ async function start() {
   }, () => { renderVms(); refreshProjects(); });
   follow("quotas", rvs.quotas, (type, quota) => {
     applyTo(state.quotas, key)(type, quota);
-    renderQuotas();
+    soon(renderQuotas);
     scheduleHistory();
     refreshProjects();
   }, renderQuotas);
-  follow("events", rvs.events, (type, event) => { applyTo(state.events, key)(type, event); renderEvents(); }, renderEvents);
+  follow("events", rvs.events, (type, event) => {
+    applyTo(state.events, key)(type, event);
+    forgetOldEvents();
+    soon(renderEvents);
+  }, renderEvents);
 }
 
 let projectsTimer = null;
