@@ -254,6 +254,11 @@ def test_a_refusal_is_shown_with_the_quotas_message(browser: Browser, demo: tupl
     assert page.eval_on_selector_all("#refusal-rows tr .message", "cells => cells.map(c => c.textContent)") == \
         [e["message"] for e in events]
     assert page.text_content("#refusal-count") == str(len(events))
+    # The quota's history counts it, as the history API does.
+    page.select_option("#history-of", f"quota:{d.ns}/compute")
+    page.wait_for_selector("#history-note[data-refused='1']", timeout=SOON_MS)
+    days = d.admin.get(f"/apis/vmquota.io/v1/namespaces/{d.ns}/resourcequotas/compute/history")["refusalsPerDay"]
+    assert sum(day["refused"] for day in days) == 1
     assert d.phase("big") == "Stopped"  # a refusal changes nothing
     assert page.get_attribute(f'tr[data-vm="{d.ns}/big"]', "data-phase") == "Stopped"
 

@@ -420,6 +420,12 @@ function historyPath(choice) {
   return `/apis/vmquota.io/v1/namespaces/${encodeURIComponent(ns)}/resourcequotas/${encodeURIComponent(name)}/history?since=2d`;
 }
 
+function formatSeconds(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)} s`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
 const COLOURS = ["#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d", "#dc2626"];
 
 async function drawHistory() {
@@ -454,8 +460,14 @@ async function drawHistory() {
     return Number.isFinite(pct) ? Math.round(pct * 10) / 10 : null;
   }))];
   const peak = resources.map((r) => `${r} ${(history.peak || {})[r] ?? "0"}`).join(", ");
-  const refusals = (history.refusalsPerDay || []).reduce((n, d) => n + (d.count || 0), 0);
-  note.textContent = `peak: ${peak || "–"}; refusals in this span: ${refusals}; mode: ${history.enforcement || "enforce"}`;
+  const days = history.refusalsPerDay || [];
+  const refused = days.reduce((n, d) => n + (d.refused || 0), 0);
+  const audited = days.reduce((n, d) => n + (d.audited || 0), 0);
+  const atLimit = Object.entries(history.secondsAtLimit || {}).map(([r, sec]) => `${r} ${formatSeconds(sec)}`);
+  note.dataset.refused = String(refused);
+  note.textContent = `peak: ${peak || "–"}; at the limit: ${atLimit.join(", ") || "never"}; ` +
+    `refused: ${refused}${audited ? `, admitted past hard (audit): ${audited}` : ""}; ` +
+    `mode: ${history.enforcement || "enforce"}`;
   const width = Math.max(box.clientWidth, 320);
   const options = {
     width, height: 220,
