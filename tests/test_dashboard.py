@@ -478,3 +478,33 @@ def test_the_page_resumes_its_watches_when_the_server_comes_back(browser: Browse
         page.context.close()
         second.terminate()
         second.wait(timeout=30)
+
+
+def test_the_files_are_public_and_the_data_is_not(secure: tuple[str, Client], tmp_path: Path) -> None:
+    """Without credentials, a secure server serves the page's files (they hold no data) and refuses the API,
+    as kube-apiserver refuses it; a file the browser holds already is a 304."""
+    url, _ = secure
+    ca_pem = kubeconfig.load([tmp_path / "data" / "admin.kubeconfig"]).ca_pem
+    assert ca_pem
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=30,
+                                       context=ssl.create_default_context(cadata=ca_pem))
+    try:
+        def get(path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+            conn.request("GET", path, headers=headers or {})
+            response = conn.getresponse()
+            response.read()
+            return response
+
+        for path in sorted(dashboard.PATHS):
+            response = get(path)
+            assert response.status == 200, path
+            assert response.headers["Content-Security-Policy"] == dashboard.CONTENT_SECURITY_POLICY
+        assert get("/").headers["Content-Type"] == "text/html; charset=utf-8"
+        assert get("/ui/app.js").headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert get("/ui/app.js", {"If-None-Match": get("/ui/app.js").headers["ETag"]}).status == 304
+        assert get("/ui/../api/v1/namespaces").status == 401
+        assert get("/ui/nothing.js").status == 401  # not a file of the page: authenticated like any path
+        assert get(vms_path(Demo.ns)).status == 401
+    finally:
+        conn.close()
