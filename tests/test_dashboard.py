@@ -171,6 +171,17 @@ def test_the_pages_numbers_equal_the_apis(browser: Browser, demo: tuple[str, Dem
     assert page.get_attribute(f'[data-quota="{d.ns}/counts"]', "data-mode") == "audit"
     assert page.get_attribute(f'[data-quota="{d.ns}/compute"]', "data-mode") == "enforce"
 
+    # At the limit and past it (audit mode admits lowering hard below use): red, then dark red, over the watch.
+    d.admin.patch(f"{quotas_path(d.ns)}/compute", {"spec": {"hard": {"limits.cpu": "5"}}})
+    d.admin.patch(f"{quotas_path(d.ns)}/counts", {"spec": {"hard": {"count/virtualmachines.kubevirt.io": "2"}}})
+    for name, resource, level in (("compute", "limits.cpu", "full"), ("counts", "count/virtualmachines.kubevirt.io",
+                                                                     "over")):
+        page.wait_for_selector(f'[data-quota="{d.ns}/{name}"] [data-resource="{resource}"].level-{level}',
+                               timeout=SOON_MS)
+        quota = d.admin.get(f"{quotas_path(d.ns)}/{name}")
+        assert shown_bars(page, f"{d.ns}/{name}") == expected_bars(quota)
+    assert shown_bars(page, f"{d.ns}/counts")["count/virtualmachines.kubevirt.io"]["pct"] == "150%"
+
     vms = d.admin.get(vms_path(d.ns))["items"]
     assert page.eval_on_selector_all("#vm-rows tr", "rows => rows.map(r => [r.dataset.vm, r.dataset.phase])") == \
         sorted([f"{d.ns}/{vm['metadata']['name']}", vm["status"]["printableStatus"]] for vm in vms)
