@@ -527,7 +527,7 @@ function needSignIn(message = "") {
   document.getElementById("signout").hidden = !sessionStorage.getItem(TOKEN_KEY);
 }
 
-let chargeTimers = new Map();
+const chargeTimers = new Map();
 function refreshCharges(namespace) {
   clearTimeout(chargeTimers.get(namespace));
   chargeTimers.set(namespace, setTimeout(async () => { await loadCharges(namespace); renderTop(); }, 300));
