@@ -629,6 +629,9 @@ function boot() {
   });
   document.getElementById("vm-filter").addEventListener("input", filterVms);
   document.getElementById("history-of").addEventListener("change", () => scheduleHistory(0));
+  window.addEventListener("resize", () => {
+    if (chart) chart.setSize({ width: Math.max(document.getElementById("chart").clientWidth, 320), height: 220 });
+  });
   start().catch((e) => {
     if (e instanceof ApiError && e.code === 401) needSignIn(sessionStorage.getItem(TOKEN_KEY) ? "That token was refused." : "");
     else toast(`The dashboard could not load: ${e.message}`);
