@@ -245,6 +245,15 @@ def test_a_start_button_starts_the_vm_and_a_stop_button_stops_it(browser: Browse
     started = [e for e in d.admin.get(events_path(d.ns))["items"] if e["reason"] == "StartRequested"]
     assert len(started) == 1
 
+    # A start that leaves the quota above its warning threshold says so, with the server's Warning header.
+    d.vm("web-2", cores=3)  # 2 + 3 of 6 cores: 83 %, above compute's 80 %
+    page.wait_for_selector(f'tr[data-vm="{d.ns}/web-2"] button[data-action=start]', timeout=SOON_MS)
+    page.click(f'tr[data-vm="{d.ns}/web-2"] button[data-action=start]')
+    warned = page.wait_for_selector("#toast .toast.warn", timeout=SOON_MS)
+    assert warned is not None
+    assert 'resourcequota "compute" is above its warning threshold of 80%' in warned.text_content()
+    assert "limits.cpu=5 of 6" in warned.text_content()
+
     page.click(f'tr[data-vm="{d.ns}/web-1"] button[data-action=stop]')
     wait_until(lambda: d.phase("web-1") == "Stopped", what="the button's stop")
     page.wait_for_selector(f'tr[data-vm="{d.ns}/web-1"][data-phase="Stopped"]', timeout=SOON_MS)

@@ -53,7 +53,13 @@ function authHeaders() {
   return headers;
 }
 
-async function api(path, { method = "GET", body } = {}) {
+// Kubernetes' warnings of an answer (`Warning: 299 - "text"`, one header each, joined by fetch): their texts.
+function warningsOf(response) {
+  const header = response.headers.get("Warning") || "";
+  return [...header.matchAll(/299 - "((?:[^"\\]|\\.)*)"/g)].map((m) => m[1].replace(/\\(.)/g, "$1"));
+}
+
+async function api(path, { method = "GET", body, onWarnings } = {}) {
   const headers = authHeaders();
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
@@ -65,6 +71,10 @@ async function api(path, { method = "GET", body } = {}) {
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
   if (!response.ok) {
     throw new ApiError(response.status, (data && data.message) || text || response.statusText, data && data.reason);
+  }
+  if (onWarnings) {
+    const warnings = warningsOf(response);
+    if (warnings.length) onWarnings(warnings);
   }
   return data;
 }
@@ -499,8 +509,11 @@ async function press(button) {
   const action = button.dataset.action;
   button.disabled = true;
   try {
-    await api(vmPath(ns, name, action), { method: "PUT", body: {} });
-    toast(`${action} of ${ns}/${name} admitted`, "info");
+    let warned = [];
+    await api(vmPath(ns, name, action), { method: "PUT", body: {}, onWarnings: (w) => { warned = w; } });
+    // Admitted; near a quota's limit the server says so (a warning threshold, or audit mode past hard).
+    if (warned.length) toast(`${action} of ${ns}/${name} admitted. Warning: ${warned.join("; ")}`, "warn");
+    else toast(`${action} of ${ns}/${name} admitted`, "info");
   } catch (e) {
     if (e.code === 401) { needSignIn("Your credentials were refused; sign in again."); return; }
     // A refusal of the quota (403 with Kubernetes' "exceeded quota: ..." message) or of RBAC: said as it came.
