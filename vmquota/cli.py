@@ -475,14 +475,29 @@ def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LIVE_MIGRATE = ("LiveMigrate", "LiveMigrateIfPossible")  # KubeVirt's evictionStrategy values that migrate
+
+
 def cmd_drain(client: Client, args: argparse.Namespace) -> int:
-    """drain: cordon the node, then live-migrate every VM off it, as kubectl drain evicts a node's pods."""
+    """drain: cordon the node, then live-migrate every VM off it whose evictionStrategy says so, as kubectl
+    drain evicts a node's pods and KubeVirt migrates its VMs; the others stop it, unless --force stops them."""
     path = object_path(objects.NODE, None, args.node)
     if not (client.get(path).get("spec") or {}).get("unschedulable"):
         client.patch(path, {"spec": {"unschedulable": True}})
     print(f"node/{args.node} cordoned")
-    vmis = [v["metadata"] for v in client.get(collection_path(objects.VIRTUAL_MACHINE_INSTANCE, None))["items"]
-            if (v.get("status") or {}).get("nodeName") == args.node]
+    on_node = [v for v in client.get(collection_path(objects.VIRTUAL_MACHINE_INSTANCE, None))["items"]
+               if (v.get("status") or {}).get("nodeName") == args.node]
+    movable = [v for v in on_node if (v.get("spec") or {}).get("evictionStrategy") in LIVE_MIGRATE]
+    others = [v["metadata"] for v in on_node if v not in movable]
+    if others and not args.force:
+        names = ", ".join(f"{m['namespace']}/{m['name']}" for m in others)
+        print(f"error: cannot drain node/{args.node}: these VMs cannot be live-migrated (their evictionStrategy "
+              f"is not LiveMigrate): {names}; use --force to stop them", file=sys.stderr)
+        return EXIT_REFUSED
+    for meta in others:
+        print(f"stopping vm {meta['namespace']}/{meta['name']}")
+        client.put(action_path(meta["namespace"], meta["name"], "stop"), {})
+    vmis = [v["metadata"] for v in movable]
     for vmi in vmis:
         print(f"migrating vm {vmi['namespace']}/{vmi['name']}")
         migrate(client, vmi["namespace"], vmi["name"], None)
@@ -662,6 +677,8 @@ def parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", help="cordon a node and live-migrate its VMs away")
     drain.add_argument("node")
     drain.add_argument("--timeout", type=float, default=600)
+    drain.add_argument("--force", action="store_true",
+                       help="stop the VMs that cannot be live-migrated (evictionStrategy other than LiveMigrate)")
     move = sub.add_parser("migrate", help="live-migrate a running VM to another node")
     move.add_argument("vm")
     namespaced(move)
