@@ -20,12 +20,24 @@ import libvirt
 from benchmarks.common import Row, SectionResult
 
 SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "tables", "watch",
-            "tenants", "migration", "dashboard")
+            "tenants", "migration", "dashboard", "nodes")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
     """The sections to run with their sizes; --quick keeps their shape and shrinks the counts."""
-    from benchmarks import admission, dashboard, http_load, kvm, metrics, migration, recount, tables, tenants, watch
+    from benchmarks import (
+        admission,
+        dashboard,
+        http_load,
+        kvm,
+        metrics,
+        migration,
+        nodes,
+        recount,
+        tables,
+        tenants,
+        watch,
+    )
 
     steps: list[tuple[str, Callable[[], SectionResult]]] = []
     if "admission" in wanted:
@@ -62,6 +74,8 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
                                                                  decisions=2_000 if quick else 20_000)))
     if "migration" in wanted:
         steps.append(("migration", lambda: migration.migration_section(runs=3 if quick else 15)))
+    if "nodes" in wanted:
+        steps.append(("nodes", lambda: nodes.nodes_section(quick=quick)))
     if "dashboard" in wanted:
         steps.append(("dashboard", lambda: dashboard.dashboard_section(vms=1_000, rounds=3 if quick else 9)))
     return steps
