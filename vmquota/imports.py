@@ -253,6 +253,7 @@ class Phase(enum.StrEnum):
     IMPORT_SCHEDULED = "ImportScheduled"  # admitted; the download has not begun
     IMPORT_IN_PROGRESS = "ImportInProgress"  # downloading, checking, converting
     CLONE_SCHEDULED = "CloneScheduled"  # a pvc source, not copied yet
+    UPLOAD_READY = "UploadReady"  # an upload source waiting for its image (`uploads.py`), or for a retry of it
     SUCCEEDED = "Succeeded"  # the disk exists
     FAILED = "Failed"  # the import failed; `message` says why
 

@@ -416,6 +416,11 @@ def bootstrap() -> list[BootstrapObject]:
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, READ),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], READ)],
             labels={"kubevirt.io": "", **_aggregate_to("view")}),
+        # CDI's: an image into an upload data volume. CDI's roles grant `create` on uploadtokenrequests (the token
+        # for its upload proxy); vmquota takes the upload itself under the user's credentials (`apiserver/upload.py`).
+        *(_cluster_role(f"cdi.kubevirt.io:{role}", [_rule(["upload.cdi.kubevirt.io"], ["datavolumes/upload"],
+                                                          ["create"])],
+                        labels=_aggregate_to(role)) for role in ("admin", "edit")),
         # vmquota's views of its accounting: what each VM of a namespace charges.
         _cluster_role("vmquota.io:view", [_rule(["vmquota.io"], ["charges"], READ)],
                       labels=_aggregate_to("view")),

@@ -52,6 +52,7 @@ class SourceKind(enum.StrEnum):
     BLANK = "blank"  # an empty disk
     HTTP = "http"  # imported from a URL (CDI's http source)
     PVC = "pvc"  # a copy of another VM's disk in the same namespace (CDI's pvc source: a clone)
+    UPLOAD = "upload"  # sent by a client (`vmquota image-upload`, CDI's upload source); no disk until then
 
 
 @dataclass(frozen=True)
@@ -307,16 +308,21 @@ def _disks(raw: Any, namespace: str | None) -> tuple[Disk, ...]:
 
 
 def _source(raw: Any, path: str, namespace: str | None) -> DiskSource:
-    """CDI's source of a DataVolume: exactly one of http, blank, pvc; none is blank."""
+    """CDI's source of a DataVolume: exactly one of http, blank, pvc, upload; none is blank."""
     source = _mapping(raw, path)
     if not source:
         return DiskSource()
     if len(source) != 1:
-        raise FieldError(path, "Invalid value: exactly one of http, blank, pvc")
+        raise FieldError(path, "Invalid value: exactly one of http, blank, pvc, upload")
     [(kind, value)] = source.items()
     value = _mapping(value, f"{path}.{kind}")
     if kind == "blank":
         return DiskSource()
+    if kind == "upload":
+        if value:
+            raise FieldError(f"{path}.upload.{sorted(value)[0]}", "Unsupported value: the upload source takes no "
+                                                                  "fields")
+        return DiskSource(SourceKind.UPLOAD)
     if kind == "http":
         unknown = sorted(set(value) - {"url", "checksum"})
         if unknown:
@@ -343,7 +349,7 @@ def _source(raw: Any, path: str, namespace: str | None) -> DiskSource:
                                                       "a disk of the VM's own namespace can be cloned")
         assert isinstance(name, str)
         return DiskSource(SourceKind.PVC, pvc=name)
-    raise FieldError(f"{path}.{kind}", 'Unsupported value: supported sources: "http", "blank", "pvc"')
+    raise FieldError(f"{path}.{kind}", 'Unsupported value: supported sources: "http", "blank", "pvc", "upload"')
 
 
 def _checksum_problem(value: Any) -> str | None:

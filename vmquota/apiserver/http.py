@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from vmquota.api import Api
-from vmquota.apiserver import filters, tls, watch
+from vmquota.apiserver import filters, tls, upload, watch
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
 from vmquota.apiserver.request import Request, Response, Stream, status
@@ -189,14 +189,43 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
             self._fail(400, "BadRequest", "the chunked body is malformed")
 
         def _handle(self, method: str) -> None:
+            target = urlsplit(self.path)
+            if upload.streams(method, target.path):
+                self._handle_streamed(method)
+                return
             body = self._read_body()
             if body is None:
                 return
+            self._serve(method, body)
+
+        def _handle_streamed(self, method: str) -> None:
+            """An upload: the filters and the handler run with the body still on the connection, so nothing is
+            read before the request is authorized and admitted, and the image is never held in memory."""
+            if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
+                self.close_connection = True
+                self._fail(411, "LengthRequired", "an upload needs a Content-Length (and no Transfer-Encoding)")
+                self._discard(MAX_DISCARD_BYTES)
+                return
+            try:
+                length = int(self.headers["Content-Length"])
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                self._fail(400, "BadRequest", "the Content-Length is not valid")
+                return
+            stream = _BodyStream(self.rfile, length)
+            self._serve(method, b"", stream)
+            if stream.left:  # refused before its end: drop the rest so the client reads the answer, then close
+                self.close_connection = True
+                self._discard(stream.left)
+
+        def _serve(self, method: str, body: bytes, stream: _BodyStream | None = None) -> None:
             target = urlsplit(self.path)
             query: dict[str, str] = {}
             for name, value in parse_qsl(target.query, keep_blank_values=True):
                 query.setdefault(name, value)  # the first value counts, as in Kubernetes
-            request = Request(method, target.path, query, self.headers, body,
+            request = Request(method, target.path, query, self.headers, body, body_stream=stream,
                               remote_address=str(self.client_address[0]) if self.client_address else "")
             if isinstance(self.connection, tls.TLSSocket):
                 request.client_certificate = self.connection.peer_certificate()
@@ -236,6 +265,21 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
             self._handle("DELETE")
 
     return Handler
+
+
+class _BodyStream:
+    """The rest of a request body on the connection, `length` bytes and not one more (`request.BodyStream`)."""
+
+    def __init__(self, rfile: Any, length: int) -> None:
+        self._rfile = rfile
+        self.length = length
+        self.left = length
+
+    def read(self, size: int = -1, /) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self._rfile.read(size) if size else b""
+        self.left = 0 if not data and size else self.left - len(data)  # the client hung up: nothing more to drop
+        return data
 
 
 def _client_gone(connection: socket.socket) -> bool:
