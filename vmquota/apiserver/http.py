@@ -13,7 +13,7 @@ import json
 import logging
 import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -188,6 +188,15 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
             self.close_connection = True
             self._fail(400, "BadRequest", "the chunked body is malformed")
 
+        def handle_expect_100(self) -> bool:
+            """`Expect: 100-continue` on an upload is answered only once the handler reads the body, so that a
+            refusal comes before the client sends it; on any other path at once, as the base class does."""
+            if upload.streams(self.command, urlsplit(self.path).path):
+                self._continue_on_read = True
+                return True
+            self._continue_on_read = False
+            return super().handle_expect_100()
+
         def _handle(self, method: str) -> None:
             target = urlsplit(self.path)
             if upload.streams(method, target.path):
@@ -214,11 +223,18 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
                 self.close_connection = True
                 self._fail(400, "BadRequest", "the Content-Length is not valid")
                 return
-            stream = _BodyStream(self.rfile, length)
+            waiting = getattr(self, "_continue_on_read", False)
+            self._continue_on_read = False
+            stream = _BodyStream(self.rfile, length, self._send_continue if waiting else None)
             self._serve(method, b"", stream)
-            if stream.left:  # refused before its end: drop the rest so the client reads the answer, then close
+            if stream.left:
                 self.close_connection = True
-                self._discard(stream.left)
+                if not waiting or stream.continued:  # sent, or being sent: drop it so the client reads the answer
+                    self._discard(stream.left)
+
+        def _send_continue(self) -> None:
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
 
         def _serve(self, method: str, body: bytes, stream: _BodyStream | None = None) -> None:
             target = urlsplit(self.path)
@@ -270,12 +286,17 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
 class _BodyStream:
     """The rest of a request body on the connection, `length` bytes and not one more (`request.BodyStream`)."""
 
-    def __init__(self, rfile: Any, length: int) -> None:
+    def __init__(self, rfile: Any, length: int, send_continue: Callable[[], None] | None = None) -> None:
         self._rfile = rfile
         self.length = length
         self.left = length
+        self._send_continue = send_continue  # the client waits for `100 Continue` before it sends the body
+        self.continued = False
 
     def read(self, size: int = -1, /) -> bytes:
+        if self._send_continue is not None and not self.continued:
+            self.continued = True
+            self._send_continue()
         size = self.left if size < 0 else min(size, self.left)
         data = self._rfile.read(size) if size else b""
         self.left = 0 if not data and size else self.left - len(data)  # the client hung up: nothing more to drop
