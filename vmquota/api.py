@@ -64,6 +64,7 @@ from vmquota.objects import (
 from vmquota.store import Part, Reader, Store, Transaction, Where
 
 MAX_LABELS = 64
+BRIDGES_ANNOTATION = "vmquota.io/bridges"  # on a Namespace: the host bridges its VMs may join, comma-separated
 _VERSION_PARTS = (Part(("metadata", "namespace")), Part(("metadata", "name")), Part(("metadata", "resourceVersion")))
 MAX_LABEL_LENGTH = 253
 
@@ -935,6 +936,31 @@ class _VMRules(_Rules):
         clones = [(i, d) for i, d in enumerate(spec.disks) if d.source.kind is vmspec.SourceKind.PVC]
         if clones and old is None:
             self._check_pvc_sources(txn, obj, clones)
+        self._check_bridges(txn, obj, spec, old)
+
+    def _check_bridges(self, txn: Transaction, obj: Obj, spec: vmspec.VMSpec, old: Obj | None) -> None:
+        """A host bridge is the host's network: a VM joins one only where the cluster admin allows it, in its
+        namespace's annotation `vmquota.io/bridges` (as KubeVirt's NetworkAttachmentDefinitions, which only the
+        admin makes). Bridges the VM had already stay allowed, so no unrelated update fails once it is revoked."""
+        wanted = {i.bridge for i in spec.interfaces if i.bridge is not None}
+        if old is not None:
+            try:
+                wanted -= {i.bridge for i in vmspec.read(old).interfaces}
+            except vmspec.FieldError:
+                pass
+        if not wanted:
+            return
+        namespace = txn.get(NAMESPACE, "", obj["metadata"]["namespace"]) or {}
+        listed = (objects.meta(namespace).get("annotations") or {}).get(BRIDGES_ANNOTATION, "")
+        allowed = {b.strip() for b in listed.split(",") if b.strip()}
+        for bridge in sorted(wanted - allowed):
+            [i] = [n for n, network in enumerate(obj["spec"]["template"]["spec"].get("networks") or [])
+                   if (network.get("multus") or {}).get("networkName") == bridge][:1]
+            raise invalid(VIRTUAL_MACHINE, obj["metadata"]["name"],
+                          f"spec.template.spec.networks[{i}].multus.networkName",
+                          f"Forbidden: host bridge {objects.quote(bridge)} is not allowed in namespace "
+                          f"{obj['metadata']['namespace']}: the cluster admin lists the bridges it may join in the "
+                          f"namespace's annotation {BRIDGES_ANNOTATION}")
 
     def _check_pvc_sources(self, txn: Transaction, obj: Obj, clones: list[tuple[int, vmspec.Disk]]) -> None:
         """A pvc source names a disk of another VM of the namespace, no larger than the disk made from it."""

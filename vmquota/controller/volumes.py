@@ -96,7 +96,7 @@ class Volumes:
         attached = [domainxml.DomainDisk(disks.path(ns, uid, disk), target)
                     for disk, target in domainxml.attached_targets(spec).items()]
         seed = None if spec.cloud_init is None else domainxml.Seed(self.seed_path(vm), spec.cloud_init.cdrom)
-        nics = tuple(domainxml.Nic(vmspec.mac_address(i, uid), i.model) for i in spec.interfaces)
+        nics = tuple(domainxml.Nic(vmspec.mac_address(i, uid), i.model, i.bridge) for i in spec.interfaces)
         vm_dir = disks.vm_dir(ns, uid)
         vm_dir.mkdir(parents=True, exist_ok=True)  # a VM without disks has no folder yet, and QEMU opens its log there
         return domainxml.build(namespace=ns, name=name, uid=uid, instance=self.ctx.store.instance_id, spec=spec,
