@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,29 @@ def test_a_gzip_compressed_raw_image_is_unpacked_as_an_http_import_is(cluster: C
     disk = cluster.app.controller.disks.path(cluster.ns, cluster.vm("packed")["metadata"]["uid"], "packed-root")
     assert guest_bytes(disk, len(payload)) == payload
     assert vm_files(cluster, "packed") == ["packed-root.qcow2"]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_qcow2_is_the_disk_as_it_is_unless_its_clusters_are_compressed(cluster: Cluster, tmp_path: Path,
+                                                                        compressed: bool) -> None:
+    """A plain qcow2 is not converted (that would write it twice); a compressed one is, so the guest does not
+    decompress on every read. Either way the guest sees the image's bytes."""
+    cluster.create_vm(upload_vm("qc"))
+    plain = qcow2(tmp_path / "plain.qcow2", "16M", data=boot_sector(b"qc") * 64)
+    image = tmp_path / "sent.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", *(["-c"] if compressed else []), "-O", "qcow2", str(plain),
+                    str(image)], check=True)
+    assert _compressed_clusters(image) == (1 if compressed else 0)
+    upload(cluster, "qc-root", image.read_bytes())
+    disk = cluster.app.controller.disks.path(cluster.ns, cluster.vm("qc")["metadata"]["uid"], "qc-root")
+    assert _compressed_clusters(disk) == 0
+    assert guest_bytes(disk, 512 * 64) == boot_sector(b"qc") * 64
+
+
+def _compressed_clusters(path: Path) -> int:
+    report = subprocess.run(["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True,
+                            check=True).stdout
+    return int(json.loads(report).get("compressed-clusters", 0))
 
 
 def test_a_dry_run_answers_whether_the_upload_would_be_taken_and_writes_nothing(cluster: Cluster) -> None:
