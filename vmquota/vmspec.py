@@ -495,7 +495,7 @@ def _bridge_name(multus: dict[str, Any], path: str) -> str:
     bridge = multus.get("networkName")
     if not isinstance(bridge, str) or not BRIDGE_NAME.match(bridge):
         hint = " (a host bridge's name, not a NetworkAttachmentDefinition's namespace/name)" \
-            if isinstance(bridge, str) and "/" in bridge else ""
+            if isinstance(bridge, str) and re.fullmatch(r"[a-z0-9.-]+/[a-z0-9.-]+", bridge) else ""
         raise FieldError(f"{path}.networkName", f"Invalid value: {objects.quote(bridge)}: a host bridge, 1 to 15 "
                                                 f"letters, digits, '_', '.' or '-'{hint}")
     return bridge
