@@ -85,14 +85,18 @@ def test_bridged_interfaces_are_checked(cluster: Cluster, change: Any, field: st
     assert f"{field}: " in error.message and why in error.message
 
 
-def test_a_bridge_missing_on_the_host_is_a_clear_error_at_start(cluster: Cluster) -> None:
-    allow_bridges(cluster, BRIDGE)
-    cluster.create_vm(bridged_vm("web"))
+@pytest.mark.parametrize(("bridge", "words"), [
+    (BRIDGE, f"host bridge {BRIDGE} does not exist on test:///default"),
+    ("eth1", "host interface eth1 on test:///default is not a bridge (its type is ethernet)"),  # the test host's
+])
+def test_a_bridge_missing_on_the_host_is_a_clear_error_at_start(cluster: Cluster, bridge: str, words: str) -> None:
+    allow_bridges(cluster, bridge)
+    cluster.create_vm(bridged_vm("web", bridge))
     cluster.action("web", "start")
-    message = f"host bridge {BRIDGE} does not exist on test:///default"
-    wait_until(lambda: any(message in e["message"] for e in cluster.client.get(events_path(cluster.ns))["items"]),
+    wait_until(lambda: any(words in e["message"] for e in cluster.client.get(events_path(cluster.ns))["items"]),
                what="the start's failure")
     assert cluster.status("web") != "Running"
+    assert cluster.app.hypervisor.observe(cluster.ns, "web").up is False  # no domain was started
 
 
 def test_the_domain_has_a_bridge_interface_on_the_named_bridge_with_a_stable_mac() -> None:

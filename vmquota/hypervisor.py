@@ -364,8 +364,7 @@ class Hypervisor:
         kind = ET.fromstring(self._call(f"reading host interface {bridge}", iface.XMLDesc)).get("type")
         if kind != "bridge":
             raise errors.HypervisorError(f"starting {namespace}/{name}: host interface {bridge} on {self.uri} is "
-                                         f"{'an' if (kind or 'x')[0] in 'aeiou' else 'a'} {kind or 'unknown'} "
-                                         "interface, not a bridge")
+                                         f"not a bridge (its type is {kind or 'unknown'})")
 
     def shutdown(self, namespace: str, name: str, uid: str) -> None:
         """Ask the guest to power off (ACPI); it may ignore this."""
