@@ -19,6 +19,7 @@ from conftest import Cluster, events_path, vm_manifest, wait_until
 from test_guest_disks import boot_sector, guest_bytes, qcow2
 from test_tenants import Tenants, tenants  # noqa: F401  (the secure server's fixture)
 
+from vmquota.apiserver import http as wire
 from vmquota.client import Client, ClientError, upload_path
 
 pytestmark = pytest.mark.timeout(120)
@@ -194,6 +195,23 @@ def test_a_body_cut_short_is_refused_and_leaves_no_half_disk(cluster: Cluster, t
     conn.close()
     wait_until(lambda: "UploadFailed" in reasons(cluster, "cut"), what="the failure to be recorded")
     assert vm_files(cluster, "cut") == []
+
+
+def test_a_stalled_upload_ends_and_lets_go_of_the_volume(cluster: Cluster, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "UPLOAD_STALL_SECONDS", 1.0)
+    cluster.create_vm(upload_vm("stall"))
+    image = raw_qcow2(tmp_path, "8M", boot_sector(b"stall"))
+    conn = _connection(cluster)
+    conn.putrequest("POST", upload_path(cluster.ns, "stall-root"))
+    conn.putheader("Content-Length", str(len(image)))
+    conn.endheaders()
+    conn.send(image[:len(image) // 2])  # and then nothing
+    response = conn.getresponse()
+    assert response.status == 400 and b"ended after" in response.read()
+    conn.close()
+    assert vm_files(cluster, "stall") == []
+    assert upload(cluster, "stall-root", image)["status"] == "Success"  # the lock is free again
 
 
 @pytest.mark.parametrize(("volume_name", "code", "words"), [

@@ -32,6 +32,7 @@ MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the conn
 DISCARD_TIMEOUT = 5.0
 MAX_CHUNK_LINE = 4096  # a chunk's size line with its extensions, or one trailer line
 MAX_TRAILERS = 64
+UPLOAD_STALL_SECONDS = 60.0  # an upload whose client sends nothing for this long ends there
 
 
 def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -> type[BaseHTTPRequestHandler]:
@@ -226,8 +227,15 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
             waiting = getattr(self, "_continue_on_read", False)
             self._continue_on_read = False
             stream = _BodyStream(self.rfile, length, self._send_continue if waiting else None)
-            self._serve(method, b"", stream)
-            if stream.left:
+            saved = self.connection.gettimeout()
+            self.connection.settimeout(UPLOAD_STALL_SECONDS)  # a stalled client must not hold the volume's lock
+            try:
+                self._serve(method, b"", stream)
+            finally:
+                self.connection.settimeout(saved)
+            if stream.cut_short:
+                self.close_connection = True
+            elif stream.left:
                 self.close_connection = True
                 if not waiting or stream.continued:  # sent, or being sent: drop it so the client reads the answer
                     self._discard(stream.left)
@@ -292,14 +300,21 @@ class _BodyStream:
         self.left = length
         self._send_continue = send_continue  # the client waits for `100 Continue` before it sends the body
         self.continued = False
+        self.cut_short = False  # the client hung up or stalled before the end: the connection cannot go on
 
     def read(self, size: int = -1, /) -> bytes:
         if self._send_continue is not None and not self.continued:
             self.continued = True
             self._send_continue()
         size = self.left if size < 0 else min(size, self.left)
-        data = self._rfile.read(size) if size else b""
-        self.left = 0 if not data and size else self.left - len(data)  # the client hung up: nothing more to drop
+        try:
+            data = self._rfile.read(size) if size else b""
+        except TimeoutError:  # stalled: the body ends here, as if cut short (the upload says after how many bytes)
+            data = b""
+        if size and not data:
+            self.cut_short, self.left = True, 0  # nothing more to drop: it will not come
+        else:
+            self.left -= len(data)
         return data
 
 
