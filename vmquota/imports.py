@@ -24,8 +24,8 @@ import hashlib
 import logging
 import lzma
 import os
-import select
 import socket
+import struct
 import threading
 import time
 import urllib.error
@@ -229,16 +229,19 @@ def _splice_body(response: Any, out: Any, wrote: Callable[[int], None]) -> bool:
     wrote(len(buffered))
     left = length - len(buffered)
     read_end, write_end = os.pipe()
+    # Python's timeout makes the socket non-blocking underneath, and each splice would then move only what has
+    # arrived, with a select between: blocking, with the kernel's own receive timeout, moves whole chunks.
+    saved = sock.gettimeout()
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(TIMEOUT_SECONDS), 0))
     try:
         with contextlib.suppress(OSError):
             fcntl.fcntl(write_end, F_SETPIPE_SZ, SPLICE_CHUNK)
         while left > 0:
             try:
                 moved = os.splice(sock.fileno(), write_end, min(left, SPLICE_CHUNK))
-            except BlockingIOError:  # a socket with a timeout is non-blocking underneath: wait as it would
-                if not select.select([sock], [], [], TIMEOUT_SECONDS)[0]:
-                    raise TimeoutError(f"no data for {TIMEOUT_SECONDS:g} s") from None
-                continue
+            except BlockingIOError:  # SO_RCVTIMEO ran out
+                raise TimeoutError(f"no data for {TIMEOUT_SECONDS:g} s") from None
             if not moved:
                 raise OSError("the server closed the connection early")
             written = 0
@@ -249,6 +252,8 @@ def _splice_body(response: Any, out: Any, wrote: Callable[[int], None]) -> bool:
     finally:
         os.close(read_end)
         os.close(write_end)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+        sock.settimeout(saved)
     out.seek(0, os.SEEK_END)  # the file object's position, after writes it did not make
     return True
 
