@@ -19,8 +19,8 @@ import libvirt
 
 from benchmarks.common import Row, SectionResult
 
-SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "tables", "watch",
-            "tenants", "migration", "dashboard", "nodes")
+SECTIONS = ("admission", "durable", "history", "http", "import", "kvm", "metrics", "realtime", "recount", "tables",
+            "watch", "tenants", "migration", "dashboard", "nodes")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
@@ -29,6 +29,7 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
         admission,
         dashboard,
         http_load,
+        imports,
         kvm,
         metrics,
         migration,
@@ -48,6 +49,8 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
                                                                      batches=3 if quick else 7)))
     if "http" in wanted:
         steps.append(("http", lambda: http_load.http_load([1, 10, 50], requests=300 if quick else 3_000)))
+    if "import" in wanted:
+        steps.append(("import", lambda: imports.import_section(runs=2 if quick else 7)))
     kvm_wanted: set[str] = {s for s in ("kvm", "realtime") if s in wanted}
     if kvm_wanted:  # one server on qemu:///system serves both
         steps.append(("+".join(sorted(kvm_wanted)), lambda: kvm.kvm_sections(
