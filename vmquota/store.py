@@ -285,6 +285,14 @@ CREATE TRIGGER IF NOT EXISTS node_allocated_delete AFTER DELETE ON placements BE
         WHERE node = OLD.node;
 END;
 """
+# Raised by every committed change of a Node: placement reads the nodes' bodies again only when it moved.
+NODE_GENERATION = "node_generation"
+_NODE_GENERATION_TRIGGERS = "".join(f"""
+CREATE TRIGGER IF NOT EXISTS node_generation_{event.lower()} AFTER {event} ON objects
+    WHEN {row}.kind = 'Node' BEGIN
+    INSERT INTO counters(name, value) VALUES ('{NODE_GENERATION}', 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+END;""" for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")))
 # What placement reads of each Node, cut out by SQLite (a start reads all nodes: no Python parse of their bodies).
 _NODE_CANDIDATES = """
 SELECT o.name, coalesce(o.body->>'$.spec.unschedulable', 0), coalesce(json(o.body->'$.metadata.labels'), '{}'),
@@ -510,6 +518,16 @@ class Reader:
         """(namespace, name) -> the node each placed VM runs on."""
         rows = self._conn.execute("SELECT namespace, name, node FROM placements WHERE role = ?", (RUNS,)).fetchall()
         return {(namespace, name): node for namespace, name, node in rows}
+
+    def node_generation(self) -> int:
+        """Raised by every committed change of a Node (a trigger keeps it)."""
+        row = self._conn.execute("SELECT value FROM counters WHERE name=?", (NODE_GENERATION,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def node_allocated(self) -> dict[str, tuple[int, int]]:
+        """node -> (cpu millicores, memory bytes) placed on it: its VMs' and its incoming migrations'."""
+        return {node: (cpu, memory) for node, cpu, memory in
+                self._conn.execute("SELECT node, cpu_milli, memory FROM node_allocated")}
 
     def vms_on(self, node: str) -> builtins.list[tuple[str, str]]:
         """(namespace, name) of every VM that runs on `node`."""
@@ -884,7 +902,8 @@ class Store:
             self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} {_QUOTA_STATUS_TRIGGER} "
                                        f"{_OBSERVE_TRIGGERS} {_CHANGES_START} "
                                        f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} {_HOSTS_SCHEMA} COMMIT;")
+        self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} {_HOSTS_SCHEMA} "
+                                     f"{_NODE_GENERATION_TRIGGERS} COMMIT;")
         self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
                              (objects.new_uid(),))

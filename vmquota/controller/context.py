@@ -53,6 +53,7 @@ class Context:
         self.queue: WorkQueue[Key] = WorkQueue(clock=time.monotonic)
         self.hosts = Hosts(hypervisor, store)
         self.policy = policy
+        self.candidates = placement.Candidates()
         # The VMs whose live migration this process drives: the rest of the controller leaves them alone until
         # it ends (their domains' events are the migration's). Guarded by `lock`.
         self.migrating: set[Key] = set()
@@ -148,7 +149,7 @@ class Context:
         charge = usage.charge(spec, phase, self.overhead)
         if enforce:
             accounting.check_charge(txn, ns, name, charge, subject=subject(name))
-        candidates = placement.candidates(txn)
+        candidates = self.candidates(txn)
         if not candidates:
             return ""
         return placement.choose(placement.need_of(spec, charge), candidates, self.policy)
