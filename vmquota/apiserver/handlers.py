@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmquota import errors, fieldmanager, objects, schema
-from vmquota.api import Api, PartsCache
+from vmquota.api import Api
 from vmquota.apiserver import (
     bodies,
     discovery,
@@ -35,7 +35,6 @@ from vmquota.apiserver.routing import Route, route
 from vmquota.store import Where
 
 NonResourceHandler = Callable[[Api, Request], Response]
-TABLE_CACHE_OBJECTS = 20_000
 
 
 def _healthz(api: Api, request: Request) -> Response:
@@ -110,9 +109,6 @@ class Handlers:
     def __init__(self, api: Api, feed: watch.Feed) -> None:
         self.api = api
         self.feed = feed  # this process's follower of the change log, for watches
-        # What Tables need of each object version this process has listed: a repeated `kubectl get` of
-        # 10,000 VMs then parses no body (about 600 bytes an object).
-        self.table_parts = PartsCache(TABLE_CACHE_OBJECTS)
 
     def __call__(self, request: Request) -> Response:
         # Kubernetes serves its fixed paths with a trailing slash too (the official Python client asks /version/).
@@ -189,8 +185,7 @@ class Handlers:
         if keep is not None:
             rv, found = self.api.list_objects(kind, namespace, where=selection.where, keep=keep)
             return Response(200, tables.to_table(kind, found, options, resource_version=rv), tables.CONTENT_TYPE)
-        rv, parts = self.api.list_parts(kind, namespace, tables.store_parts(kind, options), where=selection.where,
-                                        cache=self.table_parts)
+        rv, parts = self.api.list_parts(kind, namespace, tables.store_parts(kind, options), where=selection.where)
         rows = tables.rows_of_values(kind, parts, options)
         return Response(200, tables.table(kind, rows, options, resource_version=rv), tables.CONTENT_TYPE)
 
