@@ -117,6 +117,7 @@ class Handlers:
             if request.method != "GET":
                 raise errors.MethodNotAllowed(f"only GET is supported on {request.path}")
             return fixed(self.api, request)
+        request = watch.legacy(request)
         target = route(request.path)
         if target.subresource is not None:
             return self._subresource(request, target)
@@ -168,8 +169,10 @@ class Handlers:
         target = tables.target(request.accept, listing=True)
         if request.flag("watch"):
             return self._watch(request, kind, namespace, selection, target)
-        if request.param("limit") or request.param("continue"):
-            return self._page(request, kind, namespace, selection, target)
+        version = paging.list_version(request, watch.parse_resource_version)
+        if version.exact is not None or request.param("limit") or request.param("continue"):
+            return self._page(request, kind, namespace, selection, target, exact=version.exact)
+        paging.check_not_older_than(self.api.store, version)
         keep = selection.matches if selection.needs_matching else None
         if target is None:
             return Response.json(200, self.api.list_json(kind, namespace, where=selection.where, keep=keep))
@@ -216,10 +219,11 @@ class Handlers:
         return watch.serve(self.feed, self.api.store, kind, opts)
 
     def _page(self, request: Request, kind: objects.Kind, namespace: str | None, selection: selectors.Selection,
-              target: tables.Target | None) -> Response:
-        """One page of a consistent list (`kubectl get` asks for pages of 500), in the form asked for."""
+              target: tables.Target | None, *, exact: int | None = None) -> Response:
+        """One page of a consistent list (`kubectl get` asks for pages of 500), or the whole list as it was at
+        the `exact` resourceVersion, in the form asked for."""
         page = paging.read_page(self.api.store, kind, namespace, paging.options(request),
-                                predicate=None if selection.empty else selection)
+                                predicate=None if selection.empty else selection, exact=exact)
         if target is None:
             return Response.json(200, paging.list_json(kind, page))
         if target.kind == tables.PARTIAL_LIST:
