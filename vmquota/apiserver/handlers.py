@@ -1,8 +1,8 @@
 """The handlers behind the filters: fixed paths, and Kubernetes' verbs on the served kinds.
 
-`NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI) to their handler. Every other path is
-routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update, patch, delete,
-and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
+`NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI, the dashboard) to their handler.
+Every other path is routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update,
+patch, delete, and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
 
 Here a request's options become the call's arguments: `dryRun`, `fieldManager` (else the User-Agent), `force`,
 the patch type (`patch.py`) and the body's media type (JSON, YAML, or protobuf: `protobuf.py`).
@@ -19,6 +19,7 @@ from vmquota import errors, fieldmanager, objects, schema
 from vmquota.api import Api
 from vmquota.apiserver import (
     bodies,
+    dashboard,
     discovery,
     metrics,
     openapi,
@@ -97,6 +98,7 @@ def _non_resource() -> dict[str, NonResourceHandler]:
             paths[f"/apis/{group}"] = _fixed(discovery.encoded(discovery.api_group(group) or {}))
     for key, served in openapi.V3.items():
         paths[f"/openapi/v3/{key}"] = _openapi_v3(served)
+    paths.update(dict.fromkeys(dashboard.PATHS, dashboard.serve))
     return paths
 
 
@@ -261,7 +263,10 @@ class Handlers:
             _only(request, "GET")
             if name is not None:
                 return Response.json(200, self.api.charge(ns or "", name))
-            return Response.json(200, self.api.charges(ns))
+            charges = self.api.charges(ns)
+            if request.visible_namespaces is not None:  # a tenant's view across namespaces: only its own
+                charges["items"] = [c for c in charges["items"] if c["namespace"] in request.visible_namespaces]
+            return Response.json(200, charges)
         if sub == "usage":
             _only(request, "GET")
             return Response.json(200, _masked(self.api.project_usage(name or ""), request.visible_namespaces))
@@ -284,6 +289,8 @@ class Handlers:
             self.api.start(ns, name, dry_run=dry_run)
         elif sub == "stop":
             self.api.stop(ns, name, body, dry_run=dry_run)
+        elif sub == "migrate":
+            self.api.migrate(ns, name, body, dry_run=dry_run)
         else:
             self.api.restart(ns, name, dry_run=dry_run)
         return Response.success(202)

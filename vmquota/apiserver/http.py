@@ -243,6 +243,8 @@ def _client_gone(connection: socket.socket) -> bool:
     try:
         readable, _, _ = select.select([connection], [], [], 0)
         return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:  # TLS: part of a record came, nothing to read yet; the client is still there
+        return False
     except (OSError, ValueError):
         return True
 
