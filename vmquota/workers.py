@@ -203,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the first process too; it ends this one
 
     core = open_core(Path(args.data_dir), args.hypervisor, OverheadModel(args.memory_overhead))
-    # The controller's parts queue through its Context: both names must lead to the first process's queue, or the
-    # keys of this process's writes wait for the next recount.
-    core.controller.queue = core.controller.ctx.queue = KeysToController(args.keys_fd)
+    core.controller.queue = KeysToController(args.keys_fd)
     # The same TLS, authentication, RBAC and audit as the first process (its CA and keys are in the data dir).
     secured = security.build(Options.from_json(args.security), api=core.api, data_dir=Path(args.data_dir),
                              listen_host=args.listen_host)
