@@ -924,6 +924,8 @@ class Store:
         one to find the table missing, or made for other parts, (re)builds it from the bodies."""
         table = _KeptTable(kind, parts)
         with self._lock:
+            if self._group is not None:
+                raise RuntimeError("keep() is for a store's opening, before its first transaction")
             fcntl.flock(self._process_lock, fcntl.LOCK_EX)
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
