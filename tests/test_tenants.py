@@ -490,7 +490,8 @@ def route_table() -> list[str]:
     paths |= {"/apis/vmquota.io/v1/charges", "/apis/vmquota.io/v1/namespaces/ns/charges",
               "/apis/vmquota.io/v1/namespaces/ns/charges/x", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
               "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
-              "/apis/authentication.k8s.io/v1/selfsubjectreviews"}
+              "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+              "/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/ns/datavolumes/x/upload"}
     return sorted(paths)
 
 

@@ -417,6 +417,11 @@ def bootstrap() -> list[BootstrapObject]:
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, READ),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], READ)],
             labels={"kubevirt.io": "", **_aggregate_to("view")}),
+        # CDI's: an image into an upload data volume. CDI's roles grant `create` on uploadtokenrequests (the token
+        # for its upload proxy); vmquota takes the upload itself under the user's credentials (`apiserver/upload.py`).
+        *(_cluster_role(f"cdi.kubevirt.io:{role}", [_rule(["upload.cdi.kubevirt.io"], ["datavolumes/upload"],
+                                                          ["create"])],
+                        labels=_aggregate_to(role)) for role in ("admin", "edit")),
         # vmquota's views of its accounting: what each VM of a namespace charges, and how its quotas' use moved
         # (the same status a viewer reads now, over time: the dashboard's charts).
         _cluster_role("vmquota.io:view", [_rule(["vmquota.io"], ["charges", "resourcequotas/history"], READ)],

@@ -29,6 +29,7 @@ from vmquota.apiserver import (
     protobuf,
     selectors,
     tables,
+    upload,
     watch,
 )
 from vmquota.apiserver.request import Request, Response
@@ -273,6 +274,9 @@ class Handlers:
         if sub == "token":
             _only(request, "POST")
             return Response.json(201, self.api.create_token(ns or "", name or "", typed_body(request)))
+        if sub == "upload":
+            assert ns is not None and name is not None
+            return upload.handle(self.api, request, ns, name, dry_run=_dry_run(request, "UploadOptions"))
         if sub == "history":
             _only(request, "GET")
             assert target.kind is not None and name is not None
