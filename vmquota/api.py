@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,33 +65,7 @@ from vmquota.store import Part, Reader, Store, Transaction, Where
 
 MAX_LABELS = 64
 BRIDGES_ANNOTATION = "vmquota.io/bridges"  # on a Namespace: the host bridges its VMs may join, comma-separated
-_VERSION_PARTS = (Part(("metadata", "namespace")), Part(("metadata", "name")), Part(("metadata", "resourceVersion")))
 MAX_LABEL_LENGTH = 253
-
-
-class PartsCache:
-    """What `Api.list_parts` cut out of objects, by object and resourceVersion, for one API process.
-
-    Entries never go stale (a write gives an object a new resourceVersion), so the cache only needs a bound:
-    past `capacity` the older half goes (no recency kept per read: a read of 10,000 rows should not pay
-    10,000 reorderings).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: dict[Any, tuple[Any, ...]] = {}
-        self._lock = threading.Lock()
-
-    def get_many(self, keys: Sequence[Any]) -> list[tuple[Any, ...] | None]:
-        items = self._items
-        return [items.get(key) for key in keys]
-
-    def put(self, key: Any, values: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._items[key] = values
-            if len(self._items) > self.capacity:
-                for old in list(self._items)[:len(self._items) // 2]:
-                    del self._items[old]
 
 
 def invalid(kind: Kind, name: object, field: str, message: str) -> errors.Invalid:
@@ -156,38 +129,13 @@ class Api:
             return str(reader.revision()), [obj for obj in found if keep is None or keep(obj)]
 
     def list_parts(self, kind: Kind, namespace: str | None, parts: Sequence[Part], *,
-                   where: Sequence[Where] = (), cache: PartsCache | None = None) -> tuple[str, list[tuple[Any, ...]]]:
-        """(resourceVersion, `parts` of each object) of a list, cut out by the store as one snapshot: what a
-        Table needs of 10,000 VMs, without parsing their bodies in Python (`Reader.extract`).
-
-        With a `cache`, what was cut out of an object is kept under its key and resourceVersion (which every
-        write of an object changes), and a later list reads only the key columns of the objects it has seen:
-        SQLite's JSON parsing, not Python, is then what a repeated `kubectl get` of 10,000 VMs saves.
-        """
+                   where: Sequence[Where] = ()) -> tuple[str, list[tuple[Any, ...]]]:
+        """(resourceVersion, `parts` of each object) of a list, as one snapshot: what a Table needs of 10,000 VMs,
+        read from the store's side table of kept parts or cut out of the bodies by SQLite (`Reader.extract`),
+        never parsed in Python."""
         reader = self.store.reader()
         with reader.snapshot():
-            revision = str(reader.revision())
-            if cache is None:
-                return revision, list(reader.extract(kind, namespace, parts, where))
-            versions = list(reader.extract(kind, namespace, _VERSION_PARTS, where))
-            if len(versions) > cache.capacity:
-                return revision, list(reader.extract(kind, namespace, parts, where))
-            what = f"{kind.kind} {parts!r}"  # a string: its hash is computed once, not once per object
-            keys = [(what, *version) for version in versions]
-            found = cache.get_many(keys)
-            missing = [i for i, values in enumerate(found) if values is None]
-            if len(missing) > len(keys) // 4:  # mostly unseen: one scan, as without a cache
-                scanned = list(reader.extract(kind, namespace, parts, where))
-                for key, values in zip(keys, scanned, strict=True):
-                    cache.put(key, values)
-                return revision, scanned
-            for i in missing:
-                one = (*where, Where(("metadata", "namespace"), "in", (keys[i][1],)),
-                       Where(("metadata", "name"), "in", (keys[i][2],)))
-                read = next(iter(reader.extract(kind, namespace, parts, one)))
-                cache.put(keys[i], read)
-                found[i] = read
-        return revision, [values for values in found if values is not None]
+            return str(reader.revision()), list(reader.extract(kind, namespace, parts, where))
 
     def parts_of(self, texts: Sequence[str], parts: Sequence[Part]) -> list[tuple[Any, ...]]:
         """`parts` of objects given as JSON text (a page of a list), cut out as `list_parts` does."""
