@@ -1138,9 +1138,40 @@ class _RoleRules(_Rules):
                 field = "apiGroups" if not rule.get("apiGroups") else "resources"
                 raise invalid(self.kind, name, f"{where}.{field}",
                               f"Required value: resource rules must supply at least one {field[:-1]}")
+        problem = _aggregation_problem(obj.get("aggregationRule"))
+        if problem:
+            raise invalid(self.kind, name, problem[0], problem[1])
         check = rbac.escalation_check.get()
         if check is not None:
             check(self.kind.kind, obj)
+
+
+def _aggregation_problem(rule: Any) -> tuple[str, str] | None:
+    """(field, words) of what makes a ClusterRole's aggregationRule unusable (label selectors only), or None."""
+    if rule is None:
+        return None
+    if not isinstance(rule, dict) or not isinstance(rule.get("clusterRoleSelectors", []), list):
+        return "aggregationRule", "Invalid value: must be an object with a list of clusterRoleSelectors"
+    for index, selector in enumerate(rule.get("clusterRoleSelectors", [])):
+        where = f"aggregationRule.clusterRoleSelectors[{index}]"
+        if not isinstance(selector, dict):
+            return where, "Invalid value: must be a label selector"
+        labels = selector.get("matchLabels", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            return f"{where}.matchLabels", "Invalid value: must be a map of strings"
+        expressions = selector.get("matchExpressions", [])
+        if not isinstance(expressions, list):
+            return f"{where}.matchExpressions", "Invalid value: must be a list"
+        for j, expression in enumerate(expressions):
+            at = f"{where}.matchExpressions[{j}]"
+            if not isinstance(expression, dict) or not isinstance(expression.get("key"), str):
+                return at, "Invalid value: must have a key"
+            if expression.get("operator") not in ("In", "NotIn", "Exists", "DoesNotExist"):
+                return f"{at}.operator", (f'Unsupported value: "{expression.get("operator")}": supported values: '
+                                          '"In", "NotIn", "Exists", "DoesNotExist"')
+            if not _string_list(expression.get("values", [])):
+                return f"{at}.values", "Invalid value: must be a list of strings"
+    return None
 
 
 class _BindingRules(_Rules):
