@@ -140,6 +140,48 @@ def simulated_host(path: Path, *, cpus: int, memory_kib: int) -> str:
     return f"test://{path}"
 
 
+class SimulatedPool:
+    """A server whose VMs go to simulated hosts of known size (issue 13): its own `test:///default` node is
+    cordoned (that driver's capacity is a fiction), and `add_node` makes a `test:///<file>` Node."""
+
+    NODES = "/api/v1/nodes"
+
+    def __init__(self, tmp_path: Path, namespace: str, settings: Any) -> None:
+        self.tmp_path = tmp_path
+        self.c = Cluster(open_app(tmp_path / "data", node_settings=settings), namespace)
+        self.c.create_namespace(namespace)
+        self.uris: dict[str, str] = {}
+        first = next(n["metadata"]["name"] for n in self.c.client.get(self.NODES)["items"])
+        self.c.client.patch(f"{self.NODES}/{first}", {"spec": {"unschedulable": True}})
+
+    def add_node(self, name: str, *, cpus: int = 8, memory_gib: int = 8, labels: dict[str, str] | None = None,
+                 annotations: dict[str, str] | None = None) -> None:
+        uri = simulated_host(self.tmp_path / f"{name}.xml", cpus=cpus, memory_kib=memory_gib * 1024 * 1024)
+        self.uris[name] = uri
+        self.c.client.post(self.NODES, {"metadata": {"name": name, "labels": labels or {},
+                                                     "annotations": annotations or {}}, "spec": {"providerID": uri}})
+        wait_until(lambda: self.ready(name) == "True", what=f"{name}'s first heartbeat")
+
+    def ready(self, node: str) -> str | None:
+        found = self.c.client.get(f"{self.NODES}/{node}")
+        return next((c["status"] for c in found.get("status", {}).get("conditions", []) if c["type"] == "Ready"),
+                    None)
+
+    def host(self, node: str) -> Any:
+        """The server's own connection to the node's simulated host (a test-driver host's state is its
+        connection's)."""
+        return self.c.app.controller.ctx.hosts.for_uri(self.uris[node])
+
+    def runs_on(self, node: str, vm: str) -> bool:
+        return bool(self.host(node).observe(self.c.ns, vm).up)
+
+    def close(self) -> None:
+        for vm in self.c.client.get("/apis/kubevirt.io/v1/virtualmachines")["items"]:
+            self.c.delete_vm(vm["metadata"]["name"], vm["metadata"]["namespace"])
+        self.c.client.close()
+        self.c.app.close()
+
+
 def vms_path(ns: str) -> str:
     return collection_path(objects.VIRTUAL_MACHINE, ns)
 

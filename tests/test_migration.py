@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, events_path, open_app, simulated_host, vm_manifest, wait_until
+from conftest import SimulatedPool, events_path, vm_manifest, wait_until
 
 from vmquota import cli
 from vmquota.app import NodeSettings
@@ -21,7 +21,6 @@ from vmquota.client import ClientError
 from vmquota.objects import VIRTUAL_MACHINE_INSTANCE_MIGRATION as VMIM
 
 NODES = "/api/v1/nodes"
-GIB = 1024 * 1024  # KiB
 
 
 def migrations(ns: str) -> str:
@@ -32,40 +31,22 @@ def migrate_path(ns: str, name: str) -> str:
     return f"/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachines/{name}/migrate"
 
 
-class Pool:
-    def __init__(self, c: Cluster, uris: dict[str, str]) -> None:
-        self.c = c
-        self.uris = uris
-
-    def runs_on(self, node: str, vm: str) -> bool:
-        return bool(self.c.app.controller.ctx.hosts.for_uri(self.uris[node]).observe(self.c.ns, vm).up)
-
+class Pool(SimulatedPool):
     def allocated(self) -> dict[str, tuple[int, int]]:
         """What the store holds placed on each node (cpu millicores, memory bytes)."""
-        reader = self.c.app.store.reader()
-        return {row[0]: (row[-2], row[-1]) for row in reader.node_candidates()}
+        placed = self.c.app.store.reader().node_allocated()
+        return {name: placed.get(name, (0, 0)) for name in self.uris}
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[Pool]:
-    app = open_app(tmp_path / "data", node_settings=NodeSettings(heartbeat_seconds=0.2, grace_seconds=5.0))
-    c = Cluster(app, "move")
-    c.create_namespace("move")
-    first = next(n["metadata"]["name"] for n in c.client.get(NODES)["items"])
-    c.client.patch(f"{NODES}/{first}", {"spec": {"unschedulable": True}})
-    uris = {}
+    p = Pool(tmp_path, "move", NodeSettings(heartbeat_seconds=0.2, grace_seconds=5.0))
     for name, memory in (("a", 8), ("b", 8), ("c", 2)):
-        uris[name] = simulated_host(tmp_path / f"{name}.xml", cpus=8, memory_kib=memory * GIB)
-        c.client.post(NODES, {"metadata": {"name": name}, "spec": {"providerID": uris[name]}})
-        wait_until(lambda n=name: c.client.get(f"{NODES}/{n}").get("status", {}).get("allocatable"),
-                   what=f"{name}'s heartbeat")
+        p.add_node(name, memory_gib=memory)
     try:
-        yield Pool(c, uris)
+        yield p
     finally:
-        for vm in c.client.get("/apis/kubevirt.io/v1/virtualmachines")["items"]:
-            c.delete_vm(vm["metadata"]["name"], vm["metadata"]["namespace"])
-        c.client.close()
-        app.close()
+        p.close()
 
 
 def running_on_a(p: Pool, name: str = "web", memory: str = "4Gi") -> None:

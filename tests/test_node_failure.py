@@ -15,66 +15,42 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, events_path, open_app, simulated_host, vm_manifest, wait_until
+from conftest import Cluster, SimulatedPool, events_path, vm_manifest, wait_until
 
 from vmquota import cli, errors
 from vmquota.app import NodeSettings
 from vmquota.client import ClientError
 
 NODES = "/api/v1/nodes"
-GIB = 1024 * 1024  # KiB
 
 
-class Pool:
-    def __init__(self, cluster: Cluster, uris: dict[str, str]) -> None:
-        self.c = cluster
-        self.uris = uris
+CALLS = ("host_info", "observe", "observe_all", "start", "destroy", "shutdown")
 
-    def host(self, node: str) -> Any:
-        return self.c.app.controller.ctx.hosts.for_uri(self.uris[node])
 
+class Pool(SimulatedPool):
     def fail(self, node: str) -> None:
         host = self.host(node)
 
         def away(*_args: Any, **_kwargs: Any) -> Any:
             raise errors.HypervisorUnavailable(f"cannot reach libvirt at {host.uri}")
-        for call in ("host_info", "observe", "observe_all", "start", "destroy", "shutdown"):
+        for call in CALLS:
             setattr(host, call, away)
 
     def heal(self, node: str) -> None:
         host = self.host(node)
-        for call in ("host_info", "observe", "observe_all", "start", "destroy", "shutdown"):
+        for call in CALLS:
             delattr(host, call)
-
-    def ready(self, node: str) -> str | None:
-        found = self.c.client.get(f"{NODES}/{node}")
-        return next((c["status"] for c in found.get("status", {}).get("conditions", []) if c["type"] == "Ready"),
-                    None)
-
-    def runs_on(self, node: str, vm: str) -> bool:
-        return bool(self.host(node).observe(self.c.ns, vm).up)
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[Pool]:
-    app = open_app(tmp_path / "data", node_settings=NodeSettings(heartbeat_seconds=0.1, grace_seconds=0.5))
-    c = Cluster(app, "lost")
-    c.create_namespace("lost")
-    first = next(n["metadata"]["name"] for n in c.client.get(NODES)["items"])
-    c.client.patch(f"{NODES}/{first}", {"spec": {"unschedulable": True}})
-    uris = {}
+    p = Pool(tmp_path, "lost", NodeSettings(heartbeat_seconds=0.1, grace_seconds=0.5))
     for name in ("a", "b"):
-        uris[name] = simulated_host(tmp_path / f"{name}.xml", cpus=8, memory_kib=8 * GIB)
-        c.client.post(NODES, {"metadata": {"name": name, "labels": {"rack": name}}, "spec": {"providerID": uris[name]}})
-    p = Pool(c, uris)
-    wait_until(lambda: p.ready("a") == p.ready("b") == "True", what="both nodes to be Ready")
+        p.add_node(name, labels={"rack": name})
     try:
         yield p
     finally:
-        for vm in c.client.get("/apis/kubevirt.io/v1/virtualmachines")["items"]:
-            c.delete_vm(vm["metadata"]["name"], vm["metadata"]["namespace"])
-        c.client.close()
-        app.close()
+        p.close()
 
 
 def vmquota(url: str, *args: str) -> tuple[int, str, str]:

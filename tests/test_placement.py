@@ -13,59 +13,41 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, events_path, open_app, simulated_host, vm_manifest, wait_until
+from conftest import Cluster, SimulatedPool, events_path, vm_manifest, wait_until
 
 from vmquota.app import NodeSettings
 from vmquota.client import ClientError
 from vmquota.controller.placement import Policy
 
-NODES = "/api/v1/nodes"
-GIB = 1024 * 1024  # KiB
 
-
-def add_node(c: Cluster, tmp_path: Path, name: str, *, cpus: int, memory_gib: int,
-             labels: dict[str, str] | None = None) -> None:
-    uri = simulated_host(tmp_path / f"{name}.xml", cpus=cpus, memory_kib=memory_gib * GIB)
-    c.client.post(NODES, {"metadata": {"name": name, "labels": labels or {}}, "spec": {"providerID": uri}})
-    wait_until(lambda: c.client.get(f"{NODES}/{name}").get("status", {}).get("allocatable"),
-               what=f"{name}'s first heartbeat")
-
-
-def open_pool(tmp_path: Path, policy: Policy) -> Cluster:
-    app = open_app(tmp_path / "data", node_settings=NodeSettings(heartbeat_seconds=0.2, grace_seconds=5.0,
-                                                                 placement=policy))
-    c = Cluster(app, "place")
-    c.create_namespace("place")
-    first = next(n["metadata"]["name"] for n in c.client.get(NODES)["items"])
-    c.client.patch(f"{NODES}/{first}", {"spec": {"unschedulable": True}})  # room without end: kept out
-    add_node(c, tmp_path, "small", cpus=4, memory_gib=4, labels={"disk": "ssd"})
-    add_node(c, tmp_path, "big", cpus=4, memory_gib=8)
-    return c
-
-
-def close_pool(c: Cluster) -> None:
-    for vm in c.client.get("/apis/kubevirt.io/v1/virtualmachines")["items"]:
-        c.delete_vm(vm["metadata"]["name"], vm["metadata"]["namespace"])
-    c.client.close()
-    c.app.close()
+def open_pool(tmp_path: Path, policy: Policy) -> SimulatedPool:
+    pool = SimulatedPool(tmp_path, "place", NodeSettings(heartbeat_seconds=0.2, grace_seconds=5.0, placement=policy))
+    pool.add_node("small", cpus=4, memory_gib=4, labels={"disk": "ssd"})
+    pool.add_node("big", cpus=4, memory_gib=8)
+    return pool
 
 
 @pytest.fixture
-def spread(tmp_path: Path) -> Iterator[Cluster]:
-    c = open_pool(tmp_path, Policy.SPREAD)
+def spread_pool(tmp_path: Path) -> Iterator[SimulatedPool]:
+    pool = open_pool(tmp_path, Policy.SPREAD)
     try:
-        yield c
+        yield pool
     finally:
-        close_pool(c)
+        pool.close()
+
+
+@pytest.fixture
+def spread(spread_pool: SimulatedPool) -> Cluster:
+    return spread_pool.c
 
 
 @pytest.fixture
 def pack(tmp_path: Path) -> Iterator[Cluster]:
-    c = open_pool(tmp_path, Policy.PACK)
+    pool = open_pool(tmp_path, Policy.PACK)
     try:
-        yield c
+        yield pool.c
     finally:
-        close_pool(c)
+        pool.close()
 
 
 def start(c: Cluster, name: str, memory: str, **extra: Any) -> None:
@@ -118,10 +100,11 @@ def test_no_node_fits_the_vm_waits_unschedulable_with_the_schedulers_words_and_c
     assert [e["message"] for e in events if e["reason"] == "FailedScheduling"] == [message]
 
 
-def test_an_unschedulable_vm_starts_once_a_node_has_room(spread: Cluster, tmp_path: Path) -> None:
+def test_an_unschedulable_vm_starts_once_a_node_has_room(spread_pool: SimulatedPool) -> None:
+    spread = spread_pool.c
     start(spread, "huge", "9Gi")
     spread.wait_status("huge", "ErrorUnschedulable")
-    add_node(spread, tmp_path, "huge-host", cpus=8, memory_gib=16)
+    spread_pool.add_node("huge-host", cpus=8, memory_gib=16)
     wait_until(lambda: spread.status("huge") == "Running", timeout=20, what="the retry to place huge")
     assert node_of(spread, "huge") == "huge-host"
 
