@@ -4,11 +4,14 @@ peer-to-peer migration. Throughout, the quota's `used` is sampled: it must never
 
 Shared storage is the same disk file seen by both hosts; local disks are a private folder of the target's over
 the data dir's disks folder, so the migration copies them. The system libvirtd is not involved: every domain
-lives on this test's own hosts, which are stopped (and their domains with them) whatever happens.
+lives on this test's own hosts, which are stopped (and their domains with them) whatever happens. Each test's hosts
+are named after a tag of its own, as the driver tests' are: a fixed name would be one host for two pytest sessions,
+and the first to end would stop the other's source under its running VM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -37,6 +40,10 @@ class Rig:
     source: ExtraHost
     data_dir: Path
     ns: str
+    tag: str  # in the names of this test's hosts
+
+    def host(self, role: str, private_dirs: tuple[Path, ...] = ()) -> contextlib.AbstractContextManager[ExtraHost]:
+        return extra_host(f"mig-{self.tag}-{role}", private_dirs=private_dirs)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "vmquota", "--server", self.server.url, *args],
@@ -74,13 +81,14 @@ def runs_on(host: ExtraHost, domain: str) -> bool:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     data_dir = tmp_path / "data"
     (data_dir / "disks").mkdir(parents=True)
-    with extra_host("mig-src") as source:
+    tag = uuid.uuid4().hex[:6]
+    with extra_host(f"mig-{tag}-src") as source:
         server = Server(data_dir, args=("--hypervisor", source.uri, "--node-status-update-frequency", "1"))
         server.start()
         client = Client(server.url)
-        ns = f"mig-{uuid.uuid4().hex[:6]}"
+        ns = f"mig-{tag}"
         client.post("/api/v1/namespaces", {"metadata": {"name": ns}})
-        r = Rig(server, client, source, data_dir, ns)
+        r = Rig(server, client, source, data_dir, ns, tag)
         try:
             yield r
         finally:
@@ -112,7 +120,7 @@ def test_a_running_vm_moves_to_another_host_charged_exactly_once(rig: Rig, stora
     before = rig.used()
     domain = f"vmquota_{rig.ns}_web"
     private = (rig.data_dir / "disks",) if storage == "local" else ()
-    with extra_host("mig-dst", private_dirs=private) as target:
+    with rig.host("dst", private_dirs=private) as target:
         rig.add_node("dst", target, {"vmquota.io/local-storage": "true"} if storage == "local" else {})
         done, samples = migrate_and_sample(rig, "--to", "dst")
         assert done.returncode == 0, done.stderr + host_logs(target) + host_logs(rig.source)
@@ -133,11 +141,14 @@ def test_a_failed_migration_leaves_the_vm_running_on_its_host_with_its_charge(ri
     start_web(rig)
     before = rig.used()
     domain = f"vmquota_{rig.ns}_web"
-    # The target sees an empty disks folder but is not said to have local storage: its QEMU finds no disk.
-    with extra_host("mig-bad", private_dirs=(rig.data_dir / "disks",)) as target:
+    # The target sees an empty disks folder but is not said to have local storage: it does not see the VM's files,
+    # which is said before libvirt is asked (libvirt's own words would be about the serial console's log file).
+    with rig.host("bad", private_dirs=(rig.data_dir / "disks",)) as target:
         rig.add_node("bad", target)
         done, samples = migrate_and_sample(rig, "--to", "bad")
         assert done.returncode == 1 and "the migration of" in done.stderr and "failed" in done.stderr
+        assert f"that host does not see the folder {rig.data_dir / 'disks' / rig.ns}/" in done.stderr, done.stderr
+        assert "the hosts do not share this storage" in done.stderr
         assert runs_on(rig.source, domain) and not runs_on(target, domain)
         vm = rig.vm("web")
         assert vm["status"]["nodeName"] != "bad" and vm["status"]["printableStatus"] == "Running"
