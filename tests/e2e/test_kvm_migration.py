@@ -155,3 +155,51 @@ def test_a_failed_migration_leaves_the_vm_running_on_its_host_with_its_charge(ri
         assert all(s == before for s in samples) and rig.used() == before
         placed = rig.cli("describe", "node", "bad").stdout
         assert "  cpu:    0 /" in placed and "  memory: 0 /" in placed, placed  # the target's reservation released
+
+
+def test_a_cancelled_migration_leaves_the_vm_running_on_its_host_with_its_charge(rig: Rig) -> None:
+    """Deleting a VirtualMachineInstanceMigration mid-way cancels it (KubeVirt's cancel). The target node's
+    bandwidth limit (1 MiB/s) makes the copy of 24 MiB of disk data take about 24 s, so the cancel comes while
+    libvirt copies, not after."""
+    rig.client.post(f"/api/v1/namespaces/{rig.ns}/resourcequotas", {"metadata": {"name": "compute"}, "spec": {
+        "hard": {"limits.cpu": "1", "limits.memory": "64Mi", "requests.storage": "1Gi"}}})
+    vm = rig.client.post(f"/apis/kubevirt.io/v1/namespaces/{rig.ns}/virtualmachines",
+                         vm_manifest("web", cores=1, memory="64Mi", disk="1Gi", strategy="Halted"))
+    disk = rig.data_dir / "disks" / rig.ns / vm["metadata"]["uid"] / "web-root.qcow2"
+    wait_until(disk.exists, timeout=30, what="web's disk to be made")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 24M", str(disk)], check=True,
+                   capture_output=True, timeout=60)  # data a storage copy must move (zeros it would skip)
+    assert rig.cli("start", "web", "-n", rig.ns, "--wait").returncode == 0
+    before = rig.used()
+    domain = f"vmquota_{rig.ns}_web"
+    source_node = rig.vm("web")["status"]["nodeName"]
+    with rig.host("dst", private_dirs=(rig.data_dir / "disks",)) as target:
+        rig.add_node("dst", target, {"vmquota.io/local-storage": "true", "vmquota.io/migration-bandwidth": "1Mi"})
+        migrations = f"/apis/kubevirt.io/v1/namespaces/{rig.ns}/virtualmachineinstancemigrations"
+        with Sampler(rig.server.url, lambda c: c.get(
+                f"/api/v1/namespaces/{rig.ns}/resourcequotas/compute")["status"]["used"]) as sampler:
+            rig.client.post(migrations, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                                         "metadata": {"name": "move-web"}, "spec": {"vmiName": "web"}})
+            # The incoming domain on the target: libvirt is copying now.
+            wait_until(lambda: runs_on(target, domain), timeout=30, what="the incoming domain on the target")
+            assert rig.vm("web")["status"]["printableStatus"] == "Migrating"
+            rig.client.delete(f"{migrations}/move-web")
+            wait_until(lambda: rig.vm("web")["status"]["printableStatus"] == "Running", timeout=30,
+                       what="the cancelled migration to end")
+        vm = rig.vm("web")
+        assert vm["status"]["migrationState"]["abortStatus"] == "Succeeded", vm["status"]["migrationState"]
+        assert vm["status"]["nodeName"] == source_node != "dst"
+        assert runs_on(rig.source, domain) and not runs_on(target, domain)
+        assert samples_unchanged(sampler.samples, before) and rig.used() == before
+        placed = rig.cli("describe", "node", "dst").stdout
+        assert "  cpu:    0 /" in placed and "  memory: 0 /" in placed, placed  # the target's reservation released
+        half_copied = Path("/tmp/vmquota-hosts") / target.name / "private" / "0" / disk.relative_to(
+            rig.data_dir / "disks")
+        assert not half_copied.exists()  # the disk the copy began on the target was removed
+        reasons = [e["reason"] for e in rig.client.get(f"/api/v1/namespaces/{rig.ns}/events")["items"]]
+        assert "MigrationCancelled" in reasons and "Migrated" not in reasons
+        assert rig.cli("stop", "web", "-n", rig.ns, "--wait").returncode == 0  # and it still obeys its owner
+
+
+def samples_unchanged(samples: list[object], before: dict[str, str]) -> bool:
+    return bool(samples) and all(s == before for s in samples)
