@@ -63,6 +63,18 @@ class Rig:
         return dict(self.client.get(f"/api/v1/namespaces/{self.ns}/resourcequotas/compute")["status"]["used"])
 
 
+def vanished(r: Rig) -> str:
+    """Why a migration failed when the test's own folders went away under it. A second pytest session given the
+    same --basetemp removes that folder as it starts; the VM's disks and console log go with it, and the migration
+    then fails on the target ("Failed to create file '.../console.log'", or the source's "bdrv_inactivate_all()
+    failed" if it happens mid-way), which reads like a vmquota fault."""
+    folder = r.data_dir / "disks" / r.ns
+    if folder.is_dir():
+        return ""
+    return (f"\nNOTE: {folder} vanished during the test: was this session's --basetemp ({r.data_dir.parent.parent}) "
+            f"used by another pytest session at the same time?")
+
+
 def host_logs(host: ExtraHost) -> str:
     """The host's libvirtd and QEMU logs, for a failure's message."""
     root = Path("/tmp/vmquota-hosts") / host.name / "log"
@@ -123,7 +135,7 @@ def test_a_running_vm_moves_to_another_host_charged_exactly_once(rig: Rig, stora
     with rig.host("dst", private_dirs=private) as target:
         rig.add_node("dst", target, {"vmquota.io/local-storage": "true"} if storage == "local" else {})
         done, samples = migrate_and_sample(rig, "--to", "dst")
-        assert done.returncode == 0, done.stderr + host_logs(target) + host_logs(rig.source)
+        assert done.returncode == 0, done.stderr + vanished(rig) + host_logs(target) + host_logs(rig.source)
         assert done.stdout == "VM web migrated to node dst\n"
         assert runs_on(target, domain) and not runs_on(rig.source, domain)
         vm = rig.vm("web")
@@ -146,7 +158,7 @@ def test_a_failed_migration_leaves_the_vm_running_on_its_host_with_its_charge(ri
     with rig.host("bad", private_dirs=(rig.data_dir / "disks",)) as target:
         rig.add_node("bad", target)
         done, samples = migrate_and_sample(rig, "--to", "bad")
-        assert done.returncode == 1 and "the migration of" in done.stderr and "failed" in done.stderr
+        assert done.returncode == 1 and "the migration of" in done.stderr and "failed" in done.stderr, vanished(rig)
         assert f"that host does not see the folder {rig.data_dir / 'disks' / rig.ns}/" in done.stderr, done.stderr
         assert "the hosts do not share this storage" in done.stderr
         assert runs_on(rig.source, domain) and not runs_on(target, domain)
