@@ -348,8 +348,24 @@ class Hypervisor:
         if isinstance(dom, _Stale):
             self._remove_stale(dom)
         conn = self._connection()
+        for bridge in _bridges(xml):
+            self._check_bridge(conn, bridge, namespace, name)
         dom = self._call(f"defining the domain of {namespace}/{name}", lambda: conn.defineXML(xml))
         self._call(f"starting {namespace}/{name}", dom.create)
+
+    def _check_bridge(self, conn: Any, bridge: str, namespace: str, name: str) -> None:
+        """A bridge NIC needs the bridge on this host: said plainly before libvirt's "Cannot get interface MTU"."""
+        try:
+            iface = conn.interfaceLookupByName(bridge)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_INTERFACE:
+                raise self._failure(f"looking up host bridge {bridge} for {namespace}/{name}", e) from e
+            raise errors.HypervisorError(f"starting {namespace}/{name}: host bridge {bridge} does not exist on "
+                                         f"{self.uri}") from e
+        kind = ET.fromstring(self._call(f"reading host interface {bridge}", iface.XMLDesc)).get("type")
+        if kind != "bridge":
+            raise errors.HypervisorError(f"starting {namespace}/{name}: host interface {bridge} on {self.uri} is "
+                                         f"not a bridge (its type is {kind or 'unknown'})")
 
     def shutdown(self, namespace: str, name: str, uid: str) -> None:
         """Ask the guest to power off (ACPI); it may ignore this."""
@@ -768,6 +784,13 @@ class Hypervisor:
 
 
 NETDEV = "hostnet0"  # libvirt's id for the first NIC's QEMU network backend
+
+
+def _bridges(xml: str) -> list[str]:
+    """The host bridges a domain's NICs join (`<interface type='bridge'><source bridge=.../>`)."""
+    devices = ET.fromstring(xml).find("devices")
+    return [source.get("bridge", "") for source in (devices.findall("interface[@type='bridge']/source")
+                                                    if devices is not None else [])]
 
 
 class GuestStream:

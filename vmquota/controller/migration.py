@@ -105,7 +105,7 @@ class Migrations:
         need = dataclasses.replace(placement.need_of(spec, charge, exclude=source), node_selector=selector)
         vmim["metadata"].setdefault("uid", objects.new_uid())
         try:
-            target = placement.choose(need, placement.candidates(txn), self.ctx.policy)
+            target = placement.choose(need, self.ctx.candidates(txn), self.ctx.policy)
         except placement.Unschedulable as e:
             _phase(vmim, "Failed", sourceNode=source, failed=True, failureReason=str(e),
                    migrationUid=vmim["metadata"]["uid"])
