@@ -20,7 +20,7 @@ import libvirt
 from benchmarks.common import Row, SectionResult
 
 SECTIONS = ("admission", "durable", "history", "http", "import", "kvm", "metrics", "realtime", "recount", "tables",
-            "watch", "tenants", "migration", "dashboard", "nodes")
+            "watch", "tenants", "migration", "migration-controller", "dashboard", "nodes")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
@@ -77,6 +77,8 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
                                                                  decisions=2_000 if quick else 20_000)))
     if "migration" in wanted:
         steps.append(("migration", lambda: migration.migration_section(runs=3 if quick else 15)))
+    if "migration-controller" in wanted:
+        steps.append(("migration-controller", lambda: migration.controller_section(runs=3 if quick else 15)))
     if "nodes" in wanted:
         steps.append(("nodes", lambda: nodes.nodes_section(quick=quick)))
     if "dashboard" in wanted:

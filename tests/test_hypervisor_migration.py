@@ -16,6 +16,7 @@ from vmquota.hypervisor import (
     ExitCause,
     Hypervisor,
     MigrationStep,
+    _log_folders,
     _observed,
     _parse_migrate_uri,
     _peer_uri,
@@ -53,6 +54,18 @@ def test_a_storage_copy_moves_writable_file_disks_only() -> None:
     assert _writable_disks(xml) == {"vda": Path("/d/root.qcow2"), "vdb": Path("/d/data.qcow2")}
     # ... and the read-only files are the ones it streams over first, as libvirt does not copy them.
     assert _readonly_files(xml) == [Path("/d/seed.img"), Path("/d/seed.iso")]
+
+
+def test_a_shared_storage_target_must_see_the_folders_of_the_device_logs() -> None:
+    # The target's libvirtd creates the serial console's log as the incoming domain starts: its folder must exist
+    # there, or the migration fails with "Failed to create file" instead of saying the storage is not shared.
+    xml = """<domain><devices>
+      <serial type="pty"><log file="/d/ns/uid/console.log" append="off"/><target port="0"/></serial>
+      <console type="pty"><log file="/d/ns/uid/console.log"/></console>
+      <disk type="file" device="disk"><source file="/e/root.qcow2"/><target dev="vda"/></disk>
+    </devices></domain>"""
+    assert _log_folders(xml) == [Path("/d/ns/uid")]
+    assert _log_folders("<domain><devices><serial type='pty'/></devices></domain>") == []
 
 
 class _Dom:

@@ -20,6 +20,7 @@ from conftest import Cluster, open_app, simulated_host, vm_manifest, wait_until
 from vmquota import cli
 from vmquota.app import NodeSettings
 from vmquota.client import Client, ClientError
+from vmquota.controller import nodes
 
 NODES = "/api/v1/nodes"
 
@@ -147,6 +148,8 @@ def test_a_node_whose_libvirt_does_not_answer_turns_not_ready_after_the_grace_pe
     ({"providerID": "qemu+ssh://b/system", "unschedulable": "yes"}, {}, "spec.unschedulable: must be true or false"),
     ({"providerID": "qemu+ssh://b/system"}, {"vmquota.io/cpu-overcommit": "0"}, "must be positive"),
     ({"providerID": "qemu+ssh://b/system"}, {"vmquota.io/reserved-memory": "lots"}, "must be a quantity"),
+    ({"providerID": "qemu+ssh://b/system"}, {"vmquota.io/migration-bandwidth": "512Ki"}, "of at least 1Mi"),
+    ({"providerID": "qemu+ssh://b/system"}, {"vmquota.io/migration-bandwidth": "fast"}, "must be a quantity of"),
 ])
 def test_a_bad_node_is_refused_with_the_field_and_changes_nothing(cluster: Cluster, spec: dict[str, Any],
                                                                    annotations: dict[str, str], words: str) -> None:
@@ -188,3 +191,10 @@ def test_the_cli_lists_describes_cordons_and_uncordons_nodes(cluster: Cluster) -
     assert "unschedulable" not in cluster.client.get(f"{NODES}/{name}")["spec"]
     code, text = vmquota(cluster.app.url, "get", "vmis", "-n", cluster.ns)
     assert code == 0 and text.splitlines()[1].split()[2:] == ["Running", name]
+
+
+@pytest.mark.parametrize(("value", "mib"), [(None, 0), ("1Mi", 1), ("64Mi", 64), ("1.5Mi", 1), ("1G", 953)])
+def test_a_nodes_migration_bandwidth_is_in_whole_mib_a_second_as_libvirt_takes_it(value: str | None,
+                                                                                   mib: int) -> None:
+    annotations = {} if value is None else {nodes.MIGRATION_BANDWIDTH: value}
+    assert nodes.migration_bandwidth_mib({"metadata": {"name": "n", "annotations": annotations}}) == mib

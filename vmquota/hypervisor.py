@@ -489,7 +489,8 @@ class Hypervisor:
         pool whose target path is that folder). A target that already has a file at a disk's path is refused:
         that is shared storage, and copying would write the disk onto itself. Read-only files (a cloud-init
         seed), which libvirt does not copy, are streamed over first (`_send_files`). Without copy_storage the
-        target must see the same files; libvirt believes that only of a cluster file system (NFS, GFS2, ...),
+        target must see the same files and folders (the serial log's too), which is checked first
+        (`_require_shared_files`); libvirt believes in sharing only on a cluster file system (NFS, GFS2, ...),
         so `trust_shared_storage` vouches for a local one that several hosts share (the test hosts of one
         machine): VIR_MIGRATE_UNSAFE.
 
@@ -522,8 +523,10 @@ class Hypervisor:
             if disks:
                 params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(disks)
             pools, created = target._prepare_disks(namespace, name, uid, [*disks.values(), *files])
-        elif trust_shared_storage:
-            flags |= libvirt.VIR_MIGRATE_UNSAFE
+        else:
+            target._require_shared_files(namespace, name, uid, [*disks.values(), *files], _log_folders(xml))
+            if trust_shared_storage:
+                flags |= libvirt.VIR_MIGRATE_UNSAFE
         try:
             if copy_storage and files:
                 self._send_files(target, files, namespace, name, uid)
@@ -593,6 +596,37 @@ class Hypervisor:
             self._drop_pools(pools)
             raise
         return pools, list(paths)
+
+    def _require_shared_files(self, namespace: str, name: str, uid: str, files: list[Path],
+                              folders: list[Path]) -> None:
+        """Without a copy of the storage, this (target) host must see the domain's files and folders at the same
+        paths. Checked before libvirt is asked: its libvirtd would fail on the first one it opens, mostly the
+        serial console's log ("Failed to create file '.../console.log': No such file or directory"), in words that
+        do not say the storage is not shared. Through a transient pool over each folder (never built: a missing
+        folder is the answer), so it works on a remote host too."""
+        conn = self._connection()
+        pools: list[Any] = []
+        try:
+            for index, folder in enumerate(sorted({*folders, *(path.parent for path in files)})):
+                try:
+                    pool = self._pool_at(conn, folder, f"vmquota-migration-{uid}-check-{index}", namespace, name,
+                                         build=False)
+                except errors.HypervisorUnavailable:
+                    raise
+                except errors.HypervisorError as e:
+                    raise self._unshared(namespace, name, f"the folder {folder}") from e
+                if pool is not None:
+                    pools.append(pool)
+            for path in files:
+                if not self._volume_exists(conn, path):
+                    raise self._unshared(namespace, name, str(path))
+        finally:
+            self._drop_pools(pools)
+
+    def _unshared(self, namespace: str, name: str, what: str) -> errors.HypervisorError:
+        return errors.HypervisorError(
+            f"migrating {namespace}/{name} to {self.uri}: that host does not see {what}, which the domain uses: "
+            f"the hosts do not share this storage, so the migration would have to copy it")
 
     def _send_files(self, target: Hypervisor, files: list[Path], namespace: str, name: str, uid: str) -> None:
         """Copy the domain's read-only files (a cloud-init seed) to the target before the migration starts:
@@ -936,6 +970,13 @@ def _stream_file(conn: Any, target_conn: Any, path: Path) -> None:
             chunk = chunk[up.send(chunk):]
     down.finish()
     up.finish()
+
+
+def _log_folders(xml: str) -> list[Path]:
+    """The folders of a domain's device logs (a serial console's `<log file=...>`): the target's libvirtd creates
+    the log file there when the incoming domain starts, so the folder must exist on the target."""
+    return sorted({Path(str(log_file)).parent for element in ET.fromstring(xml).iterfind("devices/*/log")
+                   if (log_file := element.get("file"))})
 
 
 def _writable_disks(xml: str) -> dict[str, Path]:

@@ -176,7 +176,8 @@ class Migrations:
                          state["targetNode"], ", copying its disks" if copy else "")
                 source.migrate(ns, name, vm["metadata"]["uid"], target,
                                migrate_uri=self._migrate_uri(state["targetNode"]), copy_storage=copy,
-                               trust_shared_storage=True)
+                               trust_shared_storage=True,
+                               bandwidth_mib_s=self._bandwidth(state["sourceNode"], state["targetNode"]))
             finally:
                 cancel.set()
             self._end(key, vmim_name, succeeded=True)
@@ -215,6 +216,12 @@ class Migrations:
                 return f"tcp://[{address}]:{port}" if ":" in address else f"tcp://{address}:{port}"
         raise errors.HypervisorError(f"no free migration port on {address} in {MIGRATION_PORTS.start}-"
                                      f"{MIGRATION_PORTS.stop - 1}")
+
+    def _bandwidth(self, source_node: str, target_node: str) -> int:
+        """The smaller of the two nodes' migration bandwidth limits, in MiB/s; 0 when neither has one."""
+        reader = self.ctx.store.reader()
+        limits = [nodes.migration_bandwidth_mib(reader.get(NODE, "", n) or {}) for n in (source_node, target_node)]
+        return min((limit for limit in limits if limit), default=0)
 
     def _copy_storage(self, source_node: str, target_node: str) -> bool:
         """Copy the disks unless both nodes see the same files (the default: a shared disk path)."""

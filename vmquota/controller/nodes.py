@@ -44,6 +44,10 @@ MEMORY_OVERCOMMIT = "vmquota.io/memory-overcommit"
 RESERVED_CPU = "vmquota.io/reserved-cpu"
 RESERVED_MEMORY = "vmquota.io/reserved-memory"
 MIGRATION_ADDRESS = "vmquota.io/migration-address"
+# At most this many bytes a second for a migration to or from the node (KubeVirt's bandwidthPerMigration), a
+# quantity such as 64Mi; libvirt takes whole MiB/s. Of two nodes' limits the smaller holds.
+MIGRATION_BANDWIDTH = "vmquota.io/migration-bandwidth"
+MIB = 1024 * 1024
 SETTINGS = (CPU_OVERCOMMIT, MEMORY_OVERCOMMIT, RESERVED_CPU, RESERVED_MEMORY)
 
 # Kubernetes' non-graceful node shutdown: an admin who has made sure a host is off (fenced) taints its Node so;
@@ -80,7 +84,22 @@ def settings_problem(node: Obj) -> str | None:
             return f"metadata.annotations[{key}]: Invalid value: {annotations[key]!r}: must be a quantity"
         if value < 0 or (key in (CPU_OVERCOMMIT, MEMORY_OVERCOMMIT) and value == 0):
             return f"metadata.annotations[{key}]: Invalid value: {annotations[key]!r}: must be positive"
+    if MIGRATION_BANDWIDTH in annotations:
+        value = annotations[MIGRATION_BANDWIDTH]
+        try:
+            ok = quantity.parse(value) >= MIB
+        except (errors.Invalid, ValueError, TypeError):
+            ok = False
+        if not ok:
+            return (f"metadata.annotations[{MIGRATION_BANDWIDTH}]: Invalid value: {value!r}: must be a quantity of "
+                    f"bytes a second of at least 1Mi (libvirt limits a migration in whole MiB/s)")
     return None
+
+
+def migration_bandwidth_mib(node: Obj) -> int:
+    """The node's migration bandwidth limit in whole MiB/s (rounded down), 0 for none."""
+    value = (objects.meta(node).get("annotations") or {}).get(MIGRATION_BANDWIDTH)
+    return 0 if value is None else int(quantity.parse(value)) // MIB
 
 
 def taints_problem(taints: Any) -> str | None:
