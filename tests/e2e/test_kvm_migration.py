@@ -95,7 +95,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     (data_dir / "disks").mkdir(parents=True)
     tag = uuid.uuid4().hex[:6]
     with extra_host(f"mig-{tag}-src") as source:
-        server = Server(data_dir, args=("--hypervisor", source.uri, "--node-status-update-frequency", "1"))
+        server = Server(data_dir, args=("--hypervisor", source.uri, "--node-status-update-frequency", "1",
+                                        "--node-monitor-grace-period", "3"))
         server.start()
         client = Client(server.url)
         ns = f"mig-{tag}"
@@ -215,3 +216,35 @@ def test_a_cancelled_migration_leaves_the_vm_running_on_its_host_with_its_charge
 
 def samples_unchanged(samples: list[object], before: dict[str, str]) -> bool:
     return bool(samples) and all(s == before for s in samples)
+
+
+def test_a_host_that_goes_down_keeps_its_vm_charged_until_confirmed_then_it_runs_once_elsewhere(rig: Rig) -> None:
+    first = rig.client.get(NODES)["items"][0]["metadata"]["name"]
+    rig.client.patch(f"{NODES}/{first}", {"spec": {"unschedulable": True}})  # the VM must go to "down"
+    domain = f"vmquota_{rig.ns}_web"
+    with rig.host("down") as down, rig.host("spare") as spare:
+        rig.add_node("down", down)
+        rig.add_node("spare", spare)
+        rig.client.patch(f"{NODES}/spare", {"spec": {"unschedulable": True}})
+        start_web(rig)
+        assert rig.vm("web")["status"]["nodeName"] == "down"
+        rig.client.patch(f"{NODES}/spare", {"spec": {"unschedulable": None}})
+        before = rig.used()
+
+        down.stop()  # the host goes away, its guest with it; vmquota cannot tell which
+        wait_until(lambda: rig.vm("web")["status"].get("printableStatus") == "Unknown", timeout=30,
+                   what="web to show Unknown once its node is NotReady")
+        assert rig.used() == before  # still charged: it might run
+        assert not runs_on(spare, domain)  # and never started a second time on a timeout
+        refused = rig.cli("node", "confirm-down", "spare")
+        assert refused.returncode == 1 and "is Ready" in refused.stderr
+
+        done = rig.cli("node", "confirm-down", "down")
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: rig.vm("web")["status"].get("nodeName") == "spare" and
+                   rig.vm("web")["status"].get("printableStatus") == "Running", timeout=60,
+                   what="web to run again on the spare node")
+        assert runs_on(spare, domain) and rig.used() == before  # once, and charged once
+        rig.cli("delete", "vm", "web", "-n", rig.ns)
+        wait_until(lambda: not runs_on(spare, domain), timeout=60, what="web's domain to be removed")
+
