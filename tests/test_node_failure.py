@@ -195,3 +195,20 @@ def test_a_second_copy_on_another_node_is_reported_and_charged_once(pool: Pool) 
     assert reasons(c).count("RunningTwice") == 1
     assert c.vm("web")["status"]["nodeName"] == "a" and c.used() == used
     pool.host("b")._connection().lookupByName(f"vmquota_{c.ns}_web").destroy()
+
+
+def test_a_node_that_answers_again_without_its_vm_has_it_restarted_through_admission(pool: Pool) -> None:
+    c = pool.c
+    c.create_quota({"limits.memory": "8Gi"})
+    start_on_a(pool, "web")
+    used = c.used()
+    pool.fail("a")
+    wait_until(lambda: pool.ready("a") == "False", what="node a to turn NotReady")
+    c.wait_status("web", "Unknown")
+    pool.host("a")._connection().lookupByName(f"vmquota_{c.ns}_web").destroy()  # it died while a was away
+    pool.heal("a")
+    wait_until(lambda: c.status("web") == "Running" and pool.runs_on(c.vm("web")["status"]["nodeName"], "web"),
+               timeout=15, what="web to run again")
+    assert sum(pool.runs_on(node, "web") for node in ("a", "b")) == 1
+    assert c.used() == used
+    assert "Crashed" in reasons(c)
