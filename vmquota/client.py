@@ -9,12 +9,17 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import ssl
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmquota import __version__
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+
+from vmquota import __version__, tunnel
 from vmquota.kubeconfig import Connection
 
 DEFAULT_SERVER = "http://127.0.0.1:8686"
@@ -105,6 +110,69 @@ class Client:
             self._conn.close()
             self._conn = None
 
+    def websocket(self, path: str) -> WebSocket:
+        """A websocket to `path` (KubeVirt's console and port forwards), on a connection of its own, with the same
+        credentials and TLS as every request; a refusal is the server's Status, as a `ClientError`."""
+        try:
+            raw = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        except OSError as e:
+            raise Unreachable(f"cannot reach the vmquota server at {self.url}: {e}") from e
+        wire: socket.socket = self._tls.wrap_socket(raw, server_hostname=self._host) if self._tls else raw
+        try:
+            ws = _handshake(wire, self._host, self._port, path, self._headers)
+        except BaseException:
+            wire.close()
+            raise
+        wire.settimeout(None)
+        return WebSocket(wire, ws)
+
+
+@dataclass
+class WebSocket:
+    """An open websocket: its connection and wsproto's state of it, for `tunnel.pump`."""
+    wire: socket.socket
+    ws: WSConnection
+
+    def close(self) -> None:
+        self.wire.close()
+
+
+def _handshake(wire: socket.socket, host: str, port: int, path: str, headers: dict[str, str]) -> WSConnection:
+    ws = WSConnection(ConnectionType.CLIENT)
+    wire.sendall(ws.send(Request(host=f"{host}:{port}", target=path, subprotocols=[tunnel.PLAIN_PROTOCOL],
+                                 extra_headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])))
+    code, body = 0, bytearray()
+    while True:
+        try:
+            data = wire.recv(1 << 16)
+        except OSError as e:
+            raise Unreachable(f"the websocket handshake with the vmquota server failed: {e}") from e
+        ws.receive_data(data or None)
+        for event in ws.events():
+            if isinstance(event, AcceptConnection):
+                return ws
+            if isinstance(event, RejectConnection):
+                code = event.status_code
+                if not event.has_body:
+                    raise _refusal(code, b"")
+            elif isinstance(event, RejectData):
+                body += event.data
+                if event.body_finished:
+                    raise _refusal(code, bytes(body))
+        if not data:
+            raise Unreachable("the vmquota server closed the connection during the websocket handshake")
+
+
+def _refusal(code: int, body: bytes) -> ClientError:
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and decoded.get("kind") == "Status":
+        return ClientError(decoded)
+    return ClientError({"code": code, "message": body.decode(errors="replace") or f"HTTP {code}",
+                        "reason": http.client.responses.get(code, "")})
+
 
 def _tls_context(connection: Connection) -> ssl.SSLContext:
     """Verify the server against the kubeconfig's CA (else the system's); present its client certificate."""
@@ -134,3 +202,12 @@ def object_path(kind: Any, namespace: str | None, name: str) -> str:
 
 def action_path(namespace: str, name: str, action: str) -> str:
     return f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachines/{name}/{action}"
+
+
+def console_path(namespace: str, name: str) -> str:
+    return f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{name}/console"
+
+
+def port_forward_path(namespace: str, plural: str, name: str, port: int) -> str:
+    """`plural` is virtualmachines (`vm/NAME`) or virtualmachineinstances (`vmi/NAME`), as virtctl asks."""
+    return f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/{plural}/{name}/portforward/{port}/tcp"
