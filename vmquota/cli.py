@@ -33,10 +33,8 @@ from vmquota.client import (
     Client,
     ClientError,
     Unreachable,
-    WebSocket,
     action_path,
     collection_path,
-    console_path,
     object_path,
     port_forward_path,
 )
@@ -474,14 +472,13 @@ def cmd_clone(client: Client, args: argparse.Namespace) -> int:
 # -- console and port-forward: KubeVirt's websocket subresources, as virtctl uses them ------------------------
 
 ESCAPE = b"\x1d"  # Ctrl+] (and Ctrl+5 in most terminals) leaves the console, as in virtctl and telnet
-CONSOLE_RETRY = 1.0
 
 
 def cmd_console(client: Client, args: argparse.Namespace) -> int:
     """The VM's serial console on this terminal (raw, so every key reaches the guest) until Ctrl+] or the guest's
     end. A VM still starting is waited for (the server answers 400 until it runs), as virtctl does. Standard input
     may be a pipe: what it gives is typed, and its end leaves the console open until interrupted."""
-    socket_ = _open_console(client, args.namespace, args.vm, args.timeout)
+    socket_ = client.console(args.namespace, args.vm, timeout=args.timeout)
     print(f"Successfully connected to {args.vm} console. Press Ctrl+] or Ctrl+5 to exit console.", file=sys.stderr)
     terminal = _Terminal(sys.stdin.fileno(), sys.stdout.fileno())
     try:
@@ -493,17 +490,6 @@ def cmd_console(client: Client, args: argparse.Namespace) -> int:
         socket_.close()
     print(file=sys.stderr)
     return EXIT_OK
-
-
-def _open_console(client: Client, namespace: str, name: str, timeout: float) -> WebSocket:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.websocket(console_path(namespace, name))
-        except ClientError as e:
-            if e.code != 400 or e.message != "VMI is not running" or time.monotonic() > deadline:
-                raise
-        time.sleep(CONSOLE_RETRY)
 
 
 class _Terminal:

@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +24,8 @@ from vmquota import __version__, tunnel
 from vmquota.kubeconfig import Connection
 
 DEFAULT_SERVER = "http://127.0.0.1:8686"
+NOT_RUNNING = "VMI is not running"  # the console's 400 while a VM starts
+CONSOLE_RETRY = 0.1  # seconds between two tries of a starting VM's console
 
 
 class ClientError(Exception):
@@ -125,6 +128,18 @@ class Client:
             raise
         wire.settimeout(None)
         return WebSocket(wire, ws)
+
+    def console(self, namespace: str, name: str, *, timeout: float) -> WebSocket:
+        """The VM's serial console; a VM still starting (the server's 400 "VMI is not running") is waited for, as
+        virtctl waits, but asked again sooner: the console is open by the time the guest prints its first line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.websocket(console_path(namespace, name))
+            except ClientError as e:
+                if e.code != 400 or e.message != NOT_RUNNING or time.monotonic() > deadline:
+                    raise
+            time.sleep(CONSOLE_RETRY)
 
 
 @dataclass
