@@ -151,8 +151,9 @@ class ServerProcess:
     """`vmquota serve` as a child process on a loopback port, with its own data directory."""
 
     def __init__(self, data_dir: Path, hypervisor: str, *, resync_interval: float = 3600.0,
-                 api_processes: int | None = None, secure: bool = False) -> None:
+                 api_processes: int | None = None, secure: bool = False, args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        self.args = args  # more `vmquota serve` options, such as --use-emulation
         self.api_processes = api_processes  # None: the server's default
         self.port = free_port()
         self.secure = secure  # serve's defaults (TLS, authentication, RBAC, audit); else plain HTTP, no auth
@@ -171,7 +172,7 @@ class ServerProcess:
                  # the baseline: plain HTTP with no authentication (kube-apiserver's own switches)
                  *(() if self.secure else ("--plain-http", "--anonymous-auth", "--authorization-mode",
                                            "AlwaysAllow")),
-                 *([] if self.api_processes is None else ["--api-processes", str(self.api_processes)])],
+                 *([] if self.api_processes is None else ["--api-processes", str(self.api_processes)]), *self.args],
                 stdout=log, stderr=subprocess.STDOUT)
         client = Client(self.url, timeout=5)  # /healthz needs no credentials
         deadline = time.monotonic() + timeout
