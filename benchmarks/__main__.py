@@ -20,12 +20,12 @@ import libvirt
 from benchmarks.common import Row, SectionResult
 
 SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "tables", "watch",
-            "tenants", "console")
+            "tenants", "migration", "console")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
     """The sections to run with their sizes; --quick keeps their shape and shrinks the counts."""
-    from benchmarks import admission, console, http_load, kvm, metrics, recount, tables, tenants, watch
+    from benchmarks import admission, console, http_load, kvm, metrics, migration, recount, tables, tenants, watch
 
     steps: list[tuple[str, Callable[[], SectionResult]]] = []
     if "admission" in wanted:
@@ -60,6 +60,8 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
         steps.append(("tenants", lambda: tenants.tenants_section(requests=600 if quick else 3_000,
                                                                  rounds=1 if quick else 3,
                                                                  decisions=2_000 if quick else 20_000)))
+    if "migration" in wanted:
+        steps.append(("migration", lambda: migration.migration_section(runs=3 if quick else 15)))
     if "console" in wanted:
         steps.append(("console", lambda: console.console_section(runs=3 if quick else 9)))
     return steps

@@ -129,6 +129,17 @@ def vm_manifest(name: str, *, cores: int = 2, memory: str = "2Gi", disk: str | N
     return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name}, "spec": spec}
 
 
+def simulated_host(path: Path, *, cpus: int, memory_kib: int) -> str:
+    """A libvirt test-driver host with `cpus` CPUs and `memory_kib` KiB, as a URI."""
+    path.write_text(f"""<node>
+  <cpu><nodes>1</nodes><sockets>1</sockets><cores>{cpus}</cores><threads>1</threads><active>{cpus}</active>
+       <mhz>2000</mhz><model>x86_64</model></cpu>
+  <memory>{memory_kib}</memory>
+</node>
+""")
+    return f"test://{path}"
+
+
 def vms_path(ns: str) -> str:
     return collection_path(objects.VIRTUAL_MACHINE, ns)
 

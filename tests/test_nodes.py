@@ -15,24 +15,13 @@ from typing import Any
 
 import libvirt
 import pytest
-from conftest import Cluster, open_app, vm_manifest, wait_until
+from conftest import Cluster, open_app, simulated_host, vm_manifest, wait_until
 
 from vmquota import cli
-from vmquota.app import NodeTiming
+from vmquota.app import NodeSettings
 from vmquota.client import Client, ClientError
 
 NODES = "/api/v1/nodes"
-
-
-def simulated_host(path: Path, *, cpus: int, memory_kib: int) -> str:
-    """A libvirt test-driver host with `cpus` CPUs and `memory_kib` KiB, as a URI."""
-    path.write_text(f"""<node>
-  <cpu><nodes>1</nodes><sockets>1</sockets><cores>{cpus}</cores><threads>1</threads><active>{cpus}</active>
-       <mhz>2000</mhz><model>x86_64</model></cpu>
-  <memory>{memory_kib}</memory>
-</node>
-""")
-    return f"test://{path}"
 
 
 def vmis(ns: str) -> str:
@@ -46,7 +35,7 @@ def ready(node: dict[str, Any]) -> str | None:
 @pytest.fixture
 def fast(tmp_path: Path) -> Iterator[Cluster]:
     """A server whose heartbeat looks at the nodes every 0.2 s and calls a silent one NotReady after 1 s."""
-    app = open_app(tmp_path / "data", node_timing=NodeTiming(heartbeat_seconds=0.2, grace_seconds=1.0))
+    app = open_app(tmp_path / "data", node_settings=NodeSettings(heartbeat_seconds=0.2, grace_seconds=1.0))
     c = Cluster(app, "nodes")
     c.create_namespace("nodes")
     try:

@@ -43,6 +43,7 @@ from vmquota.objects import (
     SERVICE_ACCOUNT,
     VIRTUAL_MACHINE,
     VIRTUAL_MACHINE_CLONE,
+    VIRTUAL_MACHINE_INSTANCE_MIGRATION,
     Kind,
     Obj,
 )
@@ -103,6 +104,7 @@ class Api:
             EVENT.kind: _EventRules(self),
             SERVICE_ACCOUNT.kind: _ServiceAccountRules(self),
             NODE.kind: _NodeRules(self),
+            VIRTUAL_MACHINE_INSTANCE_MIGRATION.kind: _MigrationRules(self),
             ROLE.kind: _RoleRules(self, ROLE),
             CLUSTER_ROLE.kind: _RoleRules(self, CLUSTER_ROLE),
             ROLE_BINDING.kind: _BindingRules(self, ROLE_BINDING),
@@ -361,6 +363,19 @@ class Api:
 
     def restart(self, namespace: str, name: str, *, dry_run: bool = False) -> Obj:
         return self._vm_action(namespace, name, self.controller.request_restart, dry_run=dry_run)
+
+    def migrate(self, namespace: str, name: str, body: Any = None, *, dry_run: bool = False) -> Obj:
+        """virtctl migrate: a VirtualMachineInstanceMigration of the VM, named as virtctl's generateName does."""
+        options = body if isinstance(body, dict) else {}
+        if body is not None and not isinstance(body, dict):
+            raise errors.BadRequest("the body must be a MigrateOptions object")
+        spec: dict[str, Any] = {"vmiName": name}
+        if options.get("addedNodeSelector") is not None:
+            spec["addedNodeSelector"] = options["addedNodeSelector"]
+        return self.create(VIRTUAL_MACHINE_INSTANCE_MIGRATION, namespace, {
+            "apiVersion": VIRTUAL_MACHINE_INSTANCE_MIGRATION.api_version,
+            "kind": VIRTUAL_MACHINE_INSTANCE_MIGRATION.kind,
+            "metadata": {"name": f"kubevirt-migrate-vm-{objects.new_uid()[:5]}"}, "spec": spec}, dry_run=dry_run)
 
     # -- ServiceAccount tokens ----------------------------------------------------------------------
 
@@ -951,7 +966,7 @@ class _NodeRules(_Rules):
                                                          "another node")
         if "unschedulable" in spec and not isinstance(spec["unschedulable"], bool):
             raise invalid(NODE, name, "spec.unschedulable", "must be true or false")
-        problem = nodes.settings_problem(obj)
+        problem = nodes.settings_problem(obj) or nodes.taints_problem(spec.get("taints"))
         if problem:
             raise errors.Invalid(f'{NODE.qualified_kind} "{name}" is invalid: {problem}')
         for other in txn.list(NODE):
@@ -961,6 +976,30 @@ class _NodeRules(_Rules):
 
     def before_create(self, txn: Transaction, obj: Obj) -> None:
         obj.pop("status", None)  # the heartbeat writes it
+        # As kubelet labels its node: `migrate --to NODE` selects the target by this label.
+        obj["metadata"].setdefault("labels", {}).setdefault("kubernetes.io/hostname", obj["metadata"]["name"])
+
+    def before_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
+        new["status"] = old.get("status") or {}
+
+
+class _MigrationRules(_Rules):
+    """A live migration: admitted, with its target node reserved, in the transaction that creates it."""
+    kind = VIRTUAL_MACHINE_INSTANCE_MIGRATION
+
+    def validate(self, txn: Transaction, obj: Obj, old: Obj | None) -> None:
+        name = obj["metadata"]["name"]
+        spec = obj.get("spec")
+        vmi = spec.get("vmiName") if isinstance(spec, dict) else None
+        if not isinstance(vmi, str) or not vmi:
+            raise invalid(self.kind, name, "spec.vmiName", "Required value: the VMI (the VM) to migrate")
+        assert isinstance(spec, dict)
+        _check_string_map(self.kind, name, "spec.addedNodeSelector", spec.get("addedNodeSelector"))
+        if old is not None and old.get("spec") != spec:
+            raise invalid(self.kind, name, "spec", "Forbidden: a migration's spec cannot change")
+
+    def before_create(self, txn: Transaction, obj: Obj) -> None:
+        self.api.controller.request_migration(txn, obj)
 
     def before_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
         new["status"] = old.get("status") or {}

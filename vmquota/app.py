@@ -22,6 +22,7 @@ from vmquota.api import Api
 from vmquota.apiserver import Server, limits, security, serve
 from vmquota.apiserver.security import Options, Security
 from vmquota.controller import Controller, nodes
+from vmquota.controller.placement import Policy
 from vmquota.disks import Disks
 from vmquota.hypervisor import Hypervisor
 from vmquota.store import Store, Transaction
@@ -41,22 +42,24 @@ class Core:
 
 
 @dataclass(frozen=True)
-class NodeTiming:
-    """How often each node's host is asked for its state, and how long it may stay silent before NotReady."""
+class NodeSettings:
+    """How often each node's host is asked for its state, how long it may stay silent before NotReady, and how
+    a starting VM's node is chosen."""
     heartbeat_seconds: float = nodes.HEARTBEAT_SECONDS
     grace_seconds: float = nodes.NODE_GRACE_SECONDS
+    placement: Policy = Policy.SPREAD
 
 
 def open_core(data_dir: Path, hypervisor_uri: str, overhead: OverheadModel, *,
               resync_interval: float = 30.0, use_emulation: bool = False,
-              node_timing: NodeTiming = NodeTiming()) -> Core:
+              node_settings: NodeSettings = NodeSettings()) -> Core:
     """The server's parts on `data_dir`; only the first process runs the controller (`Controller.run`)."""
     store = Store(data_dir / "vmquota.db")
     hypervisor = Hypervisor(hypervisor_uri, instance=store.instance_id, use_emulation=use_emulation)
     controller = Controller(store=store, hypervisor=hypervisor, disks=Disks(data_dir / "disks"),
                             overhead=overhead, resync_interval=resync_interval,
-                            heartbeat_seconds=node_timing.heartbeat_seconds,
-                            node_grace_seconds=node_timing.grace_seconds)
+                            heartbeat_seconds=node_settings.heartbeat_seconds,
+                            node_grace_seconds=node_settings.grace_seconds, placement=node_settings.placement)
     return Core(store, hypervisor, controller, Api(store, controller))
 
 
@@ -76,7 +79,7 @@ class App(Core):
              tls_private_key_file: str | None = None, anonymous_auth: bool = False,
              token_auth_file: str | None = None, authorization_mode: str = "RBAC", audit: bool = True,
              max_requests_inflight_per_user: int = limits.DEFAULT_PER_USER,
-             node_timing: NodeTiming = NodeTiming()) -> App:
+             node_settings: NodeSettings = NodeSettings()) -> App:
         """`api_processes` - 1 processes besides this one answer HTTP too (`workers.py`).
 
         Secure unless told otherwise, with kube-apiserver's switches: TLS (`tls=False` for plain HTTP, loopback
@@ -95,7 +98,7 @@ class App(Core):
             lock_file.close()
             raise errors.VmquotaError(f"another vmquota server is using {data_dir}") from e
         core = open_core(data_dir, hypervisor_uri, overhead, resync_interval=resync_interval,
-                         use_emulation=use_emulation, node_timing=node_timing)
+                         use_emulation=use_emulation, node_settings=node_settings)
         store, controller = core.store, core.controller
         with store.transaction() as txn:
             if txn.get(objects.NAMESPACE, "", "default") is None:

@@ -90,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from vmquota import workers  # the server side is imported only to serve
-    from vmquota.app import App, NodeTiming
+    from vmquota.app import App, NodeSettings
+    from vmquota.controller.placement import Policy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = args.listen.rpartition(":")
@@ -110,7 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
                        tls_private_key_file=args.tls_private_key_file, anonymous_auth=args.anonymous_auth,
                        token_auth_file=args.token_auth_file, authorization_mode=args.authorization_mode,
                        max_requests_inflight_per_user=args.max_requests_inflight_per_user,
-                       node_timing=NodeTiming(args.node_status_update_frequency, args.node_monitor_grace_period))
+                       node_settings=NodeSettings(args.node_status_update_frequency, args.node_monitor_grace_period,
+                                                   Policy(args.placement)))
     except errors.HypervisorUnavailable as e:
         print(f"vmquota: {e}\nvmquota: is libvirtd running? `make run` starts it (scripts/libvirtd-up.sh); "
               f"`--hypervisor test:///default` runs on libvirt's simulated host.", file=sys.stderr)
@@ -435,6 +437,99 @@ def cmd_cordon(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def latest_migration(client: Client, namespace: str, vm: str) -> dict[str, Any] | None:
+    found = [m for m in client.get(collection_path(objects.VIRTUAL_MACHINE_INSTANCE_MIGRATION, namespace))["items"]
+             if (m.get("spec") or {}).get("vmiName") == vm]
+    return max(found, key=lambda m: (m["metadata"].get("creationTimestamp", ""),
+                                     int(m["metadata"].get("resourceVersion", 0))), default=None)
+
+
+def wait_for_migration(client: Client, namespace: str, vm: str, timeout: float) -> None:
+    """Until the VM's latest migration has ended; Refused with libvirt's or the scheduler's words if it failed."""
+    ended: dict[str, Any] = {}
+
+    def done() -> bool:
+        found = latest_migration(client, namespace, vm)
+        phase = ((found or {}).get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            ended.update(found or {})
+            return True
+        return False
+
+    _wait(done, timeout, f"the migration of {namespace}/{vm} to end")
+    state = ended["status"].get("migrationState") or {}
+    if ended["status"]["phase"] == "Failed":
+        raise Refused(f"the migration of {namespace}/{vm} failed: {state.get('failureReason', 'unknown reason')}")
+
+
+def migrate(client: Client, namespace: str, vm: str, to: str | None) -> None:
+    body = {"addedNodeSelector": {"kubernetes.io/hostname": to}} if to else {}
+    client.put(action_path(namespace, vm, "migrate"), body)
+
+
+def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
+    """migrate: live-migrate a running VM to another node (to NODE, or where placement chooses); it stays charged
+    exactly once. Cancel it by deleting its VirtualMachineInstanceMigration."""
+    migrate(client, args.namespace, args.vm, args.to)
+    if not args.wait:
+        print(f"VM {args.vm} was scheduled to migrate")
+        return EXIT_OK
+    wait_for_migration(client, args.namespace, args.vm, args.timeout)
+    node = (client.get(object_path(objects.VIRTUAL_MACHINE, args.namespace, args.vm)).get("status") or {}).get(
+        "nodeName")
+    print(f"VM {args.vm} migrated to node {node}")
+    return EXIT_OK
+
+
+def cmd_drain(client: Client, args: argparse.Namespace) -> int:
+    """drain: cordon the node, then live-migrate every VM off it, as kubectl drain evicts a node's pods."""
+    path = object_path(objects.NODE, None, args.node)
+    if not (client.get(path).get("spec") or {}).get("unschedulable"):
+        client.patch(path, {"spec": {"unschedulable": True}})
+    print(f"node/{args.node} cordoned")
+    vmis = [v["metadata"] for v in client.get(collection_path(objects.VIRTUAL_MACHINE_INSTANCE, None))["items"]
+            if (v.get("status") or {}).get("nodeName") == args.node]
+    for vmi in vmis:
+        print(f"migrating vm {vmi['namespace']}/{vmi['name']}")
+        migrate(client, vmi["namespace"], vmi["name"], None)
+    failed = []
+    for vmi in vmis:
+        try:
+            wait_for_migration(client, vmi["namespace"], vmi["name"], args.timeout)
+            print(f"vm/{vmi['name']} migrated")
+        except Refused as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(vmi["name"])
+    if failed:
+        print(f"error: node/{args.node} not drained: {len(failed)} VM(s) still on it", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"node/{args.node} drained")
+    return EXIT_OK
+
+
+OUT_OF_SERVICE = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
+
+
+def cmd_node(client: Client, args: argparse.Namespace) -> int:
+    """node confirm-down: the admin has made sure the node's host is off, so its VMs are released (and restarted
+    elsewhere if their strategy says so). Kubernetes' non-graceful node shutdown: the out-of-service taint."""
+    path = object_path(objects.NODE, None, args.node)
+    node = client.get(path)
+    taints = list((node.get("spec") or {}).get("taints") or [])
+    if any(t.get("key") == OUT_OF_SERVICE["key"] for t in taints):
+        print(f"node/{args.node} already confirmed down")
+        return EXIT_OK
+    ready = next((c.get("status") for c in (node.get("status") or {}).get("conditions") or []
+                  if c.get("type") == "Ready"), None)
+    if ready == "True":
+        print(f"error: node/{args.node} is Ready: its host answers, so its VMs may run. Confirm a node down only "
+              f"once its host is off", file=sys.stderr)
+        return EXIT_REFUSED
+    client.patch(path, {"spec": {"taints": [*taints, {**OUT_OF_SERVICE, "timeAdded": objects.now()}]}})
+    print(f"node/{args.node} confirmed down: its VMs are released")
+    return EXIT_OK
+
+
 def cmd_clone(client: Client, args: argparse.Namespace) -> int:
     if args.dry_run and (args.start or args.wait):
         raise UsageError("--dry-run checks the clone's admission only: a start of the target can be checked once "
@@ -669,6 +764,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-monitor-grace-period", type=float, default=40.0, metavar="SECONDS",
                        help="how long a node's libvirt may not answer before the node is NotReady "
                             "(kube-controller-manager's name; default 40)")
+    # placement.Policy's values: the controller is not imported for every command
+    serve.add_argument("--placement", default="spread", choices=("spread", "pack"),
+                       help="which fitting node a starting VM goes to: spread (the most memory left, the default) "
+                            "or pack (the least left that still fits)")
     serve.add_argument("--use-emulation", action="store_true",
                        help="run guests under plain QEMU emulation even where KVM works (KubeVirt's useEmulation)")
     serve.add_argument("--api-processes", type=int, default=None,
@@ -744,6 +843,19 @@ def parser() -> argparse.ArgumentParser:
 
     for action, words in (("cordon", "place no new VM on a node"), ("uncordon", "place VMs on a node again")):
         sub.add_parser(action, help=words).add_argument("node")
+    drain = sub.add_parser("drain", help="cordon a node and live-migrate its VMs away")
+    drain.add_argument("node")
+    drain.add_argument("--timeout", type=float, default=600)
+    move = sub.add_parser("migrate", help="live-migrate a running VM to another node")
+    move.add_argument("vm")
+    namespaced(move)
+    move.add_argument("--to", metavar="NODE", help="the node to move to (default: where placement chooses)")
+    move.add_argument("--wait", action="store_true", help="until the migration has ended; exit 1 if it failed")
+    move.add_argument("--timeout", type=float, default=600)
+    node = sub.add_parser("node", help="act on a node").add_subparsers(dest="node_command", required=True)
+    confirm = node.add_parser("confirm-down", help="the node's host is off for sure: release its VMs")
+    confirm.add_argument("node")
+    global_flags(confirm)
 
     clone = sub.add_parser("clone", help="clone a VM with copies of its disks")
     clone.add_argument("source")
@@ -767,14 +879,19 @@ def parser() -> argparse.ArgumentParser:
     namespaced(forward)
     for name, command in sub.choices.items():  # like kubectl's global flags, these may follow the command
         if name not in ("serve", "kubeconfig", "audit"):
-            command.add_argument("--server", default=argparse.SUPPRESS, help="the server URL")
-            command.add_argument("--kubeconfig", default=argparse.SUPPRESS, help="the kubeconfig file")
+            global_flags(command)
     return top
+
+
+def global_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--server", default=argparse.SUPPRESS, help="the server URL")
+    command.add_argument("--kubeconfig", default=argparse.SUPPRESS, help="the kubeconfig file")
 
 
 COMMANDS = {"get": cmd_get, "top": cmd_top, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
             "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone,
-            "cordon": cmd_cordon, "uncordon": cmd_cordon, "console": cmd_console, "port-forward": cmd_port_forward}
+            "cordon": cmd_cordon, "uncordon": cmd_cordon, "node": cmd_node,
+            "drain": cmd_drain, "migrate": cmd_migrate, "console": cmd_console, "port-forward": cmd_port_forward}
 
 
 LOCAL_COMMANDS = {"kubeconfig": cmd_kubeconfig, "audit": cmd_audit}

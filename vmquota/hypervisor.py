@@ -15,11 +15,13 @@ through `on_reconnect`, so the controller can recount what it may have missed.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import re
 import socket
 import threading
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ class ExitCause(enum.StrEnum):
     DESTROYED = "Destroyed"  # forced off (by vmquota, or by someone else)
     CRASHED = "Crashed"  # the guest or QEMU crashed
     FAILED = "Failed"  # QEMU failed or was killed
+    MIGRATED = "Migrated"  # it left for another host (live migration): it runs there, this is no shutdown
 
 
 @dataclass(frozen=True, slots=True)  # slots: a recount holds one per domain
@@ -80,6 +83,7 @@ _SHUTOFF_CAUSES = {
     libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: ExitCause.DESTROYED,
     libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: ExitCause.CRASHED,
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: ExitCause.FAILED,
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: ExitCause.MIGRATED,
 }
 
 _event_loop_started = False
@@ -212,7 +216,8 @@ class Hypervisor:
             if self._conn is not None:
                 self._drop()
 
-    def _lifecycle(self, _conn: Any, dom: Any, _event: int, _detail: int, _opaque: Any) -> None:
+    def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        self._tell_migration(dom, event, detail)
         parsed = domainxml.parse_domain_name(dom.name())
         if parsed and self._on_event:
             try:
@@ -409,6 +414,212 @@ class Hypervisor:
         info = self._call(f"reading the jobs of {namespace}/{name}", dom.jobInfo)
         return bool(info[0] not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED))
 
+    # -- live migration (issue 13): peer-to-peer, to another libvirt host ------------------------------------
+
+    _on_migration: MigrationCallback | None = None
+
+    def listen_migrations(self, on_migration: MigrationCallback | None) -> None:
+        """Whom to tell of the migration events of vmquota's domains on this host, decoded, with this host's URI
+        (`listen`'s callback still hears of every event, these too, as before).
+
+        What each side's libvirt says during a migration, so the controller never takes it for a guest that
+        shut down or a domain that came from nowhere (seen on libvirt 9.0, in this order on success):
+            target  STARTED/MIGRATED    Arrived  the incoming QEMU exists, paused until the switch-over
+            source  SUSPENDED/MIGRATED  Paused   paused for the final switch-over, not by a user
+            target  DEFINED/ADDED       -        its persistent definition (PERSIST_DEST)
+            target  RESUMED/MIGRATED    Resumed  it runs on the target
+            source  STOPPED/MIGRATED    Left     it runs elsewhere now; UNDEFINE_SOURCE removes the definition
+                                                 next, so the source then observes ABSENT (in between: OFF with
+                                                 the exit cause Migrated), never a shutdown
+        On a failure or cancel:
+            source  RESUMED/MIGRATED    Resumed  a switch-over failed after the pause: it runs on the source again
+                                                 (libvirt's word for it; the tests' failures all come earlier)
+            target  STOPPED/FAILED      -        the incoming copy ends (STOPPED/FAILED is also any QEMU failure,
+                                                 so it is left to `listen`'s callback and `observe`)
+        A migration that fails before the switch-over sends the source nothing: it never stopped running.
+        """
+        self._on_migration = on_migration
+
+    def _tell_migration(self, dom: Any, event: int, detail: int) -> None:
+        step = _MIGRATION_EVENTS.get((event, detail))
+        if step is None or self._on_migration is None:
+            return
+        parsed = domainxml.parse_domain_name(dom.name())
+        if parsed is None:
+            return
+        try:
+            self._on_migration(self.uri, *parsed, step)
+        except Exception:  # an event handler must never kill libvirt's event thread
+            log.exception("handling the migration event of %s", dom.name())
+
+    def migrate(self, namespace: str, name: str, uid: str, target: Hypervisor, *, migrate_uri: str,
+                copy_storage: bool, trust_shared_storage: bool = False, bandwidth_mib_s: int = 0,
+                on_progress: Callable[[MigrationProgress], object] | None = None,
+                progress_interval: float = 0.4) -> None:
+        """Live-migrate the running domain of this VM to `target`, peer to peer; returns once it runs there.
+
+        libvirt's `migrateToURI3` with LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE, as KubeVirt's
+        virt-launcher does: this host's libvirtd talks to the target's itself (at `target.uri`, which it must be
+        able to reach) and the guest's memory goes to `migrate_uri` (`tcp://ADDRESS:PORT`, where the target
+        listens, on that address only). It blocks for the whole migration; `abort_migration` from another thread
+        ends it, `on_progress` hears `migration_progress` every `progress_interval` seconds meanwhile.
+
+        copy_storage: the disks are local to each host, so their contents are copied too (NON_SHARED_DISK over
+        NBD): the target gets an empty qcow2 of each disk's virtual size first, made by its libvirt in a
+        transient storage pool over the disk's folder (libvirt 9.0 pre-creates a missing disk only inside a
+        pool whose target path is that folder). A target that already has a file at a disk's path is refused:
+        that is shared storage, and copying would write the disk onto itself. Read-only disks (a cloud-init
+        seed) are not copied and must exist on the target. Without copy_storage the target must see the same
+        files; libvirt believes that only of a cluster file system (NFS, GFS2, ...), so `trust_shared_storage`
+        vouches for a local one that several hosts share (the test hosts of one machine): VIR_MIGRATE_UNSAFE.
+
+        Failures are HypervisorError in libvirt's words (HypervisorUnavailable when a host does not answer);
+        after one the domain still runs here: libvirt resumes it on the source, and this removes the disks a
+        copy_storage migration created on the target.
+        """
+        what = f"migrating {namespace}/{name} to {target.uri}"
+        if target.uri == self.uri:
+            raise errors.HypervisorError(f"{what}: the target is this host")
+        if self.domain_type == "test" and target.domain_type == "test":
+            self._migrate_simulated(namespace, name, uid, target)
+            return
+        address, _port = _parse_migrate_uri(migrate_uri)
+        dom = self._running(namespace, name, uid)
+        target.ensure_reachable()  # a host that is down: a clear error before libvirt is asked anything
+        target.clear_for_incoming(namespace, name, uid)
+        disks = _writable_disks(self._call(f"reading the domain of {namespace}/{name}", dom.XMLDesc))
+        flags = _MIGRATE_FLAGS
+        params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: migrate_uri}
+        if _is_ip(address):  # QEMU on the target listens there only, not on every address
+            params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = address
+        if bandwidth_mib_s:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib_s)
+        pools: list[Any] = []
+        created: list[Path] = []
+        if copy_storage:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+            if disks:
+                params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(disks)
+            pools, created = target._prepare_disks(namespace, name, uid, list(disks.values()))
+        elif trust_shared_storage:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
+        try:
+            with _ProgressReporter(self, namespace, name, uid, on_progress, progress_interval):
+                self._call(what, lambda: dom.migrateToURI3(target.uri, params, flags))
+        except errors.HypervisorError:
+            target._remove_created(namespace, name, created)
+            raise
+        finally:
+            target._drop_pools(pools)
+
+    def abort_migration(self, namespace: str, name: str, uid: str) -> bool:
+        """Cancel this VM's outgoing migration (`abortJob`); False if none was going on. The domain goes on
+        running here; `migrate` raises in its own thread once libvirt has rolled back."""
+        dom = self._running(namespace, name, uid)
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:  # "no job is active on the domain"
+                return False
+            raise self._failure(f"cancelling the migration of {namespace}/{name}", e) from e
+        return True
+
+    def migration_progress(self, namespace: str, name: str, uid: str) -> MigrationProgress | None:
+        """How far this VM's migration is (libvirt's job stats), or None when no job runs."""
+        dom = self._running(namespace, name, uid)
+        stats = self._call(f"reading the migration of {namespace}/{name}", dom.jobStats)
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_UNBOUNDED:
+            return None
+        return MigrationProgress(processed_bytes=int(stats.get("data_processed", 0)),
+                                 remaining_bytes=int(stats.get("data_remaining", 0)),
+                                 total_bytes=int(stats.get("data_total", 0)),
+                                 elapsed_ms=int(stats.get("time_elapsed", 0)))
+
+    def clear_for_incoming(self, namespace: str, name: str, uid: str) -> None:
+        """Make room for this VM's incoming domain: a leftover of an earlier VM of this name (off) goes; a
+        domain vmquota did not make, or one of this VM that runs here already, is refused."""
+        dom = self._own(namespace, name, uid, refuse_foreign=True)
+        if dom is None:
+            return
+        running = self._call(f"reading the state of {namespace}/{name}",
+                             (dom.dom if isinstance(dom, _Stale) else dom).isActive)
+        if running:
+            raise errors.HypervisorError(f"{namespace}/{name} already runs on {self.uri}")
+        if isinstance(dom, _Stale):
+            self._remove_stale(dom)
+        # An inactive definition of this very VM is replaced by the incoming one (PERSIST_DEST).
+
+    def _prepare_disks(self, namespace: str, name: str, uid: str,
+                       paths: list[Path]) -> tuple[list[Any], list[Path]]:
+        """On this (target) host: a transient storage pool over each disk's folder, so libvirt can create the
+        disks the migration copies into. Returns the pools this made and the disk paths it will create."""
+        conn = self._connection()
+        pools: list[Any] = []
+        try:
+            for index, folder in enumerate(sorted({p.parent for p in paths})):
+                pool = self._pool_at(conn, folder, f"vmquota-migration-{uid}-{index}", namespace, name)
+                if pool is not None:
+                    pools.append(pool)
+            for path in paths:
+                if self._volume_exists(conn, path):
+                    raise errors.HypervisorError(
+                        f"migrating {namespace}/{name} with its storage: {self.uri} already has a file at {path}; "
+                        f"copying the disk would overwrite it (if the hosts share this storage, migrate without "
+                        f"copying it)")
+        except BaseException:
+            self._drop_pools(pools)
+            raise
+        return pools, list(paths)
+
+    def _pool_at(self, conn: Any, folder: Path, pool_name: str, namespace: str, name: str) -> Any | None:
+        """A transient dir pool over `folder` (made, with its parents, if missing); None when a pool of this
+        host covers the folder already (libvirt finds that one by its path)."""
+        xml = ET.Element("pool", {"type": "dir"})
+        ET.SubElement(xml, "name").text = pool_name
+        ET.SubElement(ET.SubElement(xml, "target"), "path").text = str(folder)
+        try:
+            return conn.storagePoolCreateXML(ET.tostring(xml, encoding="unicode"),
+                                             libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+        except libvirt.libvirtError as e:
+            message = e.get_error_message()
+            if e.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED and (
+                    "conflict with pool" in message or "already exists" in message):
+                return None  # "Storage source conflict with pool 'x'": a pool of the host has this folder already
+            raise self._failure(f"preparing {folder} on {self.uri} for the disks of {namespace}/{name}", e) from e
+
+    def _volume_exists(self, conn: Any, path: Path) -> bool:
+        try:
+            pool = conn.storagePoolLookupByTargetPath(str(path.parent))
+            pool.refresh(0)
+            pool.storageVolLookupByName(path.name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                return False
+            raise self._failure(f"looking for {path} on {self.uri}", e) from e
+        return True
+
+    def _remove_created(self, namespace: str, name: str, created: list[Path]) -> None:
+        """After a failed copy_storage migration: the disks it made here go, unless the VM runs here after all."""
+        if not created or self.observe(namespace, name).up:
+            return
+        conn = self._connection()
+        for path in created:
+            try:
+                pool = conn.storagePoolLookupByTargetPath(str(path.parent))
+                pool.refresh(0)
+                pool.storageVolLookupByName(path.name).delete(0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                    log.warning("removing %s from %s after a failed migration: %s", path, self.uri,
+                                e.get_error_message())
+
+    def _drop_pools(self, pools: list[Any]) -> None:
+        """Transient pools end when destroyed; their folder and files stay (a dir pool deletes nothing)."""
+        for pool in pools:
+            try:
+                pool.destroy()
+            except libvirt.libvirtError as e:
+                log.warning("ending the migration's storage pool on %s: %s", self.uri, e.get_error_message())
 
     # -- guest lifecycle extras: pause, unpause, soft reboot -------------------------------------------
 
@@ -485,6 +696,17 @@ class Hypervisor:
         return reply
 
 
+    # -- live migration on libvirt's test driver ----------------------------------------------------
+
+    def _migrate_simulated(self, namespace: str, name: str, uid: str, target: Hypervisor) -> None:
+        """libvirt's test driver cannot migrate: the domain is defined and started on the target, then removed
+        here, which is what a migration's outcome looks like from outside (the events differ)."""
+        dom = self._running(namespace, name, uid)
+        xml = self._call(f"reading the domain of {namespace}/{name}", lambda: dom.XMLDesc(0))
+        target.start(namespace, name, uid, xml)
+        self.undefine(namespace, name, uid)
+
+
 NETDEV = "hostnet0"  # libvirt's id for the first NIC's QEMU network backend
 
 
@@ -536,3 +758,110 @@ def _undefine(dom: Any) -> None:
     except libvirt.libvirtError as e:
         if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
             raise
+
+
+# -- live migration: its data and helpers -------------------------------------------------------------------
+
+class MigrationStep(enum.StrEnum):
+    """A migration's lifecycle event, decoded (see `Hypervisor.migrate`'s block for the libvirt events)."""
+
+    PAUSED = "Paused"  # source: paused for the switch-over; not a pause a user asked for
+    LEFT = "Left"  # source: stopped because it runs on the target now; not a shutdown
+    ARRIVED = "Arrived"  # target: the incoming domain started (paused until the switch-over ends)
+    RESUMED = "Resumed"  # it runs on the host that tells this: the target after a switch-over, or the source
+    #                      again after a failed one
+
+
+# (host URI, namespace, name, step): the host says which side of the migration it is.
+MigrationCallback = Callable[[str, str, str, MigrationStep], None]
+
+_MIGRATION_EVENTS = {
+    (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED): MigrationStep.PAUSED,
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED): MigrationStep.LEFT,
+    (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED): MigrationStep.ARRIVED,
+    (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED): MigrationStep.RESUMED,
+}
+
+_MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """libvirt's job stats of a migration: memory and (with copy_storage) disk data together."""
+
+    processed_bytes: int
+    remaining_bytes: int
+    total_bytes: int
+    elapsed_ms: int
+
+
+def _parse_migrate_uri(uri: str) -> tuple[str, int]:
+    """(address, port) of `tcp://ADDRESS:PORT`; anything else is refused before libvirt sees it."""
+    try:
+        parsed = urllib.parse.urlsplit(uri)
+        port = parsed.port
+    except ValueError as e:
+        raise errors.HypervisorError(f"invalid migration URI {uri!r}: {e}") from e
+    if parsed.scheme != "tcp" or not parsed.hostname or port is None or not 0 < port < 65536 \
+            or parsed.path or parsed.query or parsed.fragment or parsed.username is not None:
+        raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS:PORT")
+    return parsed.hostname, port
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _writable_disks(xml: str) -> dict[str, Path]:
+    """Target device -> file of each writable file disk of a domain: what copy_storage copies (read-only disks
+    and CD-ROMs are skipped, as libvirt and KubeVirt skip them)."""
+    found: dict[str, Path] = {}
+    for disk in ET.fromstring(xml).iterfind("devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if (disk.get("type") != "file" or disk.get("device", "disk") != "disk" or disk.find("readonly") is not None
+                or source is None or target is None or not source.get("file") or not target.get("dev")):
+            continue
+        found[str(target.get("dev"))] = Path(str(source.get("file")))
+    return found
+
+
+class _ProgressReporter:
+    """While a migration blocks its thread, a daemon thread hands `migration_progress` to a callback."""
+
+    def __init__(self, host: Hypervisor, namespace: str, name: str, uid: str,
+                 on_progress: Callable[[MigrationProgress], object] | None, interval: float) -> None:
+        self._args = (host, namespace, name, uid)
+        self._on_progress = on_progress
+        self._interval = interval
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _ProgressReporter:
+        if self._on_progress is not None:
+            self._thread = threading.Thread(target=self._run, name="migration-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        host, namespace, name, uid = self._args
+        assert self._on_progress is not None
+        while not self._done.wait(self._interval):
+            try:
+                progress = host.migration_progress(namespace, name, uid)
+            except errors.HypervisorError:
+                continue  # the domain left between two looks, or libvirt is busy: the migration decides
+            if progress is not None:
+                try:
+                    self._on_progress(progress)
+                except Exception:  # a progress callback must not end the migration's bookkeeping
+                    log.exception("reporting the migration progress of %s/%s", namespace, name)

@@ -96,6 +96,10 @@ EVENT = Kind("Event", "", "v1", "events", namespaced=True, short_names=("ev",), 
 NODE = Kind("Node", "", "v1", "nodes", namespaced=False, short_names=("no",))
 VIRTUAL_MACHINE_INSTANCE = Kind("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances",
                                 namespaced=True, short_names=("vmi", "vmis"), categories=("all",), verbs=READ_VERBS)
+# A live migration of a running VM to another node; deleting one cancels it (KubeVirt's virtctl migrate makes one).
+VIRTUAL_MACHINE_INSTANCE_MIGRATION = Kind(
+    "VirtualMachineInstanceMigration", "kubevirt.io", "v1", "virtualmachineinstancemigrations", namespaced=True,
+    short_names=("vmim", "vmims"), categories=("all",), verbs=("create", "delete", "get", "list", "watch"))
 
 # Who may do what (RBAC, `rbac.py`), and the identities of scripts (ServiceAccounts, with tokens from TokenRequest).
 SERVICE_ACCOUNT = Kind("ServiceAccount", "", "v1", "serviceaccounts", namespaced=True, short_names=("sa",))
@@ -107,12 +111,12 @@ CLUSTER_ROLE_BINDING = Kind("ClusterRoleBinding", "rbac.authorization.k8s.io", "
 RBAC_KINDS = (ROLE, CLUSTER_ROLE, ROLE_BINDING, CLUSTER_ROLE_BINDING)
 
 KINDS = (PROJECT, NAMESPACE, RESOURCE_QUOTA, VIRTUAL_MACHINE, VIRTUAL_MACHINE_CLONE, EVENT, SERVICE_ACCOUNT,
-         *RBAC_KINDS, NODE, VIRTUAL_MACHINE_INSTANCE)
+         *RBAC_KINDS, NODE, VIRTUAL_MACHINE_INSTANCE, VIRTUAL_MACHINE_INSTANCE_MIGRATION)
 BY_KIND = {k.kind: k for k in KINDS}
 
 # KubeVirt serves a VM's lifecycle actions in an API group of their own; vmquota's views of its accounting
 # are subresources of its own group.
-VM_ACTIONS = ("start", "stop", "restart")
+VM_ACTIONS = ("start", "stop", "restart", "migrate")
 VMI_ACTIONS = ("pause", "unpause", "softreboot")  # KubeVirt's paths name the VMI; vmquota's VMI is its VM
 # KubeVirt's websocket subresources (`apiserver/streams.py`): a VMI's serial console and its ports; virtctl's
 # `port-forward vm/NAME` names the VM instead. Their paths go on past the name: `portforward/{port}[/tcp]`.

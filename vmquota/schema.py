@@ -624,6 +624,46 @@ _CONDITIONS = array(obj("A condition of the object: its type, whether it holds, 
     "lastProbeTime": ref(TIME), "lastTransitionTime": ref(TIME), "lastHeartbeatTime": ref(TIME),
 }, required=("type", "status")), "Conditions of the object.")
 
+MIGRATION_PHASES = ("Pending", "Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running", "Succeeded",
+                    "Failed")
+_MIGRATION_STATE = obj("The state of a live migration, as the VMI and the migration show it.", {
+    "sourceNode": string("The source node of the migration."),
+    "targetNode": string("The target node of the migration."),
+    "migrationUid": string("The VirtualMachineInstanceMigration object associated with this migration."),
+    "startTimestamp": string("The time the migration action began.", fmt="date-time"),
+    "endTimestamp": string("The time the migration action ended.", fmt="date-time"),
+    "completed": boolean("Indicates the migration completed."),
+    "failed": boolean("Indicates that the migration failed."),
+    "abortRequested": boolean("Indicates that the migration has been requested to abort."),
+    "abortStatus": string("Indicates the final status of the live migration abortion.",
+                          enum=("Succeeded", "Failed", "Aborting")),
+    "failureReason": string("Contains the reason why the migration failed."),
+    "mode": string("Lets us know if the vmi is currently running pre or post copy migration."),
+    "dataProcessedBytes": integer("How much of the guest's memory (and disks, when copied) has been sent.",
+                                  fmt="int64"),
+    "dataRemainingBytes": integer("How much is left to send.", fmt="int64"),
+})
+
+_VIRTUAL_MACHINE_INSTANCE_MIGRATION = obj(
+    "VirtualMachineInstanceMigration is the live migration of a running VM to another node. The VM stays charged "
+    "exactly once throughout; the target node's capacity is reserved while it runs. Deleting it cancels it.", {
+        "spec": obj("The migration asked for.", {
+            "vmiName": string("The name of the VMI to perform the migration on. VMI must exist in the migration "
+                              "objects namespace", pattern=NAME_PATTERN, max_length=63),
+            "addedNodeSelector": _string_map("AddedNodeSelector is an additional selector that can be used to "
+                                             "complement a NodeSelector or NodeAffinity as set on the VM to "
+                                             "restrict the set of allowed target nodes for a migration."),
+        }, required=("vmiName",)),
+        "status": obj("The migration's progress.", {
+            "phase": string("The phase of the migration.", enum=MIGRATION_PHASES),
+            "phaseTransitionTimestamps": array(preserved("A phase and when it was reached."),
+                                               "PhaseTransitionTimestamp is the timestamp of when the last phase "
+                                               "change occurred"),
+            "migrationState": _MIGRATION_STATE,
+            "conditions": _CONDITIONS,
+        }),
+    })
+
 _VIRTUAL_MACHINE_INSTANCE = obj("VirtualMachineInstance is the running instance of a VirtualMachine: vmquota writes "
                                 "one for each VM that holds a runtime, and removes it when the VM is off.", {
     "spec": _VMI_SPEC,
@@ -634,7 +674,7 @@ _VIRTUAL_MACHINE_INSTANCE = obj("VirtualMachineInstance is the running instance 
         "conditions": _CONDITIONS,
         "interfaces": array(preserved("The interface's name, MAC and IP addresses."),
                             "Interfaces represent the details of available network interfaces."),
-        "migrationState": preserved("Represents the status of a live migration"),
+        "migrationState": _MIGRATION_STATE,
         "guestOSInfo": preserved("Guest OS Information"),
     }, preserve_unknown=True),
 })
@@ -646,7 +686,15 @@ _NODE = obj("Node is a libvirt host that runs VMs: spec.providerID is its libvir
                              "qemu+tls://host/system or qemu+unix:///system?socket=PATH (test:///FILE for "
                              "simulated hosts)."),
         "unschedulable": boolean("Unschedulable controls node schedulability of new VMs (cordon)."),
-        "taints": array(preserved("A taint."), "If specified, the node's taints."),
+        "taints": array(obj("The node this Taint is attached to has the \"effect\" on any VM that does not "
+                            "tolerate the Taint (VMs tolerate none). node.kubernetes.io/out-of-service with "
+                            "NoExecute confirms the host is off: its VMs are released.", {
+            "key": string("Required. The taint key to be applied to a node."),
+            "value": string("The taint value corresponding to the taint key."),
+            "effect": string("Required. The effect of the taint on VMs that do not tolerate the taint.",
+                             enum=("NoExecute", "NoSchedule", "PreferNoSchedule")),
+            "timeAdded": string("TimeAdded represents the time at which the taint was added.", fmt="date-time"),
+        }, required=("key", "effect")), "If specified, the node's taints."),
     }),
     "status": obj("NodeStatus is information about the current status of a node.", {
         "capacity": map_of(ref(QUANTITY), "Capacity represents the total resources of a node."),
@@ -764,6 +812,7 @@ _KIND_BODIES: dict[str, Schema] = {
     objects.CLUSTER_ROLE_BINDING.kind: _CLUSTER_ROLE_BINDING,
     objects.NODE.kind: _NODE,
     objects.VIRTUAL_MACHINE_INSTANCE.kind: _VIRTUAL_MACHINE_INSTANCE,
+    objects.VIRTUAL_MACHINE_INSTANCE_MIGRATION.kind: _VIRTUAL_MACHINE_INSTANCE_MIGRATION,
 }
 
 

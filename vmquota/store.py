@@ -288,6 +288,7 @@ END;
 # What placement reads of each Node, cut out by SQLite (a start reads all nodes: no Python parse of their bodies).
 _NODE_CANDIDATES = """
 SELECT o.name, coalesce(o.body->>'$.spec.unschedulable', 0), coalesce(json(o.body->'$.metadata.labels'), '{}'),
+       coalesce(json(o.body->'$.spec.taints'), '[]'),
        o.body->>'$.status.allocatable.cpu', o.body->>'$.status.allocatable.memory',
        EXISTS (SELECT 1 FROM json_each(o.body, '$.status.conditions') AS c
                WHERE c.value->>'$.type' = 'Ready' AND c.value->>'$.status' = 'True'),
@@ -510,9 +511,14 @@ class Reader:
         rows = self._conn.execute("SELECT namespace, name, node FROM placements WHERE role = ?", (RUNS,)).fetchall()
         return {(namespace, name): node for namespace, name, node in rows}
 
-    def node_candidates(self) -> builtins.list[tuple[str, int, str, str | None, str | None, int, int, int]]:
-        """Every Node as placement needs it: name, cordoned, labels (JSON), allocatable cpu and memory (as
-        written), Ready, and the cpu millicores and memory bytes placed on it."""
+    def vms_on(self, node: str) -> builtins.list[tuple[str, str]]:
+        """(namespace, name) of every VM that runs on `node`."""
+        return self._conn.execute("SELECT namespace, name FROM placements WHERE node = ? AND role = ? "
+                                  "ORDER BY namespace, name", (node, RUNS)).fetchall()
+
+    def node_candidates(self) -> builtins.list[tuple[str, int, str, str, str | None, str | None, int, int, int]]:
+        """Every Node as placement needs it: name, cordoned, labels and taints (JSON), allocatable cpu and
+        memory (as written), Ready, and the cpu millicores and memory bytes placed on it."""
         return self._conn.execute(_NODE_CANDIDATES).fetchall()
 
     def placement_drift(self) -> builtins.list[tuple[str, int, int, int]]:

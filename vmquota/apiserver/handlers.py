@@ -289,6 +289,8 @@ class Handlers:
             self.api.start(ns, name, dry_run=dry_run)
         elif sub == "stop":
             self.api.stop(ns, name, body, dry_run=dry_run)
+        elif sub == "migrate":
+            self.api.migrate(ns, name, body, dry_run=dry_run)
         else:
             self.api.restart(ns, name, dry_run=dry_run)
         return Response.success(202)

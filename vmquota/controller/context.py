@@ -10,6 +10,7 @@ directly. A migration moves the placement, never the charge.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -51,6 +52,10 @@ class Context:
         self.queue: WorkQueue[Key] = WorkQueue(clock=time.monotonic)
         self.hosts = Hosts(hypervisor, store)
         self.policy = policy
+        # The VMs whose live migration this process drives: the rest of the controller leaves them alone until
+        # it ends (their domains' events are the migration's). Guarded by `lock`.
+        self.migrating: set[Key] = set()
+        self.lock = threading.Lock()
 
     def host_of(self, vm: Obj, reader: Reader | None = None) -> Hypervisor:
         """The libvirt host the VM is placed on (the first node's when it is placed nowhere)."""

@@ -21,9 +21,11 @@ from vmquota.controller.clone import Clones
 from vmquota.controller.context import Context
 from vmquota.controller.guest import Guests
 from vmquota.controller.lifecycle import Lifecycle
+from vmquota.controller.migration import Migrations
 from vmquota.controller.nodes import HEARTBEAT_SECONDS, NODE_GRACE_SECONDS, NodeHealth
+from vmquota.controller.placement import Policy
 from vmquota.controller.recount import Recount
-from vmquota.controller.state import GUEST_REQUEST, Key, deleting, key_of, runtime_phase
+from vmquota.controller.state import GUEST_REQUEST, Key, deleting, key_of, migrating, runtime_phase
 from vmquota.controller.volumes import Volumes
 from vmquota.disks import Disks
 from vmquota.hypervisor import GuestStream, Hypervisor
@@ -40,14 +42,18 @@ class Controller:
     def __init__(self, *, store: Store, hypervisor: Hypervisor, disks: Disks,
                  overhead: OverheadModel = OverheadModel.NONE, resync_interval: float = 30.0,
                  workers: int = 4, clock: Callable[[], float] = time.time,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS, node_grace_seconds: float = NODE_GRACE_SECONDS) -> None:
-        self.ctx = Context(store=store, hypervisor=hypervisor, disks=disks, overhead=overhead, clock=clock)
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS, node_grace_seconds: float = NODE_GRACE_SECONDS,
+                 placement: Policy = Policy.SPREAD) -> None:
+        self.ctx = Context(store=store, hypervisor=hypervisor, disks=disks, overhead=overhead, clock=clock,
+                           policy=placement)
         self.clones = Clones(self.ctx)
         self.volumes = Volumes(self.ctx, self.clones)
         self.lifecycle = Lifecycle(self.ctx, self.volumes)
         self.guests = Guests(self.ctx)
         self.recount = Recount(self.ctx)
-        self.nodes = NodeHealth(self.ctx, heartbeat_seconds=heartbeat_seconds, grace_seconds=node_grace_seconds)
+        self.migrations = Migrations(self.ctx)
+        self.nodes = NodeHealth(self.ctx, host_lost=self.lifecycle.host_lost, heartbeat_seconds=heartbeat_seconds,
+                                grace_seconds=node_grace_seconds)
         self.resync_interval = resync_interval
         self._workers = workers
         self._threads: list[threading.Thread] = []
@@ -86,6 +92,7 @@ class Controller:
             thread.start()
             self._threads.append(thread)
         self.nodes.register_first()
+        self.migrations.recover()
         self.resync()
         for loop, name in ((self._resync_loop, "resync"), (self._heartbeat_loop, "heartbeat")):
             thread = threading.Thread(target=loop, name=name, daemon=True)
@@ -170,6 +177,9 @@ class Controller:
     def request_stop(self, txn: Transaction, vm: Obj, grace_seconds: int | None = None) -> None:
         self.lifecycle.request_stop(txn, vm, grace_seconds)
 
+    def request_migration(self, txn: Transaction, vmim: Obj) -> None:
+        self.migrations.admit(txn, vmim)
+
     def request_restart(self, txn: Transaction, vm: Obj) -> None:
         self.lifecycle.request_restart(txn, vm)
 
@@ -196,7 +206,10 @@ class Controller:
     def reconcile(self, key: Key) -> None:
         ns, name = key
         vm = self.store.reader().get(VM, ns, name)
-        if vm is None:
+        if vm is None or key in self.ctx.migrating:  # a migration's end queues it again
+            return
+        if migrating(vm):
+            self.migrations.reconcile(key)
             return
         host = self.ctx.host_of(vm)
         observed = host.observe(ns, name)

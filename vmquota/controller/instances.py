@@ -58,6 +58,8 @@ def instance_of(vm: Obj, phase: Phase, node_name: str) -> Obj:
     status: dict[str, Any] = {"phase": VMI_PHASE[phase], "nodeName": node_name, "conditions": conditions}
     if vm_status.get("interfaces"):
         status["interfaces"] = vm_status["interfaces"]
+    if vm_status.get("migrationState"):
+        status["migrationState"] = vm_status["migrationState"]
     return {
         "apiVersion": VMI.api_version, "kind": VMI.kind,
         "metadata": {"name": meta["name"], "namespace": meta["namespace"], "labels": labels,

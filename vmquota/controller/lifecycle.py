@@ -25,6 +25,8 @@ from vmquota.controller.state import (
     deleting,
     key_of,
     last_exit,
+    migrating,
+    node_of,
     runtime_phase,
     volumes_ready,
     wants_running,
@@ -57,7 +59,11 @@ class Lifecycle:
         """A new VM: charge count and storage, and compute too when its strategy starts it."""
         spec = vmspec.read(vm)
         phase = Phase.STARTING if wants_running(spec.run_strategy, last_exit(vm)) else Phase.STOPPED
-        self.ctx.transition(txn, vm, phase, spec=spec, enforce=True)
+        try:
+            self.ctx.transition(txn, vm, phase, spec=spec, enforce=True)
+        except placement.Unschedulable as e:  # its count and disks are admitted; it waits for a node's room
+            self.ctx.transition(txn, vm, Phase.STOPPED, spec=spec, enforce=True)
+            self._unschedulable(txn, vm, str(e))
         volumes.set_initial_status(vm, spec)
 
     def admit_update(self, txn: Transaction, old: Obj, new: Obj) -> None:
@@ -106,6 +112,7 @@ class Lifecycle:
         txn.after_commit(lambda: self.ctx.queue.add(key, after=self.unschedulable_retry_seconds))
 
     def request_stop(self, txn: Transaction, vm: Obj, grace_seconds: int | None = None) -> None:
+        refuse_while_migrating(vm)
         phase = runtime_phase(vm)
         spec = vmspec.read(vm)
         waiting = phase in (Phase.UNSCHEDULABLE, Phase.CRASH_LOOP)  # not running, but would be: stop it
@@ -122,6 +129,7 @@ class Lifecycle:
         self.ctx.record(txn, vm, "Normal", "StopRequested", "stop requested")
 
     def request_restart(self, txn: Transaction, vm: Obj) -> None:
+        refuse_while_migrating(vm)
         if not usage.holds_runtime(runtime_phase(vm)) or deleting(vm):
             raise errors.Conflict("VM is not running")
         # The charge is kept from stop to start: a VM never counts against itself.
@@ -206,6 +214,23 @@ class Lifecycle:
                          message=f"{message} (failed {failures} times; next try in {backoff:.0f}s)")
         key = key_of(vm)
         txn.after_commit(lambda: self.ctx.queue.add(key, after=backoff))
+
+    def host_lost(self, txn: Transaction, vm: Obj, *, node: str) -> None:
+        """An admin confirmed that the host of `node` is off: the VM no longer runs, so it is released now, and
+        started again elsewhere if its strategy says so. Never on a timeout alone: a host that only stopped
+        answering may still run it, and a second copy would write to the same disks."""
+        if node_of(vm) != node:
+            return
+        phase = runtime_phase(vm)
+        message = f"node {node} was confirmed down (out-of-service): the VM no longer runs there"
+        if phase in (Phase.RUNNING, Phase.PAUSED):
+            self.ctx.record(txn, vm, "Warning", "NodeLost", message)
+            self._went_off(txn, vm, ExitCause.FAILED)
+        elif phase is Phase.STARTING:
+            self._start_failed(txn, vm, message)
+        elif usage.holds_runtime(phase):  # stopping or terminating: what was asked has happened
+            self.ctx.record(txn, vm, "Normal", "NodeLost", message)
+            self.ctx.transition(txn, vm, Phase.STOPPED, enforce=False)
 
     def reconcile_stopping(self, key: Key, vm: Obj, spec: VMSpec, up: bool) -> None:
         uid = vm["metadata"]["uid"]
@@ -348,3 +373,10 @@ class Lifecycle:
             self.ctx.record(txn, vm, "Normal", "Deleted", "the VM, its domain and its disks are gone")
 
         self.ctx.update(key, remove, expect_uid=uid)
+
+
+def refuse_while_migrating(vm: Obj) -> None:
+    """A stop or restart waits for the migration to end (or for its cancel: delete the migration object)."""
+    if migrating(vm):
+        raise errors.Conflict("VM is migrating: stop or restart it once the migration has ended, or cancel the "
+                              "migration by deleting its VirtualMachineInstanceMigration")

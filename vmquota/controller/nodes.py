@@ -12,11 +12,13 @@ Ready condition. Quotas never see it, and it never sees quotas.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 
 from vmquota import errors, objects, quantity
 from vmquota.controller.context import Context
+from vmquota.controller.state import is_ready, show_node_readiness
 from vmquota.hypervisor import HostInfo, Hypervisor
 from vmquota.objects import NODE, Obj
 
@@ -42,6 +45,13 @@ RESERVED_CPU = "vmquota.io/reserved-cpu"
 RESERVED_MEMORY = "vmquota.io/reserved-memory"
 MIGRATION_ADDRESS = "vmquota.io/migration-address"
 SETTINGS = (CPU_OVERCOMMIT, MEMORY_OVERCOMMIT, RESERVED_CPU, RESERVED_MEMORY)
+
+# Kubernetes' non-graceful node shutdown: an admin who has made sure a host is off (fenced) taints its Node so;
+# only then are the VMs it held released, and restarted elsewhere if their strategy says so (`confirm-down`).
+OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
+TAINT_EFFECTS = ("NoExecute", "NoSchedule", "PreferNoSchedule")
+_TAINT_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_TAINT_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 PROVIDER_SCHEMES = ("qemu", "qemu+ssh", "qemu+tls", "qemu+tcp", "qemu+unix", "qemu+libssh", "qemu+libssh2", "test")
 
@@ -71,6 +81,33 @@ def settings_problem(node: Obj) -> str | None:
         if value < 0 or (key in (CPU_OVERCOMMIT, MEMORY_OVERCOMMIT) and value == 0):
             return f"metadata.annotations[{key}]: Invalid value: {annotations[key]!r}: must be positive"
     return None
+
+
+def taints_problem(taints: Any) -> str | None:
+    """Why spec.taints is not a list of Kubernetes taints, in kube-apiserver's words, or None."""
+    if taints is None:
+        return None
+    if not isinstance(taints, list):
+        return "spec.taints: Invalid value: must be a list"
+    for index, taint in enumerate(taints):
+        where = f"spec.taints[{index}]"
+        if not isinstance(taint, dict):
+            return f"{where}: Invalid value: must be an object"
+        key, value, effect = taint.get("key"), taint.get("value", ""), taint.get("effect")
+        if not isinstance(key, str) or not _TAINT_KEY.match(key):
+            return f"{where}.key: Invalid value: {key!r}: must be a qualified name (a label key)"
+        if not isinstance(value, str) or not _TAINT_VALUE.match(value):
+            return f"{where}.value: Invalid value: {value!r}: must be a valid label value"
+        if effect not in TAINT_EFFECTS:
+            supported = ", ".join(f'"{e}"' for e in TAINT_EFFECTS)
+            return f'{where}.effect: Unsupported value: "{effect}": supported values: {supported}'
+    return None
+
+
+def out_of_service(node: Obj) -> bool:
+    """Has an admin confirmed that the node's host is off (the out-of-service taint, NoExecute)?"""
+    return any(isinstance(t, dict) and t.get("key") == OUT_OF_SERVICE and t.get("effect") == "NoExecute"
+               for t in (node.get("spec") or {}).get("taints") or [])
 
 
 def first_node_annotations(uri: str) -> dict[str, str]:
@@ -178,13 +215,15 @@ def _age(timestamp: str) -> float:
 class NodeHealth:
     """Registers the first node and keeps every Node's status; runs in the controller's process only."""
 
-    def __init__(self, ctx: Context, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
-                 grace_seconds: float = NODE_GRACE_SECONDS) -> None:
+    def __init__(self, ctx: Context, *, host_lost: Callable[..., None],
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS, grace_seconds: float = NODE_GRACE_SECONDS) -> None:
         self.ctx = ctx
+        self.host_lost = host_lost  # lifecycle's: a VM on a node confirmed down is released
         self.heartbeat_seconds = heartbeat_seconds
         self.grace_seconds = grace_seconds
         self._last_answer: dict[str, float] = {}  # node name -> when its host last answered (monotonic)
         self._probing: dict[str, threading.Thread] = {}
+        self._shown_ready: dict[str, bool] = {}  # node -> the readiness its VMs show now
         self._started = time.monotonic()  # a server's start counts as an answer: the grace runs from it
 
     def register_first(self) -> str:
@@ -224,6 +263,22 @@ class NodeHealth:
                 self._last_answer[name] = now
             self._write(name, probe, now)
         self._forget(nodes)
+        self._follow(self.ctx.store.reader().list(NODE))
+
+    def _follow(self, nodes: list[Obj]) -> None:
+        """The VMs of each node follow it: Unknown while it is NotReady (still charged: they may run), and
+        released once an admin has confirmed its host is off; VMs are never released on a timeout."""
+        for node in nodes:
+            name = node["metadata"]["name"]
+            ready = is_ready(node)
+            lost = not ready and out_of_service(node)
+            if lost or self._shown_ready.get(name, True) != ready:
+                reader = self.ctx.store.reader()
+                for key in reader.vms_on(name):
+                    change = (functools.partial(self.host_lost, node=name) if lost
+                              else functools.partial(show_node_readiness, node=name, ready=ready))
+                    self.ctx.update(key, change)
+            self._shown_ready[name] = ready
 
     def _start_probe(self, node: Obj, results: dict[str, Probe]) -> threading.Thread | None:
         name = node["metadata"]["name"]

@@ -25,6 +25,8 @@ from vmquota.vmspec import VMSpec
 
 UNSCHEDULABLE = "node(s) were unschedulable"
 NOT_READY = "node(s) had untolerated taint {node.kubernetes.io/unreachable: }"
+TAINTED = "node(s) had untolerated taint {{{key}: {value}}}"
+REPELLING = ("NoSchedule", "NoExecute")  # the taint effects that keep a new VM off (VMs tolerate none)
 SELECTOR = "node(s) didn't match Pod's node affinity/selector"
 WANTED_ELSEWHERE = "node(s) didn't match the requested node name"
 INSUFFICIENT = "Insufficient {}"
@@ -60,6 +62,7 @@ class Candidate:
     labels: Mapping[str, str]
     unschedulable: bool
     ready: bool
+    taints: tuple[tuple[str, str, str], ...]  # (key, value, effect)
     allocatable_cpu: Decimal
     allocatable_memory: Decimal
     placed_cpu: Decimal  # requests of the VMs placed on it, and of migrations into it
@@ -77,6 +80,9 @@ def reasons(need: Need, node: Candidate) -> list[str]:
         return [UNSCHEDULABLE]
     if not node.ready:
         return [NOT_READY]
+    for key, value, effect in node.taints:
+        if effect in REPELLING:
+            return [TAINTED.format(key=key, value=value)]
     if any(node.labels.get(key) != value for key, value in need.node_selector.items()):
         return [SELECTOR]
     found = []
@@ -128,9 +134,11 @@ def reservation(charge: r.ResourceList) -> tuple[int, int]:
 def candidates(reader: Reader) -> list[Candidate]:
     """Every node as the store holds it, with what is placed on it."""
     found = []
-    for name, cordoned, labels, cpu, memory, ready, placed_cpu, placed_memory in reader.node_candidates():
+    for name, cordoned, labels, taints, cpu, memory, ready, placed_cpu, placed_memory in reader.node_candidates():
         found.append(Candidate(
             name=name, labels=json.loads(labels), unschedulable=bool(cordoned), ready=bool(ready),
+            taints=tuple((str(t.get("key", "")), str(t.get("value", "")), str(t.get("effect", "")))
+                         for t in json.loads(taints) if isinstance(t, dict)),
             allocatable_cpu=_quantity(cpu), allocatable_memory=_quantity(memory),
             placed_cpu=Decimal(placed_cpu) / 1000, placed_memory=Decimal(placed_memory)))
     return found

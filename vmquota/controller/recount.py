@@ -17,9 +17,10 @@ import time
 
 from vmquota import accounting, errors, history, telemetry, usage
 from vmquota.controller.context import Context
+from vmquota.controller.nodes import out_of_service
 from vmquota.controller.state import Key, StoredVM, key_of, needs_reconcile, runtime_phase
 from vmquota.hypervisor import ABSENT, Hypervisor, Observed
-from vmquota.objects import Obj
+from vmquota.objects import NODE, Obj
 from vmquota.store import Transaction
 from vmquota.vmstatus import Phase
 
@@ -64,6 +65,8 @@ class Recount:
             vm = StoredVM.from_row(row)
             key = (vm.namespace, vm.name)
             known[key] = vm.uid
+            if key in ctx.migrating:  # on both hosts for a while: the migration's end settles it
+                continue
             node = placed.get(key, first)
             if node in observed and needs_reconcile(vm, observed[node].get(key, ABSENT)):
                 ctx.queue.add(key)
@@ -98,10 +101,14 @@ class Recount:
         return found
 
     def _found_elsewhere(self, key: Key, vm: StoredVM, node: str, observed: dict[str, dict[Key, Observed]]) -> None:
-        """A VM's domain running on a node that is not its own: adopted there if its own shows it off."""
+        """A VM's domain running on a node that is not its own: adopted there if its own shows it off; a stale
+        copy on a node confirmed down is removed (the VM was released, and may run elsewhere by now)."""
         for other, domains in observed.items():
             seen = domains.get(key)
             if other == node or seen is None or not seen.up or seen.uid != vm.uid:
+                continue
+            if other in self._out_of_service():
+                self._remove_stale_copy(key, vm, other)
                 continue
             twice = node in observed and observed[node].get(key, ABSENT).up
             if (key, other) not in self._reported:
@@ -109,6 +116,16 @@ class Recount:
                 self.ctx.update(key, functools.partial(self._adopt, node=other, twice=twice), expect_uid=vm.uid)
             return
         self._reported = {r for r in self._reported if r[0] != key}
+
+    def _out_of_service(self) -> set[str]:
+        return {n["metadata"]["name"] for n in self.ctx.store.reader().list(NODE) if out_of_service(n)}
+
+    def _remove_stale_copy(self, key: Key, vm: StoredVM, node: str) -> None:
+        log.warning("%s/%s: removing its stale copy on node %s, which was confirmed down", *key, node)
+        self.ctx.hosts.of(node).destroy(*key, vm.uid)
+        self.ctx.update(key, lambda txn, obj: self.ctx.record(
+            txn, obj, "Warning", "StaleCopyRemoved", f"node {node} came back after it was confirmed down: the copy "
+                                                      f"of the VM it still ran was forced off"), expect_uid=vm.uid)
 
     def _adopt(self, txn: Transaction, vm: Obj, *, node: str, twice: bool) -> None:
         if twice:  # vmquota never starts a second copy: someone else did; both are left alone, and said

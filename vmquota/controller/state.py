@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from vmquota import objects, usage, vmspec
+from vmquota import objects, usage, vmspec, vmstatus
 from vmquota.hypervisor import DomainState, ExitCause, Observed
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.objects import Obj
@@ -118,3 +118,42 @@ def needs_reconcile(vm: StoredVM, seen: Observed) -> bool:
     if up:
         return (seen.state is DomainState.PAUSED) != (vm.phase is Phase.PAUSED)
     return wants_running(vmspec.stored_run_strategy(vm.run_strategy, vm.running), vm.last_exit)
+
+
+UNKNOWN = "Unknown"  # KubeVirt's printableStatus of a VM whose host cannot be reached
+NODE_UNREACHABLE = "NodeUnreachable"
+
+
+def is_ready(node: Obj | None) -> bool:
+    return node is not None and any(c.get("type") == "Ready" and c.get("status") == "True"
+                                    for c in (node.get("status") or {}).get("conditions") or [])
+
+
+def show_node_readiness(_txn: object, vm: Obj, *, node: str, ready: bool) -> None:
+    """A VM on a NotReady node shows Unknown, as KubeVirt's do: nobody can tell whether it still runs, so it
+    stays charged. Once the node answers again, the VM shows its phase again."""
+    status = vm.setdefault("status", {})
+    if status.get(NODE_NAME) != node:
+        return
+    shown = status.get("printableStatus") == UNKNOWN
+    if ready == (not shown):
+        return
+    others = [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
+    if ready:
+        phase = runtime_phase(vm)
+        rendered = vmstatus.render(phase, timestamp=objects.now())
+        status["printableStatus"] = "Terminating" if deleting(vm) else phase.value
+        status["ready"] = rendered["ready"]
+        status["conditions"] = [rendered["conditions"][0], *others]
+        return
+    status["printableStatus"] = UNKNOWN
+    status["ready"] = False
+    status["conditions"] = [{"type": "Ready", "status": "Unknown", "lastTransitionTime": objects.now(),
+                             "reason": NODE_UNREACHABLE, "message": f"node {node} does not answer: the VM may "
+                                                                    f"still run there, and stays charged"}, *others]
+
+
+def migrating(vm: Obj) -> bool:
+    """Is a live migration of the VM in flight (admitted, not ended)? Every API process can tell, from the VM."""
+    state = (vm.get("status") or {}).get("migrationState") or {}
+    return bool(state.get("targetNode")) and not state.get("endTimestamp")

@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Extra libvirt hosts for tests on one machine: each a libvirtd in a mount namespace of its own.
+#
+#   scripts/test-host.sh start NAME [--private-dir DIR]...   start host NAME (nothing to do if it runs)
+#   scripts/test-host.sh stop NAME                           destroy its domains, end it, remove its files
+#   scripts/test-host.sh kill NAME                           SIGKILL its libvirtd only, as a crash: its QEMUs run on
+#   scripts/test-host.sh uri NAME                            print its libvirt URI (whether it runs or not)
+#
+# A host NAME lives under $VMQUOTA_TEST_HOSTS (/tmp/vmquota-hosts)/NAME. Inside its namespace
+# (`unshare -m --propagation private`) these folders of that directory are bind-mounted:
+#   run/   over /run/libvirt       its sockets (libvirt-sock: the URI's socket) and QEMU's runtime state
+#   lib/   over /var/lib/libvirt   QEMU's per-domain folders (monitor sockets)
+#   log/   over /var/log/libvirt   libvirtd.log, and qemu/<domain>.log written by QEMU itself
+#   cache/ over /var/cache/libvirt QEMU's capabilities, copied from the system's so a start probes nothing
+#   etc/   over /etc/libvirt       a copy of /etc/libvirt without the system daemon's domains, networks,
+#                                  pools and secrets; host_uuid of its own in libvirtd.conf (libvirt refuses a
+#                                  migration between hosts with the same UUID); in qemu.conf: QEMU writes its
+#                                  own logs (no virtlogd needed), no cgroups (the system daemon's cgroup names
+#                                  would collide with a migrating domain's), the ports libvirt picks itself
+#                                  (the NBD server of a storage copy) in 49240-49250, so migrate URIs can use
+#                                  49200-49239 (libvirt refuses a loopback migration_address: the migration
+#                                  driver asks the target to listen on the address of its migrate URI instead).
+# The daemon listens on no TCP port: only its unix sockets. It answers at
+#   qemu+unix:///system?socket=<dir>/run/libvirt-sock
+#
+# --private-dir DIR bind-mounts an empty folder of the host's own (private/N/) over DIR inside its namespace:
+# the same path is a different file there ("local disks"). Without it the host sees this machine's files
+# ("shared storage"). DIR must be an existing absolute folder.
+#
+# `stop` ends only this host's daemon, found by its own pid file and checked to be a libvirtd in this host's
+# namespace, never the system daemon (/run/libvirtd.pid); it destroys only the domains of this host (through
+# its own socket, then any QEMU process left in its namespace) and removes its folder. Both commands can be
+# repeated. `start` after `kill` brings the daemon back with the host's state (host_uuid, definitions, files), in its
+# old namespace while QEMU processes of it still run there (libvirtd finds them again), else in a new one.
+# Needs root.
+set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
+
+ROOT="${VMQUOTA_TEST_HOSTS:-/tmp/vmquota-hosts}"
+WAIT_SECS="${TEST_HOST_WAIT:-20}"
+# The ports libvirt picks by itself on this host (its NBD server for a storage copy; a migration without a port):
+# the top of the suite's 49200-49250, so a caller's own migrate URI port (49200-49239) never collides with them.
+LIBVIRT_PORTS=(49240 49250)
+
+say() { printf 'test-host: %s\n' "$*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+usage() {
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+check_name() {
+    [[ "$1" =~ ^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$ ]] \
+        || die "invalid host name '$1': lower-case letters, digits and '-', at most 32 characters"
+}
+
+uri_of() { printf 'qemu+unix:///system?socket=%s/run/libvirt-sock\n' "$ROOT/$1"; }
+
+# The pid of this host's libvirtd if it runs: its pid file names a live libvirtd that is not the system daemon
+# and runs in another mount namespace than ours.
+host_pid() {
+    local dir="$1" pid system
+    pid=$(cat "$dir/libvirtd.pid" 2>/dev/null) || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = libvirtd ] || return 1
+    system=$(cat /run/libvirtd.pid 2>/dev/null || true)
+    [ "$pid" != "$system" ] || return 1
+    [ "$(readlink "/proc/$pid/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] || return 1
+    [ "$(readlink "/proc/$pid/ns/mnt")" = "$(cat "$dir/mntns" 2>/dev/null)" ] || return 1
+    printf '%s\n' "$pid"
+}
+
+answers() { timeout 10 virsh -c "$1" version >/dev/null 2>&1; }
+
+# The processes in the host's mount namespace (its libvirtd, its QEMUs), by the namespace recorded at start.
+namespace_pids() {
+    local ns="$1" proc
+    [ -n "$ns" ] || return 0
+    for proc in /proc/[0-9]*; do
+        [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$ns" ] || continue
+        case "$(cat "$proc/comm" 2>/dev/null)" in
+            libvirtd|qemu-system-*|qemu-kvm) printf '%s\n' "${proc#/proc/}" ;;
+        esac
+    done
+}
+
+copy_config() {
+    local etc="$1"
+    cp -a /etc/libvirt/. "$etc/"
+    # The system daemon's own objects stay its own: no domain, network, pool or secret is copied.
+    rm -rf "$etc/qemu" "$etc/storage" "$etc/secrets" "$etc/qemu.conf.vmquota-orig"
+    mkdir -p "$etc/qemu/networks" "$etc/storage" "$etc/secrets"
+    {
+        printf '\n# scripts/test-host.sh: an extra test host\n'
+        printf 'host_uuid = "%s"\n' "$(cat /proc/sys/kernel/random/uuid)"
+        printf 'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+    } >>"$etc/libvirtd.conf"
+    {
+        printf '\n# scripts/test-host.sh: an extra test host\n'
+        printf 'stdio_handler = "file"\n'
+        printf 'cgroup_controllers = [ ]\n'
+        printf 'migration_port_min = %s\nmigration_port_max = %s\n' "${LIBVIRT_PORTS[@]}"
+    } >>"$etc/qemu.conf"
+}
+
+cmd_start() {
+    local name="$1"; shift
+    local private=() dir
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --private-dir)
+                [ $# -ge 2 ] || die "--private-dir needs a folder"
+                [[ "$2" = /* ]] || die "--private-dir $2: not an absolute path"
+                [ -d "$2" ] || die "--private-dir $2: no such folder"
+                dir=$(realpath "$2")
+                case "$dir" in /|/proc*|/sys*|/dev*|/run|/run/libvirt*|/etc*|/usr*|"$ROOT"*)
+                    die "--private-dir $2: not a folder a test host may hide" ;;
+                esac
+                private+=("$dir"); shift 2 ;;
+            *) die "start: unknown option '$1'" ;;
+        esac
+    done
+    [ "$(id -u)" -eq 0 ] || die "must run as root to start libvirtd"
+    command -v libvirtd >/dev/null || die "libvirtd not found (scripts/bootstrap.sh installs it)"
+    local base="$ROOT/$name" uri
+    uri=$(uri_of "$name")
+    local wanted
+    wanted=$(printf '%s\n' "${private[@]+"${private[@]}"}")
+    if host_pid "$base" >/dev/null && answers "$uri"; then
+        [ "$(cat "$base/private-dirs")" = "$wanted" ] \
+            || die "host $name already runs with other private folders ($(tr '\n' ' ' <"$base/private-dirs")); stop it first"
+        printf '%s\n' "$uri"
+        return 0
+    fi
+    if pid=$(host_pid "$base"); then
+        die "the libvirtd of host $name (pid $pid) runs but does not answer; stop it first"
+    fi
+    local started=$SECONDS comeback="" left=""
+    if [ -s "$base/etc/libvirtd.conf" ] && [ -e "$base/private-dirs" ]; then
+        # A host whose daemon was killed comes back with what it had: the same host_uuid, definitions and files,
+        # and, inside its old namespace, the QEMU processes that outlived the daemon.
+        [ "$(cat "$base/private-dirs")" = "$wanted" ] \
+            || die "host $name was started with other private folders ($(tr '\n' ' ' <"$base/private-dirs")); stop it first"
+        comeback=1
+        left=$(namespace_pids "$(cat "$base/mntns" 2>/dev/null || true)" | head -n 1)
+        rm -f "$base/run/libvirt-sock" "$base/run/libvirt-sock-ro" "$base/run/libvirt-admin-sock"
+    else
+        [ ! -e "$base" ] || rm -rf --one-file-system "$base"  # a start that failed half-way
+        mkdir -p "$base"/{run,lib,log,cache,etc,private}
+        chmod 0700 "$base"
+        copy_config "$base/etc"
+        cp -a /var/cache/libvirt/. "$base/cache/" 2>/dev/null || true
+        printf '%s' "$wanted" >"$base/private-dirs"
+        [ -z "$wanted" ] || printf '\n' >>"$base/private-dirs"
+    fi
+    # The mounts, then libvirtd, in one shell inside the new namespace. libvirtd --daemon forks; its child keeps
+    # the namespace (and its mounts) alive until it and its QEMU processes end.
+    local script='set -e
+        base=$1; shift
+        mount --bind "$base/run" /run/libvirt
+        mount --bind "$base/lib" /var/lib/libvirt
+        mount --bind "$base/log" /var/log/libvirt
+        mount --bind "$base/cache" /var/cache/libvirt
+        mount --bind "$base/etc" /etc/libvirt
+        i=0
+        for dir in "$@"; do
+            mkdir -p "$base/private/$i"
+            mount --bind "$base/private/$i" "$dir"
+            i=$((i + 1))
+        done
+        mkdir -p /run/libvirt/qemu /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu
+        readlink /proc/self/ns/mnt >"$base/mntns"
+        exec libvirtd --daemon --pid-file "$base/libvirtd.pid" </dev/null >>"$base/log/libvirtd.log" 2>&1'
+    mkdir -p /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt
+    local launched=0
+    if [ -n "$left" ]; then
+        nsenter --mount="/proc/$left/ns/mnt" -- libvirtd --daemon --pid-file "$base/libvirtd.pid" \
+            </dev/null >>"$base/log/libvirtd.log" 2>&1 && launched=1
+    else
+        unshare -m --propagation private bash -c "$script" test-host "$base" "${private[@]+"${private[@]}"}" \
+            && launched=1
+    fi
+    if [ "$launched" -ne 1 ]; then
+        tail -n 20 "$base/log/libvirtd.log" >&2 2>/dev/null || true
+        [ -n "$comeback" ] || cmd_stop "$name" 2>/dev/null
+        die "libvirtd of host $name failed to start"
+    fi
+    local deadline=$((SECONDS + WAIT_SECS))
+    until [ -S "$base/run/libvirt-sock" ] && answers "$uri"; do
+        if ! host_pid "$base" >/dev/null && [ -s "$base/libvirtd.pid" ]; then
+            say "last lines of $base/log/libvirtd.log:"
+            tail -n 20 "$base/log/libvirtd.log" >&2 2>/dev/null || true
+            [ -n "$comeback" ] || cmd_stop "$name" 2>/dev/null
+            die "libvirtd of host $name exited during start-up"
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            say "last lines of $base/log/libvirtd.log:"
+            tail -n 20 "$base/log/libvirtd.log" >&2 2>/dev/null || true
+            [ -n "$comeback" ] || cmd_stop "$name" 2>/dev/null
+            die "host $name did not answer within ${WAIT_SECS}s"
+        fi
+        sleep 0.05
+    done
+    say "host $name answers at $uri (in $((SECONDS - started)) s)"
+    printf '%s\n' "$uri"
+}
+
+cmd_stop() {
+    local name="$1" base="$ROOT/$1" uri pid ns domain
+    [ -e "$base" ] || return 0
+    uri=$(uri_of "$name")
+    ns=$(cat "$base/mntns" 2>/dev/null || true)
+    if pid=$(host_pid "$base"); then
+        # Its domains, through its own socket: the system daemon and the other hosts are never asked.
+        if answers "$uri"; then
+            while read -r domain; do
+                [ -n "$domain" ] || continue
+                timeout 30 virsh -c "$uri" destroy "$domain" >/dev/null 2>&1 || true
+                timeout 30 virsh -c "$uri" undefine "$domain" >/dev/null 2>&1 || true
+            done < <(timeout 30 virsh -c "$uri" list --all --name 2>/dev/null || true)
+        fi
+        kill -TERM "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + 10))
+        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    # Whatever still runs in its namespace (a QEMU whose daemon died first) goes too.
+    local left
+    left=$(namespace_pids "$ns")
+    if [ -n "$left" ]; then
+        # shellcheck disable=SC2086
+        kill -KILL $left 2>/dev/null || true
+        local deadline=$((SECONDS + 10))
+        while [ -n "$(namespace_pids "$ns")" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    fi
+    # The mounts live in the namespace only, which is gone with its processes: these are plain folders now.
+    rm -rf --one-file-system "$base"
+    say "host $name stopped"
+}
+
+cmd_kill() {
+    local name="$1" base="$ROOT/$1" pid
+    pid=$(host_pid "$base") || die "host $name has no libvirtd running"
+    kill -KILL "$pid"
+    local deadline=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.02; done
+    say "killed the libvirtd of host $name (pid $pid); its QEMU processes run on"
+}
+
+[ $# -ge 2 ] || usage
+command=$1 name=$2
+shift 2
+check_name "$name"
+case "$command" in
+    start) cmd_start "$name" "$@" ;;
+    stop) [ $# -eq 0 ] || die "stop takes no options"; cmd_stop "$name" ;;
+    kill) [ $# -eq 0 ] || die "kill takes no options"; cmd_kill "$name" ;;
+    uri) [ $# -eq 0 ] || die "uri takes no options"; uri_of "$name" ;;
+    *) usage ;;
+esac
