@@ -224,6 +224,10 @@ class FakeGuest:
             while data := self._guest.recv(4096):
                 self._guest.sendall(data.upper())
 
+    @property
+    def port(self) -> socket.socket:
+        return self._server
+
     # What the server's tunnel uses, as it uses a libvirt console stream.
     def recv(self, size: int) -> bytes:
         return self._server.recv(size)
@@ -306,9 +310,9 @@ def test_vmquota_port_forward_gives_each_connection_its_own_tunnel(
     streams.running_vm("web")
     opened: list[int] = []
 
-    def open_port(namespace: str, name: str, port: int) -> FakeGuest:
+    def open_port(namespace: str, name: str, port: int) -> socket.socket:
         opened.append(port)
-        return FakeGuest()
+        return FakeGuest().port  # a TCP connection to the guest, as QEMU's forward gives one
 
     monkeypatch.setattr(streams.app.controller, "open_port", open_port)
     local = free_port()

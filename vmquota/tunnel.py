@@ -25,6 +25,7 @@ from typing import Protocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
+from wsproto.utilities import ProtocolError
 
 PLAIN_PROTOCOL = "plain.kubevirt.io"  # KubeVirt's subprotocol: raw bytes in binary messages
 CHUNK = 32 << 10  # what one read of the other end takes, and so the largest message sent
@@ -82,14 +83,16 @@ class _Pump:
         reader.start()
         try:
             self._loop()
-        except OSError:
-            pass  # the websocket's connection broke: nothing to tell anyone
+        except (OSError, ProtocolError):
+            pass  # the websocket's connection broke, or its peer broke the protocol: nothing to tell anyone
         finally:
             self._stopping.set()
-            self.end.close()
-            reader.join(timeout=5)
-            self._wake_reader.close()
-            self._wake_writer.close()
+            try:
+                self.end.close()
+            finally:
+                reader.join(timeout=5)
+                self._wake_reader.close()
+                self._wake_writer.close()
 
     # -- the other end, on its own thread -------------------------------------------------------------
 

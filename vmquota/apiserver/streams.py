@@ -174,7 +174,10 @@ class Session(Takeover):
 
     def run(self, connection: Any) -> None:
         log.info("streaming %s", self.what)
-        tunnel.pump(connection, Connection(ConnectionType.SERVER), self.end)
+        try:
+            tunnel.pump(connection, Connection(ConnectionType.SERVER), self.end)
+        except Exception:  # the connection is closed after this either way; the reason goes to the log
+            log.exception("the stream of %s failed", self.what)
         log.info("stream of %s ended", self.what)
 
     def abandon(self) -> None:
