@@ -104,14 +104,16 @@ class _Bench:
                 raise RuntimeError(f"timed out waiting for {what}{status}; server log:\n{self.server.log_tail()}")
             time.sleep(0.05)
 
-    def vmquota_run(self) -> tuple[float, bytes]:
+    def vmquota_run(self) -> tuple[float, float]:
+        """(to the console open, to the first line)."""
         assert self.client is not None
         t0 = time.perf_counter()
         self.client.put(action_path(self.ns, self.name, "start"))
         opened = self.client.console(self.ns, self.name, timeout=120)
+        connected = time.perf_counter() - t0
         try:
-            line = _first_line_ws(opened)
-            return time.perf_counter() - t0, line
+            _first_line_ws(opened)
+            return connected, time.perf_counter() - t0
         finally:
             opened.close()
 
@@ -120,14 +122,15 @@ class _Bench:
         self.client.put(action_path(self.ns, self.name, "stop"), {"gracePeriod": 0})
         self._wait(lambda: self._vm().get("status", {}).get("printableStatus") == "Stopped", "the stop")
 
-    def direct_run(self, dom: Any) -> tuple[float, bytes]:
+    def direct_run(self, dom: Any) -> tuple[float, float]:
         t0 = time.perf_counter()
         dom.create()
         stream = self.conn.newStream(0)
         dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        connected = time.perf_counter() - t0
         try:
-            line = _first_line(stream.recv)
-            return time.perf_counter() - t0, line
+            _first_line(stream.recv)
+            return connected, time.perf_counter() - t0
         finally:
             try:
                 stream.abort()
@@ -136,10 +139,11 @@ class _Bench:
 
     def close(self) -> None:
         try:
-            if self.client is not None and self.server.process and self.server.process.poll() is None:
-                self.client.delete(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines/{self.name}")
-                self._wait(lambda: not self.client.get(  # type: ignore[union-attr]
-                    f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines")["items"], "the VM's delete")
+            client = self.client
+            if client is not None and self.server.process and self.server.process.poll() is None:
+                client.delete(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines/{self.name}")
+                self._wait(lambda: not client.get(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines")["items"],
+                           "the VM's delete")
         finally:
             if self.client is not None:
                 self.client.close()
@@ -217,7 +221,7 @@ def console_section(*, runs: int) -> SectionResult:
         return SectionResult([Row("console", f"skipped: {URI} not reachable ({e})", "")],
                              {"skipped": str(e)})
     image = _guest_image()
-    times: dict[str, list[float]] = {"vmquota": [], "direct": []}
+    times: dict[str, list[float]] = {"vmquota": [], "direct": [], "vmquota_open": [], "direct_open": []}
     with tempfile.TemporaryDirectory(prefix="vmquota-bench-console-") as tmp:
         bench = _Bench(Path(tmp))
         try:
@@ -227,21 +231,28 @@ def console_section(*, runs: int) -> SectionResult:
                 for side in ("vmquota", "direct") if i % 2 == 0 else ("direct", "vmquota"):
                     time.sleep(SETTLE_S)
                     if side == "vmquota":
-                        took, _ = bench.vmquota_run()
+                        connected, took = bench.vmquota_run()
                         bench.stop_vmquota()
                     else:
-                        took, _ = bench.direct_run(direct)
+                        connected, took = bench.direct_run(direct)
                         direct.destroy()
                     times[side].append(took)
+                    times[f"{side}_open"].append(connected)
                 progress(f"console: run {i + 1}/{runs}: vmquota {fmt_ms(times['vmquota'][-1])}, "
                          f"virDomainCreate + console {fmt_ms(times['direct'][-1])}")
         finally:
             bench.close()
     ours, baseline = median(times["vmquota"]), median(times["direct"])
     ratio = ours / baseline
-    row = Row("console", f"start request to the guest's first console line, emulated (median of {runs})",
-              fmt_ms(ours), baseline=f"{fmt_ms(baseline)} virDomainCreate + console stream", ratio=f"{ratio:.2f}",
-              target=f"<= {TARGET}", met=ratio <= TARGET)
-    return SectionResult([row], {"runs": runs, "ratio_of_medians": ratio, "first_line": FIRST_LINE.decode(),
-                                 **{k: summary(v) for k, v in times.items()}})
+    paired = median([a / b for a, b in zip(times["vmquota"], times["direct"], strict=True)])
+    opened, opened_baseline = median(times["vmquota_open"]), median(times["direct_open"])
+    rows = [Row("console", f"start request to the guest's first console line, emulated (median of {runs}; median "
+                           f"of the paired runs' ratios {paired:.2f})",
+                fmt_ms(ours), baseline=f"{fmt_ms(baseline)} virDomainCreate + console stream", ratio=f"{ratio:.2f}",
+                target=f"<= {TARGET}", met=ratio <= TARGET),
+            Row("console", f"start request to the console open, before the guest prints (median of {runs})",
+                fmt_ms(opened), baseline=f"{fmt_ms(opened_baseline)} virDomainCreate + virDomainOpenConsole",
+                ratio=f"{opened / opened_baseline:.2f}")]
+    return SectionResult(rows, {"runs": runs, "ratio_of_medians": ratio, "median_paired_ratio": paired,
+                                "first_line": FIRST_LINE.decode(), **{k: summary(v) for k, v in times.items()}})
 
