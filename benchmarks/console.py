@@ -142,8 +142,8 @@ class _Bench:
             client = self.client
             if client is not None and self.server.process and self.server.process.poll() is None:
                 client.delete(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines/{self.name}")
-                self._wait(lambda: not client.get(f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines")["items"],
-                           "the VM's delete")
+                vms = f"/apis/kubevirt.io/v1/namespaces/{self.ns}/virtualmachines"
+                self._wait(lambda: not client.get(vms)["items"], "the VM's delete")
         finally:
             if self.client is not None:
                 self.client.close()
