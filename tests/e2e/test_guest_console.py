@@ -1,6 +1,7 @@
 """`vmquota console` and `vmquota port-forward` on the real Linux guest, through `vmquota serve --use-emulation`:
 the console, driven through a pty as a person's terminal, shows the guest's cloud-init marker and takes typed
-commands; a port forward reaches the HTTP server in the guest, one tunnel per connection.
+commands, and a second console takes the first one's place; a port forward reaches the HTTP server in the guest,
+one tunnel per connection.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class PtyConsole:
                 return  # the pty was closed
             if not data:
                 return
+            if b"\x1b[6n" in data:  # busybox's shell asks where the cursor is; a terminal answers, so does this
+                os.write(self.master, b"\x1b[1;1R")
             with self._lock:
                 self._text += data
 
@@ -106,6 +109,22 @@ def test_vmquota_console_and_port_forward_reach_the_real_guest(consoles: Kvm, gu
         assert termios.tcgetattr(console.slave) == console.before  # the terminal is given back as it was
     finally:
         console.close()
+
+    # A second console takes the first one's place, as virtctl's does: the first ends, the second types.
+    first, second = PtyConsole(consoles, "con"), None
+    try:
+        first.type("\x03")  # a fresh prompt: whatever the shell was in when the last console left is dropped
+        time.sleep(1)
+        first.type("echo first-$((1+1))\r")
+        first.wait_for("first-2", timeout=30)
+        second = PtyConsole(consoles, "con")
+        assert first.process.wait(timeout=15) == 0
+        second.type("echo second-$((2+3))\r")
+        second.wait_for("second-5", timeout=30)
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
 
     local = free_port()
     forward = subprocess.Popen([sys.executable, "-m", "vmquota", "--server", consoles.server.url, "port-forward",
