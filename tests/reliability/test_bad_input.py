@@ -30,7 +30,7 @@ from reliability import profile
 from reliability.invariants import PROJECTS, look, violations, vms_path
 
 from vmquota.apiserver import openapi
-from vmquota.app import App
+from vmquota.app import App, NodeSettings
 from vmquota.client import Client, ClientError
 
 SEEDED = {"namespace": "fuzz", "name": "vm-a"}  # objects that exist, so generated requests reach real work
@@ -67,7 +67,8 @@ def assert_well_refused(status: int, text: str, what: str) -> None:
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """One server for every generated request, with a project, a namespace, a quota and two VMs in it."""
-    app = open_app(tmp_path_factory.mktemp("fuzz") / "data")
+    # The heartbeat rewrites each Node's status now and then even when nothing changed: an hour apart here.
+    app = open_app(tmp_path_factory.mktemp("fuzz") / "data", node_settings=NodeSettings(heartbeat_seconds=3600.0))
     # Retries of refused or failed automatic starts write to the store: an hour away, they never land between the
     # two looks at the store's revision that tell whether a refused request changed anything.
     app.controller.unschedulable_retry_seconds = app.controller.backoff_base_seconds = 3600.0

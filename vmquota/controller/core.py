@@ -34,6 +34,7 @@ from vmquota.objects import Obj
 from vmquota.store import Store, Transaction
 from vmquota.usage import OverheadModel
 from vmquota.vmstatus import Phase
+from vmquota.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,18 @@ class Controller:
         self._unreachable: set[Key] = set()  # VMs told that their work waits for the hypervisor
         # What the API, the app and the tests reach through the controller: the parts' own objects.
         self.store, self.hypervisor, self.disks = store, hypervisor, disks
-        self.overhead, self.clock, self.queue = overhead, clock, self.ctx.queue
+        self.overhead, self.clock = overhead, clock
         self.imports = self.volumes.imports
+
+    @property
+    def queue(self) -> WorkQueue[Key]:
+        return self.ctx.queue
+
+    @queue.setter
+    def queue(self, queue: WorkQueue[Key]) -> None:
+        """An API process hands its keys to the controller's process (workers.KeysToController): every part
+        queues through the Context, so that is where the replacement must go."""
+        self.ctx.queue = queue
 
     @property
     def unschedulable_retry_seconds(self) -> float:
