@@ -20,13 +20,14 @@ import libvirt
 from benchmarks.common import Row, SectionResult
 
 SECTIONS = ("admission", "durable", "history", "http", "import", "kvm", "metrics", "realtime", "recount", "tables",
-            "watch", "tenants", "migration", "migration-controller", "dashboard", "nodes")
+            "watch", "tenants", "migration", "migration-controller", "dashboard", "nodes", "console")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
     """The sections to run with their sizes; --quick keeps their shape and shrinks the counts."""
     from benchmarks import (
         admission,
+        console,
         dashboard,
         http_load,
         imports,
@@ -83,6 +84,8 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
         steps.append(("nodes", lambda: nodes.nodes_section(quick=quick)))
     if "dashboard" in wanted:
         steps.append(("dashboard", lambda: dashboard.dashboard_section(vms=1_000, rounds=3 if quick else 9)))
+    if "console" in wanted:
+        steps.append(("console", lambda: console.console_section(runs=3 if quick else 9)))
     return steps
 
 

@@ -11,18 +11,23 @@ import datetime
 import json
 import logging
 import os
+import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import termios
+import threading
 import time
+import tty
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from vmquota import errors, kubeconfig, objects, printers, quantity, waiting
+from vmquota import errors, kubeconfig, objects, printers, quantity, tunnel, waiting
 from vmquota.client import (
     DEFAULT_SERVER,
     Client,
@@ -31,6 +36,7 @@ from vmquota.client import (
     action_path,
     collection_path,
     object_path,
+    port_forward_path,
     upload_path,
 )
 from vmquota.usage import OverheadModel
@@ -574,6 +580,184 @@ def cmd_clone(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- console and port-forward: KubeVirt's websocket subresources, as virtctl uses them ------------------------
+
+ESCAPE = b"\x1d"  # Ctrl+] (and Ctrl+5 in most terminals) leaves the console, as in virtctl and telnet
+
+
+def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    """The VM's serial console on this terminal (raw, so every key reaches the guest) until Ctrl+] or the guest's
+    end. A VM still starting is waited for (the server answers 400 until it runs), as virtctl does. Standard input
+    may be a pipe: what it gives is typed, and its end leaves the console open until interrupted."""
+    socket_ = client.console(args.namespace, args.vm, timeout=args.timeout)
+    print(f"Successfully connected to {args.vm} console. Press Ctrl+] or Ctrl+5 to exit console.", file=sys.stderr)
+    terminal = _Terminal(sys.stdin.fileno(), sys.stdout.fileno())
+    try:
+        with terminal.raw():
+            tunnel.pump(socket_.wire, socket_.ws, terminal)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        socket_.close()
+    print(file=sys.stderr)
+    return EXIT_OK
+
+
+class _Terminal:
+    """This process's terminal (or pipes) as a tunnel's end: what is typed goes to the guest, what the guest prints
+    comes out. `recv` ends at Ctrl+]; waiting for input, it wakes when the tunnel closes the end."""
+
+    def __init__(self, stdin: int, stdout: int) -> None:
+        self.stdin, self.stdout = stdin, stdout
+        self._closed_reader, self._closed_writer = socket.socketpair()
+        self._input_ended = False
+        self._left = False
+
+    def raw(self) -> _RawMode:
+        return _RawMode(self.stdin)
+
+    def recv(self, size: int) -> bytes:
+        while not self._left:
+            closed = self._closed_reader.fileno()
+            readable, _, _ = select.select([closed] if self._input_ended else [self.stdin, closed], [], [])
+            if closed in readable:
+                return b""
+            data = os.read(self.stdin, size)
+            if not data:
+                self._input_ended = True  # a pipe's end: keep showing the console until interrupted
+                continue
+            if ESCAPE in data:
+                self._left = True
+                return data[:data.index(ESCAPE)]  # what came before it still goes; the next call ends
+            return data
+        return b""
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.stdout, view):]
+
+    def close(self) -> None:
+        try:
+            self._closed_writer.send(b"\0")
+        except OSError:
+            pass
+
+
+class _RawMode:
+    """A terminal in raw mode for the block, as virtctl puts it (every key reaches the guest); a pipe is left be."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved: list[Any] | None = None
+
+    def __enter__(self) -> None:
+        if os.isatty(self.fd):
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+
+    def __exit__(self, *_: object) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+
+def cmd_port_forward(client: Client, args: argparse.Namespace) -> int:
+    """Listen on 127.0.0.1:LOCAL and carry each connection to the guest's REMOTE port over a websocket of its own,
+    until interrupted, as `virtctl port-forward` (and `kubectl port-forward`) do."""
+    plural, name = _forward_target(args.target)
+    pairs = [_port_pair(text) for text in args.ports]
+    client.get(object_path(objects.VIRTUAL_MACHINE if plural == "virtualmachines" else
+                           objects.VIRTUAL_MACHINE_INSTANCE, args.namespace, name))  # a wrong name fails at once
+    listeners: list[socket.socket] = []
+    try:
+        for local, remote in pairs:
+            listener = socket.create_server(("127.0.0.1", local))
+            listeners.append(listener)
+            bound = listener.getsockname()[1]
+            print(f"Forwarding from 127.0.0.1:{bound} -> {remote}", flush=True)
+            path = port_forward_path(args.namespace, plural, name, remote)
+            threading.Thread(target=_accept, args=(client, listener, path, bound), daemon=True).start()
+        signal.signal(signal.SIGTERM, _interrupt)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        raise UsageError(f"cannot listen on 127.0.0.1: {e}") from e
+    finally:
+        for listener in listeners:
+            listener.close()
+    return EXIT_OK
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _forward_target(text: str) -> tuple[str, str]:
+    """virtctl's `vm/NAME` or `vmi/NAME` (a bare NAME is a VM)."""
+    kind, _, name = text.rpartition("/")
+    plural = {"": "virtualmachines", "vm": "virtualmachines", "vmi": "virtualmachineinstances"}.get(kind)
+    if plural is None or objects.name_problem(name):
+        raise UsageError(f"port-forward takes vm/NAME or vmi/NAME, got {text!r}")
+    return plural, name
+
+
+def _port_pair(text: str) -> tuple[int, int]:
+    """LOCAL:REMOTE, or one PORT for both, as virtctl reads them (`tcp/` in front is taken; 0 picks a free port)."""
+    spec = text.removeprefix("tcp/")
+    local, _, remote = spec.partition(":")
+    try:
+        pair = (int(local), int(remote or local))
+    except ValueError:
+        pair = (-1, -1)
+    if not 0 <= pair[0] < 65536 or not 0 < pair[1] < 65536:
+        raise UsageError(f"a port forward is LOCAL:REMOTE with ports from 1 to 65535, got {text!r}")
+    return pair
+
+
+def _accept(client: Client, listener: socket.socket, path: str, local: int) -> None:
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return  # the listener was closed: the command ends
+        threading.Thread(target=_forward, args=(client, connection, path, local), daemon=True).start()
+
+
+def _forward(client: Client, connection: socket.socket, path: str, local: int) -> None:
+    print(f"Handling connection for {local}", flush=True)
+    try:
+        opened = client.websocket(path)
+    except (ClientError, Unreachable) as e:
+        print(f"error: forwarding a connection to {local}: {e}", file=sys.stderr, flush=True)
+        connection.close()
+        return
+    try:
+        tunnel.pump(opened.wire, opened.ws, _Local(connection))
+    finally:
+        opened.close()
+
+
+class _Local:
+    """An accepted local connection as a tunnel's end."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self._connection = connection
+
+    def recv(self, size: int) -> bytes:
+        return self._connection.recv(size)
+
+    def sendall(self, data: bytes) -> None:
+        self._connection.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self._connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._connection.close()
+
+
 def cmd_image_upload(client: Client, args: argparse.Namespace) -> int:
     """image-upload dv NAME: stream a local image into the upload data volume NAME (virtctl image-upload's
     shape). vmquota has no DataVolume objects of their own: the data volume is a VM's dataVolumeTemplate with
@@ -758,6 +942,17 @@ def parser() -> argparse.ArgumentParser:
     clone.add_argument("--dry-run", action="store_true",
                        help="would the clone be admitted now? exit 0, or 1 with the refusal; nothing changes")
     clone.add_argument("--timeout", type=float, default=600)
+
+    console = sub.add_parser("console", help="the serial console of a running VM (Ctrl+] leaves)")
+    console.add_argument("vm")
+    namespaced(console)
+    console.add_argument("--timeout", type=float, default=300,
+                         help="seconds to wait for a VM that is still starting (default 300)")
+
+    forward = sub.add_parser("port-forward", help="forward local ports on 127.0.0.1 to a VM's guest ports")
+    forward.add_argument("target", help="vm/NAME (or vmi/NAME)")
+    forward.add_argument("ports", nargs="+", metavar="LOCAL:REMOTE", help="a local port and the guest's port")
+    namespaced(forward)
     upload = sub.add_parser("image-upload", help="upload a local disk image into a data volume with source "
                                                  "upload: {} (virtctl image-upload)")
     upload.add_argument("kind", choices=["dv"], help="dv: a data volume (a VM's dataVolumeTemplate)")
@@ -779,7 +974,8 @@ def global_flags(command: argparse.ArgumentParser) -> None:
 COMMANDS = {"get": cmd_get, "top": cmd_top, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
             "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone,
             "cordon": cmd_cordon, "uncordon": cmd_cordon, "node": cmd_node,
-            "drain": cmd_drain, "migrate": cmd_migrate, "image-upload": cmd_image_upload}
+            "drain": cmd_drain, "migrate": cmd_migrate, "image-upload": cmd_image_upload, "console": cmd_console,
+            "port-forward": cmd_port_forward}
 
 
 LOCAL_COMMANDS = {"kubeconfig": cmd_kubeconfig, "audit": cmd_audit}

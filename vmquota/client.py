@@ -11,16 +11,24 @@ import io
 import json
 import os
 import select
+import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from vmquota import __version__
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+
+from vmquota import __version__, tunnel
 from vmquota.kubeconfig import Connection
 
 DEFAULT_SERVER = "http://127.0.0.1:8686"
+NOT_RUNNING = "VMI is not running"  # the console's 400 while a VM starts
+CONSOLE_RETRY = 0.1  # seconds between two tries of a starting VM's console
 
 
 class ClientError(Exception):
@@ -146,6 +154,81 @@ class Client:
             self._conn.close()
             self._conn = None
 
+    def websocket(self, path: str) -> WebSocket:
+        """A websocket to `path` (KubeVirt's console and port forwards), on a connection of its own, with the same
+        credentials and TLS as every request; a refusal is the server's Status, as a `ClientError`."""
+        try:
+            raw = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        except OSError as e:
+            raise Unreachable(f"cannot reach the vmquota server at {self.url}: {e}") from e
+        wire: socket.socket = self._tls.wrap_socket(raw, server_hostname=self._host) if self._tls else raw
+        try:
+            ws = _handshake(wire, self._host, self._port, path, self._headers)
+        except BaseException:
+            wire.close()
+            raise
+        wire.settimeout(None)
+        return WebSocket(wire, ws)
+
+    def console(self, namespace: str, name: str, *, timeout: float) -> WebSocket:
+        """The VM's serial console; a VM still starting (the server's 400 "VMI is not running") is waited for, as
+        virtctl waits, but asked again sooner: the console is open by the time the guest prints its first line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.websocket(console_path(namespace, name))
+            except ClientError as e:
+                if e.code != 400 or e.message != NOT_RUNNING or time.monotonic() > deadline:
+                    raise
+            time.sleep(CONSOLE_RETRY)
+
+
+@dataclass
+class WebSocket:
+    """An open websocket: its connection and wsproto's state of it, for `tunnel.pump`."""
+    wire: socket.socket
+    ws: WSConnection
+
+    def close(self) -> None:
+        self.wire.close()
+
+
+def _handshake(wire: socket.socket, host: str, port: int, path: str, headers: dict[str, str]) -> WSConnection:
+    ws = WSConnection(ConnectionType.CLIENT)
+    wire.sendall(ws.send(Request(host=f"{host}:{port}", target=path, subprotocols=[tunnel.PLAIN_PROTOCOL],
+                                 extra_headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])))
+    code, body = 0, bytearray()
+    while True:
+        try:
+            data = wire.recv(1 << 16)
+        except OSError as e:
+            raise Unreachable(f"the websocket handshake with the vmquota server failed: {e}") from e
+        ws.receive_data(data or None)
+        for event in ws.events():
+            if isinstance(event, AcceptConnection):
+                return ws
+            if isinstance(event, RejectConnection):
+                code = event.status_code
+                if not event.has_body:
+                    raise _refusal(code, b"")
+            elif isinstance(event, RejectData):
+                body += event.data
+                if event.body_finished:
+                    raise _refusal(code, bytes(body))
+        if not data:
+            raise Unreachable("the vmquota server closed the connection during the websocket handshake")
+
+
+def _refusal(code: int, body: bytes) -> ClientError:
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and decoded.get("kind") == "Status":
+        return ClientError(decoded)
+    return ClientError({"code": code, "message": body.decode(errors="replace") or f"HTTP {code}",
+                        "reason": http.client.responses.get(code, "")})
+
 
 CONTINUE_WAIT_SECONDS = 30.0
 
@@ -240,3 +323,12 @@ def upload_path(namespace: str, data_volume: str) -> str:
 
 def action_path(namespace: str, name: str, action: str) -> str:
     return f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachines/{name}/{action}"
+
+
+def console_path(namespace: str, name: str) -> str:
+    return f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{name}/console"
+
+
+def port_forward_path(namespace: str, plural: str, name: str, port: int) -> str:
+    """`plural` is virtualmachines (`vm/NAME`) or virtualmachineinstances (`vmi/NAME`), as virtctl asks."""
+    return f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/{plural}/{name}/portforward/{port}/tcp"

@@ -71,6 +71,7 @@ class Subresource:
     version: str
     verbs: tuple[str, ...]
     kind: str = "Status"  # what a request to it answers with
+    path_parameters: tuple[str, ...] = ()  # segments after its name in the path (a port forward's `{port}`)
 
     @property
     def resource(self) -> str:
@@ -117,6 +118,10 @@ BY_KIND = {k.kind: k for k in KINDS}
 # are subresources of its own group.
 VM_ACTIONS = ("start", "stop", "restart", "migrate")
 VMI_ACTIONS = ("pause", "unpause", "softreboot")  # KubeVirt's paths name the VMI; vmquota's VMI is its VM
+# KubeVirt's websocket subresources (`apiserver/streams.py`): a VMI's serial console and its ports; virtctl's
+# `port-forward vm/NAME` names the VM instead. Their paths go on past the name: `portforward/{port}[/tcp]`.
+VMI_STREAMS = ("console", "portforward")
+VM_STREAMS = ("portforward",)
 SUBRESOURCES = (
     *(Subresource(VIRTUAL_MACHINE, action, "subresources.kubevirt.io", "v1", ("update",)) for action in VM_ACTIONS),
     Subresource(PROJECT, "usage", "vmquota.io", "v1", ("get",), kind="ProjectUsage"),
@@ -124,6 +129,10 @@ SUBRESOURCES = (
     # Usage over time: every change of used, rolled up per minute and per hour (`history.py`).
     Subresource(PROJECT, "history", "vmquota.io", "v1", ("get",), kind="UsageHistory"),
     Subresource(RESOURCE_QUOTA, "history", "vmquota.io", "v1", ("get",), kind="UsageHistory"),
+    *(Subresource(VIRTUAL_MACHINE_INSTANCE, stream, "subresources.kubevirt.io", "v1", ("get",),
+                  path_parameters=("port",) if stream == "portforward" else ()) for stream in VMI_STREAMS),
+    *(Subresource(VIRTUAL_MACHINE, stream, "subresources.kubevirt.io", "v1", ("get",), path_parameters=("port",))
+      for stream in VM_STREAMS),
 )
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -332,6 +332,9 @@ WRITE = ("create", "delete", "deletecollection", "patch", "update")
 VM_ACTIONS = ("virtualmachines/start", "virtualmachines/stop", "virtualmachines/restart",
               "virtualmachines/migrate")
 KUBEVIRT_RESOURCES = ("virtualmachines", "virtualmachineinstances", "virtualmachineinstancemigrations")
+# The websocket subresources (the serial console, port forwards), which KubeVirt's admin and edit roles grant as
+# `get`; view does not, as in KubeVirt: a console types into the guest.
+VM_STREAMS = ("virtualmachineinstances/console", "virtualmachineinstances/portforward", "virtualmachines/portforward")
 
 
 @dataclass(frozen=True)
@@ -403,11 +406,13 @@ def bootstrap() -> list[BootstrapObject]:
             labels=_aggregate_to("view")),
         _cluster_role("kubevirt.io:admin", [
             _rule(["subresources.kubevirt.io"], VM_ACTIONS, ["update"]),
+            _rule(["subresources.kubevirt.io"], VM_STREAMS, ["get"]),
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, (*READ, *WRITE)),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], (*READ, *WRITE))],
             labels={"kubevirt.io": "", **_aggregate_to("admin")}),
         _cluster_role("kubevirt.io:edit", [
             _rule(["subresources.kubevirt.io"], VM_ACTIONS, ["update"]),
+            _rule(["subresources.kubevirt.io"], VM_STREAMS, ["get"]),
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, ("get", "delete", "create", "update", "patch", "list",
                                                         "watch")),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], ("get", "delete", "create", "update", "patch",

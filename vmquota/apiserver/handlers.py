@@ -2,7 +2,8 @@
 
 `NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI, the dashboard) to their handler.
 Every other path is routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update,
-patch, delete, and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
+patch, delete, and the subresources (a VM's start, stop and restart; vmquota's charge and usage views; the console
+and port forwards, websockets: `streams.py`).
 
 Here a request's options become the call's arguments: `dryRun`, `fieldManager` (else the User-Agent), `force`,
 the patch type (`patch.py`) and the body's media type (JSON, YAML, or protobuf: `protobuf.py`).
@@ -28,6 +29,7 @@ from vmquota.apiserver import (
     patch,
     protobuf,
     selectors,
+    streams,
     tables,
     upload,
     watch,
@@ -274,6 +276,8 @@ class Handlers:
         if sub == "token":
             _only(request, "POST")
             return Response.json(201, self.api.create_token(ns or "", name or "", typed_body(request)))
+        if sub in objects.VMI_STREAMS:  # the console and port forwards: websockets
+            return streams.serve(self.api, request, target)
         if sub == "upload":
             assert ns is not None and name is not None
             return upload.handle(self.api, request, ns, name, dry_run=_dry_run(request, "UploadOptions"))

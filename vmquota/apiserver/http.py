@@ -3,7 +3,8 @@
 One thread per connection (the standard library's ThreadingHTTPServer, keep-alive). This module knows bytes,
 headers and sockets only: it reads a body by its length or in chunks, builds a `Request`, runs the chain
 (`filters.py`, then `handlers.py`) and writes the `Response`, streaming an iterator body with chunked transfer
-encoding, and lending the connection as a `Wire` to a body that writes itself (a watch: `request.Stream`).
+encoding, lending the connection as a `Wire` to a body that writes itself (a watch: `request.Stream`), or handing
+it over whole after a 101 (a websocket: `request.Takeover`).
 Nothing but `Status` objects leaves on an error.
 """
 
@@ -23,7 +24,7 @@ from vmquota.api import Api
 from vmquota.apiserver import filters, tls, upload, watch
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
-from vmquota.apiserver.request import Request, Response, Stream, status
+from vmquota.apiserver.request import Request, Response, Stream, Takeover, status
 from vmquota.apiserver.security import Security
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
             log.debug("%s " + format, self.address_string(), *args)
 
         def _send(self, response: Response) -> None:
+            if isinstance(response.body, Takeover):
+                self._take_over(response, response.body)
+                return
             self.send_response(response.code)
             self.send_header("Content-Type", response.content_type)
             for name, value in response.headers.items():
@@ -67,6 +71,21 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
                     self._run(response.body)
                 else:
                     self._stream(response.body)
+
+        def _take_over(self, response: Response, takeover: Takeover) -> None:
+            """Switch protocols (a websocket): the headers, then the connection is the takeover's until it ends.
+            Nothing the client sent after the request can be in `rfile`'s buffer: a websocket client waits for
+            the 101 before it sends a frame."""
+            self.close_connection = True
+            try:
+                self.send_response(response.code)
+                for name, value in response.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+            except OSError:
+                takeover.abandon()
+                return
+            takeover.run(self.connection)
 
         def _run(self, stream: Stream) -> None:
             wire = _Wire(self.connection)

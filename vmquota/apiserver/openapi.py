@@ -170,13 +170,18 @@ def _subresource_path(sub: Subresource) -> PathItem:
     body = "io.kubevirt.v1.StopOptions" if sub.name == "stop" else ""
     name = sub.name.capitalize()
     answer = {"Status": schema.STATUS, "TokenRequest": TOKEN_REQUEST}.get(sub.kind, f"io.vmquota.v1.{sub.kind}")
-    operation = Operation(method, f"v1{name}" if sub.group == "subresources.kubevirt.io"
-                          else f"read{_camel(parent)}{parent.kind}{name}", method,
+    operation_id = f"v1{name}" if sub.group == "subresources.kubevirt.io" else \
+        f"read{_camel(parent)}{parent.kind}{name}"
+    if sub.name == "portforward":  # KubeVirt's ids: the VM's and the VMI's port forwards are two operations
+        operation_id = f"v1{'vm' if parent.kind == 'VirtualMachine' else 'vmi'}-PortForward"
+    operation = Operation(method, operation_id, method,
                           f"{sub.name} the {parent.kind}" if method == "put" else f"create a {sub.name} of a "
                           f"{parent.kind}" if method == "post" else f"read the {sub.name} of a {parent.kind}",
                           query, answer, {"put": 202, "post": 201}.get(method, 200),
                           body=TOKEN_REQUEST if method == "post" else body, body_required=method == "post")
-    return PathItem(f"{prefix}/{parent.plural}/{{name}}/{sub.name}", params, (operation,), sub.group, sub.version)
+    extra = "".join(f"/{{{p}}}" for p in sub.path_parameters)
+    return PathItem(f"{prefix}/{parent.plural}/{{name}}/{sub.name}{extra}", (*params, *sub.path_parameters),
+                    (operation,), sub.group, sub.version)
 
 
 PROJECT_USAGE = "io.vmquota.v1.ProjectUsage"
@@ -306,10 +311,13 @@ _V2_REFS = "#/definitions/"
 _PRODUCES = ["application/json", "application/yaml"]
 
 
+_PATH_PARAMETERS = {"namespace": "name of the Namespace", "port": "the guest's port (1-65535), as a websocket"}
+
+
 def _v2_param(name: str, where: str = "query") -> dict[str, Any]:
     if where == "path":
         return {"name": name, "in": "path", "required": True, "type": "string", "uniqueItems": True,
-                "description": f"name of the {'Namespace' if name == 'namespace' else 'object'}"}
+                "description": _PATH_PARAMETERS.get(name, "name of the object")}
     kind, text = _QUERY[name]
     return {"name": name, "in": "query", "type": kind, "uniqueItems": True, "description": text}
 
@@ -361,7 +369,7 @@ _V3_REFS = "#/components/schemas/"
 def _v3_param(name: str, where: str = "query") -> dict[str, Any]:
     if where == "path":
         return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "uniqueItems": True},
-                "description": f"name of the {'Namespace' if name == 'namespace' else 'object'}"}
+                "description": _PATH_PARAMETERS.get(name, "name of the object")}
     kind, text = _QUERY[name]
     return {"name": name, "in": "query", "schema": {"type": kind, "uniqueItems": True}, "description": text}
 

@@ -6,7 +6,8 @@ handlers (`handlers.py`) only see these two. A handler adds to `Request.warnings
 
 A body is bytes, an iterator of chunks (streamed, each flushed at once), or a `Stream`: a body that writes
 itself to the connection's `Wire`, from the request's thread and from others (a watch, `watch.py`, whose
-process-wide feed thread writes each watcher's events itself rather than wake a thread per watcher).
+process-wide feed thread writes each watcher's events itself rather than wake a thread per watcher); or a
+`Takeover`, which is handed the connection itself once the headers are out (a websocket: `streams.py`).
 """
 
 from __future__ import annotations
@@ -102,10 +103,23 @@ class Stream(abc.ABC):
         half sent): it is then closed instead of ended."""
 
 
+class Takeover(abc.ABC):
+    """A body that takes the connection over once the status line and headers are out (101 Switching Protocols):
+    `http.py` hands `run` the connection (a socket, or a TLS connection with a socket's calls) and closes it after."""
+
+    @abc.abstractmethod
+    def run(self, connection: Any) -> None:
+        """Speak the new protocol on `connection` until it ends."""
+
+    @abc.abstractmethod
+    def abandon(self) -> None:
+        """Release what `run` would have used: the headers could not be sent."""
+
+
 @dataclass
 class Response:
     code: int
-    body: bytes | Iterator[bytes] | Stream  # an iterator is streamed, chunk by chunk, each flushed at once
+    body: bytes | Iterator[bytes] | Stream | Takeover  # an iterator is streamed, chunk by chunk, each flushed at once
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
 

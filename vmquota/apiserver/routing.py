@@ -28,6 +28,7 @@ class Route:
     namespace: str | None  # None: all namespaces (lists) or a cluster-scoped kind
     name: str | None
     subresource: str | None = None  # start, stop, restart; usage, history, charges (vmquota.io views); upload
+    extra: tuple[str, ...] = ()  # what follows a streaming subresource: a port forward's port and protocol
 
 
 def route(path: str) -> Route:
@@ -50,6 +51,12 @@ def route(path: str) -> Route:
         if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "virtualmachineinstances" and \
                 rest[4] in objects.VMI_ACTIONS:
             return Route(objects.VIRTUAL_MACHINE, rest[1], rest[3], rest[4])
+        if 5 <= len(rest) <= 7 and rest[0] == "namespaces" and not objects.name_problem(rest[1]) and \
+                not objects.name_problem(rest[3]) and \
+                ((rest[2] == "virtualmachineinstances" and rest[4] in objects.VMI_STREAMS) or
+                 (rest[2] == "virtualmachines" and rest[4] in objects.VM_STREAMS)):
+            kind = objects.VIRTUAL_MACHINE if rest[2] == "virtualmachines" else objects.VIRTUAL_MACHINE_INSTANCE
+            return Route(kind, rest[1], rest[3], rest[4], tuple(rest[5:]))
         raise errors.NotFound("the server could not find the requested resource")
     if (group, version) == UPLOAD_GROUP:
         if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "datavolumes" and rest[4] == "upload" \
