@@ -17,6 +17,7 @@ import asyncio
 import ssl
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,17 @@ def _setup(client: Client) -> None:
 
 
 def _settle(client: Client) -> None:
+    states: Counter[str] = Counter()
+
     def settled() -> bool:
         items = client.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines")["items"]
-        return all((vm.get("status") or {}).get("printableStatus") == "Stopped" for vm in items)
-    wait_until(settled, timeout=120, what="every VM to be Stopped", interval=0.1)
+        states.clear()
+        states.update(str((vm.get("status") or {}).get("printableStatus")) for vm in items)
+        return set(states) == {"Stopped"}
+    try:
+        wait_until(settled, timeout=120, what="every VM to be Stopped", interval=0.1)
+    except TimeoutError as e:  # say which states the VMs were left in
+        raise TimeoutError(f"{e}: {dict(states)}") from e
 
 
 def _http(secure: bool, requests: int, rounds: int) -> dict[str, Any]:

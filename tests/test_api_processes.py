@@ -33,7 +33,8 @@ def cpu_ticks(pid: int) -> int:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    with vmquota_serve(tmp_path, processes=PROCESSES) as server:
+    # No periodic recount within a test: it would put right, late, a VM whose key never reached the controller.
+    with vmquota_serve(tmp_path, processes=PROCESSES, args=("--resync-interval", "3600")) as server:
         yield server
 
 

@@ -29,6 +29,7 @@ from vmquota.controller.state import GUEST_REQUEST, Key, deleting, key_of, migra
 from vmquota.controller.volumes import Volumes
 from vmquota.disks import Disks
 from vmquota.hypervisor import GuestStream, Hypervisor
+from vmquota.workqueue import WorkQueue
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.objects import Obj
 from vmquota.store import Store, Transaction
@@ -61,8 +62,19 @@ class Controller:
         self._unreachable: set[Key] = set()  # VMs told that their work waits for the hypervisor
         # What the API, the app and the tests reach through the controller: the parts' own objects.
         self.store, self.hypervisor, self.disks = store, hypervisor, disks
-        self.overhead, self.clock, self.queue = overhead, clock, self.ctx.queue
+        self.overhead, self.clock = overhead, clock
         self.imports = self.volumes.imports
+
+    @property
+    def queue(self) -> WorkQueue[Key]:
+        """The work queue every part adds to: the Context's own, so replacing it here replaces it for all."""
+        return self.ctx.queue
+
+    @queue.setter
+    def queue(self, queue: WorkQueue[Key]) -> None:
+        # An API process sends its keys to the first process's controller (workers.KeysToController): every
+        # part must see that queue, or the VMs it changes wait for the next recount.
+        self.ctx.queue = queue
 
     @property
     def unschedulable_retry_seconds(self) -> float:
