@@ -29,12 +29,12 @@ from vmquota.controller.state import GUEST_REQUEST, Key, deleting, key_of, migra
 from vmquota.controller.volumes import Volumes
 from vmquota.disks import Disks
 from vmquota.hypervisor import GuestStream, Hypervisor
-from vmquota.workqueue import WorkQueue
 from vmquota.objects import VIRTUAL_MACHINE as VM
 from vmquota.objects import Obj
 from vmquota.store import Store, Transaction
 from vmquota.usage import OverheadModel
 from vmquota.vmstatus import Phase
+from vmquota.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
