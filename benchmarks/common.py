@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vmquota import accounting, objects, usage, vmspec, vmstatus
+from vmquota import accounting, disks, objects, usage, vmspec, vmstatus
 from vmquota.client import Client
 from vmquota.kubeconfig import Connection
 from vmquota.store import Store, Transaction
@@ -153,6 +153,8 @@ class ServerProcess:
     def __init__(self, data_dir: Path, hypervisor: str, *, resync_interval: float = 3600.0,
                  api_processes: int | None = None, secure: bool = False) -> None:
         self.data_dir = data_dir
+        if hypervisor.startswith("qemu"):  # QEMU may run as libvirt-qemu, which must reach the disks
+            disks.make_traversable(data_dir)
         self.api_processes = api_processes  # None: the server's default
         self.port = free_port()
         self.secure = secure  # serve's defaults (TLS, authentication, RBAC, audit); else plain HTTP, no auth
