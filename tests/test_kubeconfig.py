@@ -138,3 +138,9 @@ def test_the_default_data_dir_is_the_users_own_and_a_system_one_for_root(tmp_pat
     assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == Path("/var/lib/vmquota")  # empty: new
     (user_default / "vmquota.db").write_bytes(b"")
     assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == user_default  # an installation's store
+
+
+def test_a_new_data_dir_is_traversable_but_not_listable_by_others(cluster: Cluster) -> None:
+    """QEMU as libvirt-qemu must reach the disks below it; nobody but the server lists it or reads its store."""
+    assert stat.S_IMODE(cluster.app.data_dir.stat().st_mode) == 0o711
+    assert stat.S_IMODE((cluster.app.data_dir / "vmquota.db").stat().st_mode) == 0o600
