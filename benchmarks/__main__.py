@@ -19,13 +19,26 @@ import libvirt
 
 from benchmarks.common import Row, SectionResult
 
-SECTIONS = ("admission", "durable", "history", "http", "kvm", "metrics", "realtime", "recount", "tables", "watch",
-            "tenants", "migration")
+SECTIONS = ("admission", "durable", "history", "http", "import", "kvm", "metrics", "realtime", "recount", "tables",
+            "watch", "tenants", "migration", "dashboard", "nodes")
 
 
 def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], SectionResult]]]:
     """The sections to run with their sizes; --quick keeps their shape and shrinks the counts."""
-    from benchmarks import admission, http_load, kvm, metrics, migration, recount, tables, tenants, watch
+    from benchmarks import (
+        admission,
+        dashboard,
+        http_load,
+        imports,
+        kvm,
+        metrics,
+        migration,
+        nodes,
+        recount,
+        tables,
+        tenants,
+        watch,
+    )
 
     steps: list[tuple[str, Callable[[], SectionResult]]] = []
     if "admission" in wanted:
@@ -36,6 +49,8 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
                                                                      batches=3 if quick else 7)))
     if "http" in wanted:
         steps.append(("http", lambda: http_load.http_load([1, 10, 50], requests=300 if quick else 3_000)))
+    if "import" in wanted:
+        steps.append(("import", lambda: imports.import_section(runs=2 if quick else 7)))
     kvm_wanted: set[str] = {s for s in ("kvm", "realtime") if s in wanted}
     if kvm_wanted:  # one server on qemu:///system serves both
         steps.append(("+".join(sorted(kvm_wanted)), lambda: kvm.kvm_sections(
@@ -62,6 +77,10 @@ def plan(quick: bool, wanted: list[str]) -> list[tuple[str, Callable[[], Section
                                                                  decisions=2_000 if quick else 20_000)))
     if "migration" in wanted:
         steps.append(("migration", lambda: migration.migration_section(runs=3 if quick else 15)))
+    if "nodes" in wanted:
+        steps.append(("nodes", lambda: nodes.nodes_section(quick=quick)))
+    if "dashboard" in wanted:
+        steps.append(("dashboard", lambda: dashboard.dashboard_section(vms=1_000, rounds=3 if quick else 9)))
     return steps
 
 

@@ -62,9 +62,11 @@ def _free_port() -> int:
 
 
 def _virsh_migrate(source: str, target: str, domain: str, port: int) -> None:
-    subprocess.run(["virsh", "-q", "-c", source, "migrate", "--live", "--p2p", "--persistent", "--undefinesource",
-                    "--unsafe", domain, target, "--migrateuri", f"tcp://127.0.0.1:{port}",
-                    "--listen-address", "127.0.0.1"], check=True, capture_output=True, timeout=120)
+    done = subprocess.run(["virsh", "-q", "-c", source, "migrate", "--live", "--p2p", "--persistent",
+                           "--undefinesource", "--unsafe", domain, target, "--migrateuri", f"tcp://127.0.0.1:{port}",
+                           "--listen-address", "127.0.0.1"], capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"virsh migrate {domain} to {target}: {done.stderr.strip()}")
 
 
 def _libvirt_migrate(source: str, target: str, domain: str, port: int) -> None:

@@ -25,6 +25,7 @@ APT_PACKAGES=(
     gcc
     python3-dev
     prometheus  # promtool and a real Prometheus for the tests of monitoring/ (the daemon is never started)
+    chromium  # the dashboard's browser tests (tests/test_dashboard.py): Playwright drives it headless
     # scripts/build-test-guest.sh: the real Linux guest of the end-to-end tests (its kernel is downloaded, not installed)
     busybox-static
     syslinux

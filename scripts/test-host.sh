@@ -33,15 +33,15 @@
 #
 # `stop` ends only this host's daemon, found by its own pid file and checked to be a libvirtd in this host's
 # namespace, never the system daemon (/run/libvirtd.pid); it destroys only the domains of this host (through
-# its own socket, then any QEMU process left in its namespace) and removes its folder. Both commands can be
-# repeated. `start` after `kill` brings the daemon back with the host's state (host_uuid, definitions, files), in its
-# old namespace while QEMU processes of it still run there (libvirtd finds them again), else in a new one.
+# its own socket, then any QEMU its pid files name that is still there) and removes its folder. Both commands can be
+# repeated. `start` after `kill` brings the daemon back, in a new namespace over the same folders, with the host's
+# state (host_uuid, definitions, files) and its running QEMUs, which it finds again through their monitor sockets.
 # Needs root.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
 ROOT="${VMQUOTA_TEST_HOSTS:-/tmp/vmquota-hosts}"
-WAIT_SECS="${TEST_HOST_WAIT:-20}"
+WAIT_SECS="${TEST_HOST_WAIT:-60}"  # a daemon that must probe QEMU (no valid cache) takes 8 to 10 s at a load of 12
 # The ports libvirt picks by itself on this host (its NBD server for a storage copy; a migration without a port):
 # the top of the suite's 49200-49250, so a caller's own migrate URI port (49200-49239) never collides with them.
 LIBVIRT_PORTS=(49240 49250)
@@ -70,22 +70,39 @@ host_pid() {
     system=$(cat /run/libvirtd.pid 2>/dev/null || true)
     [ "$pid" != "$system" ] || return 1
     [ "$(readlink "/proc/$pid/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] || return 1
-    [ "$(readlink "/proc/$pid/ns/mnt")" = "$(cat "$dir/mntns" 2>/dev/null)" ] || return 1
+    grep -qxF -- "$(readlink "/proc/$pid/ns/mnt")" "$dir/mntns" 2>/dev/null || return 1
     printf '%s\n' "$pid"
 }
 
 answers() { timeout 10 virsh -c "$1" version >/dev/null 2>&1; }
 
-# The processes in the host's mount namespace (its libvirtd, its QEMUs), by the namespace recorded at start.
-namespace_pids() {
-    local ns="$1" proc
-    [ -n "$ns" ] || return 0
-    for proc in /proc/[0-9]*; do
-        [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$ns" ] || continue
-        case "$(cat "$proc/comm" 2>/dev/null)" in
-            libvirtd|qemu-system-*|qemu-kvm) printf '%s\n' "${proc#/proc/}" ;;
-        esac
+# The QEMU processes of the host's domains, by the pid files its libvirtd wrote (run/qemu/<domain>.pid), each
+# checked to be a QEMU of that domain. libvirt starts every QEMU in a mount namespace of its own (its private
+# /dev), so they are not found by the daemon's namespace; the files outlive a killed daemon.
+host_qemus() {
+    local base="$1" file pid domain
+    for file in "$base"/run/qemu/*.pid; do
+        [ -f "$file" ] || continue
+        pid=$(cat "$file" 2>/dev/null) && [[ "$pid" =~ ^[0-9]+$ ]] || continue
+        domain=$(basename "$file" .pid)
+        is_qemu "$pid" && tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "guest=$domain,debug-threads=on" \
+            && printf '%s\n' "$pid"
     done
+}
+
+# A QEMU capabilities probe that a killed daemon left behind (lib/qemu/qmp-*/qmp.pid) would hold the next
+# daemon's probe up; it is no guest.
+host_probes() {
+    local base="$1" file pid
+    for file in "$base"/lib/qemu/qmp-*/qmp.pid; do
+        [ -f "$file" ] || continue
+        pid=$(cat "$file" 2>/dev/null) && [[ "$pid" =~ ^[0-9]+$ ]] || continue
+        is_qemu "$pid" && printf '%s\n' "$pid"
+    done
+}
+
+is_qemu() {
+    case "$(cat "/proc/$1/comm" 2>/dev/null)" in qemu-system-*|qemu-kvm) return 0 ;; *) return 1 ;; esac
 }
 
 copy_config() {
@@ -125,6 +142,9 @@ cmd_start() {
                 case "$dir" in /|/proc*|/sys*|/dev*|/run|/run/libvirt*|/etc*|/usr*|"$ROOT"*)
                     die "--private-dir $2: not a folder a test host may hide" ;;
                 esac
+                case "$ROOT/" in "$dir"/*)  # it would hide the hosts' own folders (sockets, pid files)
+                    die "--private-dir $2: not a folder a test host may hide (it holds $ROOT)" ;;
+                esac
                 private+=("$dir"); shift 2 ;;
             *) die "start: unknown option '$1'" ;;
         esac
@@ -144,15 +164,18 @@ cmd_start() {
     if pid=$(host_pid "$base"); then
         die "the libvirtd of host $name (pid $pid) runs but does not answer; stop it first"
     fi
-    local started=$SECONDS comeback="" left=""
+    local started_ms comeback=""
+    started_ms=$(($(date +%s%N) / 1000000))
     if [ -s "$base/etc/libvirtd.conf" ] && [ -e "$base/private-dirs" ]; then
         # A host whose daemon was killed comes back with what it had: the same host_uuid, definitions and files,
-        # and, inside its old namespace, the QEMU processes that outlived the daemon.
+        # and its guests' QEMU processes that outlived the daemon (found again through their monitor sockets).
         [ "$(cat "$base/private-dirs")" = "$wanted" ] \
             || die "host $name was started with other private folders ($(tr '\n' ' ' <"$base/private-dirs")); stop it first"
         comeback=1
-        left=$(namespace_pids "$(cat "$base/mntns" 2>/dev/null || true)" | head -n 1)
-        rm -f "$base/run/libvirt-sock" "$base/run/libvirt-sock-ro" "$base/run/libvirt-admin-sock"
+        # shellcheck disable=SC2046
+        kill -KILL $(host_probes "$base") 2>/dev/null || true
+        rm -f "$base/run/libvirt-sock" "$base/run/libvirt-sock-ro" "$base/run/libvirt-admin-sock" \
+            "$base/libvirtd.pid"  # the dead daemon's: the start-up check below waits for the new one's
     else
         [ ! -e "$base" ] || rm -rf --one-file-system "$base"  # a start that failed half-way
         mkdir -p "$base"/{run,lib,log,cache,etc,private}
@@ -178,17 +201,11 @@ cmd_start() {
             i=$((i + 1))
         done
         mkdir -p /run/libvirt/qemu /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu
-        readlink /proc/self/ns/mnt >"$base/mntns"
+        readlink /proc/self/ns/mnt >>"$base/mntns"
         exec libvirtd --daemon --pid-file "$base/libvirtd.pid" </dev/null >>"$base/log/libvirtd.log" 2>&1'
     mkdir -p /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt
     local launched=0
-    if [ -n "$left" ]; then
-        nsenter --mount="/proc/$left/ns/mnt" -- libvirtd --daemon --pid-file "$base/libvirtd.pid" \
-            </dev/null >>"$base/log/libvirtd.log" 2>&1 && launched=1
-    else
-        unshare -m --propagation private bash -c "$script" test-host "$base" "${private[@]+"${private[@]}"}" \
-            && launched=1
-    fi
+    unshare -m --propagation private bash -c "$script" test-host "$base" "${private[@]+"${private[@]}"}" && launched=1
     if [ "$launched" -ne 1 ]; then
         tail -n 20 "$base/log/libvirtd.log" >&2 2>/dev/null || true
         [ -n "$comeback" ] || cmd_stop "$name" 2>/dev/null
@@ -210,15 +227,14 @@ cmd_start() {
         fi
         sleep 0.05
     done
-    say "host $name answers at $uri (in $((SECONDS - started)) s)"
+    say "host $name answers at $uri (in $(($(date +%s%N) / 1000000 - started_ms)) ms)"
     printf '%s\n' "$uri"
 }
 
 cmd_stop() {
-    local name="$1" base="$ROOT/$1" uri pid ns domain
+    local name="$1" base="$ROOT/$1" uri pid domain
     [ -e "$base" ] || return 0
     uri=$(uri_of "$name")
-    ns=$(cat "$base/mntns" 2>/dev/null || true)
     if pid=$(host_pid "$base"); then
         # Its domains, through its own socket: the system daemon and the other hosts are never asked.
         if answers "$uri"; then
@@ -233,14 +249,14 @@ cmd_stop() {
         while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
         kill -KILL "$pid" 2>/dev/null || true
     fi
-    # Whatever still runs in its namespace (a QEMU whose daemon died first) goes too.
+    # Whatever QEMU of it still runs (one whose daemon died first, or a probe) goes too.
     local left
-    left=$(namespace_pids "$ns")
+    left=$(host_qemus "$base"; host_probes "$base")
     if [ -n "$left" ]; then
         # shellcheck disable=SC2086
         kill -KILL $left 2>/dev/null || true
         local deadline=$((SECONDS + 10))
-        while [ -n "$(namespace_pids "$ns")" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+        while [ -n "$(host_qemus "$base"; host_probes "$base")" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
     fi
     # The mounts live in the namespace only, which is gone with its processes: these are plain folders now.
     rm -rf --one-file-system "$base"

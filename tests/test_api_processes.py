@@ -33,7 +33,7 @@ def cpu_ticks(pid: int) -> int:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    # No periodic recount within a test: it would put right, late, a VM whose key never reached the controller.
+    # No recount within a test: it would queue every VM again and hide a key that never reached the controller.
     with vmquota_serve(tmp_path, processes=PROCESSES, args=("--resync-interval", "3600")) as server:
         yield server
 

@@ -26,9 +26,9 @@ def with_spec(name: str, change: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("change", "field", "why"), [
     (lambda t: t["domain"]["devices"]["interfaces"][0].update(masquerade=None, bridge={}) or
      t["domain"]["devices"]["interfaces"][0].pop("masquerade"),
-     "spec.template.spec.domain.devices.interfaces[0].bridge", "host bridges are not available"),
+     "spec.template.spec.domain.devices.interfaces[0].bridge", "vmquota has no pod to bridge"),
     (lambda t: t["networks"][0].update(pod=None, multus={"networkName": "x"}) or t["networks"][0].pop("pod"),
-     "spec.template.spec.networks[0]", "multus is not available"),
+     "spec.template.spec.domain.devices.interfaces[0].masquerade", "masquerade is for the pod network"),
     (lambda t: t["domain"]["devices"]["interfaces"][0].update(macAddress="01:00:5e:00:00:01"),
      "spec.template.spec.domain.devices.interfaces[0].macAddress", "a unicast MAC address"),
     (lambda t: t["volumes"][1]["cloudInitNoCloud"].update(userData="x" * (64 * 1024 + 1)),

@@ -185,17 +185,41 @@ def test_the_cli_migrates_to_a_chosen_node_and_waits(pool: Pool) -> None:
 def test_drain_cordons_the_node_and_moves_every_vm_off_it(pool: Pool) -> None:
     c = pool.c
     c.create_quota({"limits.memory": "3Gi"})
-    for name in ("x", "y", "z"):
-        c.create_vm(vm_manifest(name, cores=1, memory="1Gi", disk=None, strategy="Always",
-                                template={"spec": {"domain": {"cpu": {"cores": 1}, "memory": {"guest": "1Gi"},
-                                                              "devices": {"disks": []}}, "volumes": []}}))
+    for node in ("b", "c"):  # every VM starts on a
+        c.client.patch(f"{NODES}/{node}", {"spec": {"unschedulable": True}})
+    for name, strategy in (("x", "LiveMigrate"), ("y", "LiveMigrate"), ("z", None)):
+        template = {"spec": {"domain": {"cpu": {"cores": 1}, "memory": {"guest": "1Gi"}, "devices": {"disks": []}},
+                             "volumes": [], **({"evictionStrategy": strategy} if strategy else {})}}
+        c.create_vm(vm_manifest(name, cores=1, memory="1Gi", disk=None, strategy="Always", template=template))
         c.wait_status(name, "Running")
-    on_a = [n for n in ("x", "y", "z") if c.vm(n)["status"]["nodeName"] == "a"]
-    assert on_a
+        assert c.vm(name)["status"]["nodeName"] == "a"
+    for node in ("b", "c"):
+        c.client.patch(f"{NODES}/{node}", {"spec": {"unschedulable": None}})
     used = c.used()
-    code, out, _err = vmquota(c.app.url, "drain", "a")
+
+    code, _out, err = vmquota(c.app.url, "drain", "a")
+    assert code == 1 and "cannot be live-migrated" in err and f"{c.ns}/z" in err
+    assert all(c.vm(n)["status"]["nodeName"] == "a" for n in ("x", "y", "z"))  # nothing moved or stopped
+
+    code, out, _err = vmquota(c.app.url, "drain", "a", "--force")
     assert code == 0 and out.splitlines()[0] == "node/a cordoned" and out.splitlines()[-1] == "node/a drained"
+    assert f"stopping vm {c.ns}/z" in out
     assert c.client.get(f"{NODES}/a")["spec"]["unschedulable"] is True
-    assert all(c.vm(n)["status"]["nodeName"] != "a" and c.status(n) == "Running" for n in ("x", "y", "z"))
+    assert all(c.vm(n)["status"]["nodeName"] != "a" and c.status(n) == "Running" for n in ("x", "y"))
     assert not any(pool.runs_on("a", n) for n in ("x", "y", "z"))
-    assert c.used() == used  # the quota was exactly full throughout: every VM was charged once
+    c.wait_status("z", "Stopped")
+    assert c.used()["limits.memory"] == "2Gi" and used["limits.memory"] == "3Gi"  # z's stop only
+
+
+def test_a_drain_fails_clearly_when_the_other_nodes_are_full(pool: Pool) -> None:
+    c = pool.c
+    template = {"spec": {"domain": {"cpu": {"cores": 1}, "memory": {"guest": "7Gi"}, "devices": {"disks": []}},
+                         "volumes": [], "evictionStrategy": "LiveMigrate"}}
+    c.create_vm(vm_manifest("big", cores=1, memory="7Gi", disk=None, strategy="Always", template=template))
+    c.wait_status("big", "Running")
+    source = c.vm("big")["status"]["nodeName"]
+    other = "b" if source == "a" else "a"
+    c.client.patch(f"{NODES}/{other}", {"spec": {"unschedulable": True}})
+    code, _out, err = vmquota(c.app.url, "drain", source)
+    assert code == 1 and "Insufficient memory" in err and f"node/{source} not drained" in err
+    assert c.vm("big")["status"]["nodeName"] == source and c.status("big") == "Running"

@@ -182,3 +182,40 @@ def test_a_bad_taint_is_refused_and_changes_nothing(pool: Pool) -> None:
     assert refused.value.code == 422
     assert 'spec.taints[0].effect: Unsupported value: "Sometimes"' in refused.value.message
     assert pool.c.client.get(f"{NODES}/a")["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+def copy_to(p: Pool, vm: str, node: str) -> None:
+    """Behind vmquota's back: the VM's domain, as it runs on a, defined and started on `node` too."""
+    source = p.host("a")._connection().lookupByName(f"vmquota_{p.c.ns}_{vm}")
+    p.host(node)._connection().defineXML(source.XMLDesc(0)).create()
+
+
+def test_a_domain_found_on_another_node_is_adopted_there_and_charged_once(pool: Pool) -> None:
+    c = pool.c
+    c.create_quota({"limits.memory": "8Gi"})
+    start_on_a(pool, "web")
+    used = c.used()
+    copy_to(pool, "web", "b")
+    pool.fail("a")  # moved while its own node could not be asked: the recount finds it on b alone
+    pool.host("a")._connection().lookupByName(f"vmquota_{c.ns}_web").destroy()
+    c.app.controller.resync()
+    wait_until(lambda: c.vm("web")["status"].get("nodeName") == "b", what="web to be adopted on b")
+    assert c.status("web") == "Running" and c.used() == used
+    assert "FoundOnUnexpectedNode" in reasons(c)
+    vmi = c.client.get(f"/apis/kubevirt.io/v1/namespaces/{c.ns}/virtualmachineinstances/web")
+    assert vmi["status"]["nodeName"] == "b"
+    pool.heal("a")
+
+
+def test_a_second_copy_on_another_node_is_reported_and_charged_once(pool: Pool) -> None:
+    c = pool.c
+    c.create_quota({"limits.memory": "8Gi"})
+    start_on_a(pool, "web")
+    used = c.used()
+    copy_to(pool, "web", "b")
+    c.app.controller.resync()
+    wait_until(lambda: "RunningTwice" in reasons(c), what="the second copy to be reported")
+    c.app.controller.resync()  # reported once, not on every recount
+    assert reasons(c).count("RunningTwice") == 1
+    assert c.vm("web")["status"]["nodeName"] == "a" and c.used() == used
+    pool.host("b")._connection().lookupByName(f"vmquota_{c.ns}_web").destroy()

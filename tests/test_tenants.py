@@ -386,6 +386,20 @@ def test_a_member_reads_its_project_and_its_usage_but_no_other_teams_vms(tenants
                    {"spec": {"resourceQuota": {"hard": {"limits.cpu": "80"}}}})["code"] == 403
 
 
+def test_charges_across_namespaces_show_only_the_namespaces_the_user_may_read(tenants: Tenants) -> None:
+    """`GET /apis/vmquota.io/v1/charges` by a tenant is the tenant view of its namespaces, as every list across
+    namespaces is: another team's VM names and charges never show (they once did, every one of them)."""
+    tenants.admin.post(vms(tenants.prod), vm_manifest("secret-vm", cores=1, disk=None))
+    tenants.admin.post(vms(tenants.dev), vm_manifest("mine", cores=1, disk=None))
+    alice = tenants.as_user("alice")
+    shown = {(c["namespace"], c["name"]) for c in alice.get("/apis/vmquota.io/v1/charges")["items"]}
+    assert (tenants.dev, "mine") in shown
+    assert all(namespace == tenants.dev for namespace, _ in shown), shown
+    everything = {(c["namespace"], c["name"]) for c in tenants.admin.get("/apis/vmquota.io/v1/charges")["items"]}
+    assert (tenants.prod, "secret-vm") in everything
+    assert refusal(tenants.as_user("mallory").get, "/apis/vmquota.io/v1/charges")["code"] == 403
+
+
 def test_a_namespace_admin_binds_what_it_holds_and_nothing_more(tenants: Tenants) -> None:
     tenants.bind(tenants.dev, "admin", user="carol")
     carol = tenants.as_user("carol")
@@ -476,7 +490,8 @@ def route_table() -> list[str]:
     paths |= {"/apis/vmquota.io/v1/charges", "/apis/vmquota.io/v1/namespaces/ns/charges",
               "/apis/vmquota.io/v1/namespaces/ns/charges/x", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
               "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
-              "/apis/authentication.k8s.io/v1/selfsubjectreviews"}
+              "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+              "/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/ns/datavolumes/x/upload"}
     return sorted(paths)
 
 

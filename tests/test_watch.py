@@ -13,6 +13,7 @@ import json
 import queue
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -434,3 +435,141 @@ def test_a_watcher_ended_as_too_slow_with_a_chunk_half_sent_still_ends_cleanly(
         assert cluster.app.server.feed.watchers == 0
     finally:
         paused.close()
+
+
+# -- legacy watch paths and a list's resourceVersion, as kube-apiserver serves them ----------------------------
+
+
+def test_legacy_watch_paths_watch_the_list_or_the_one_object_they_name(cluster: Cluster,
+                                                                       watches: list[Watch]) -> None:
+    """`/api/v1/watch/...` and `/apis/{group}/{version}/watch/...` (deprecated, still served by kube-apiserver)
+    watch whatever `watch` says; one object's path watches that name only."""
+    start = cluster.client.get(quotas_path(cluster.ns))["metadata"]["resourceVersion"]
+    every = watch(cluster, f"/api/v1/watch/namespaces/{cluster.ns}/resourcequotas", watches, watch=False,
+                  resourceVersion=start)
+    one = watch(cluster, f"/api/v1/watch/namespaces/{cluster.ns}/resourcequotas/b", watches, resourceVersion=start)
+    vms = watch(cluster, "/apis/kubevirt.io/v1/watch/virtualmachines", watches, resourceVersion=start)
+    own = watch(cluster, f"/api/v1/watch/namespaces/{cluster.ns}", watches, resourceVersion=start)
+    a, b = cluster.create_quota({"limits.cpu": "1"}, name="a"), cluster.create_quota({"limits.cpu": "1"}, name="b")
+    cluster.create_vm(vm_manifest("web-1"))
+    labelled = cluster.client.patch(f"/api/v1/namespaces/{cluster.ns}", {"metadata": {"labels": {"x": "y"}}})
+    assert [summary(e) for e in every.take(2)] == [("ADDED", "a", rv(a)), ("ADDED", "b", rv(b))]
+    assert [summary(e) for e in one.until(lambda e: e["object"]["metadata"]["name"] == "b")] == [
+        ("ADDED", "b", rv(b))]
+    assert summary(vms.until(lambda e: e["object"]["metadata"]["name"] == "web-1")[-1])[:2] == ("ADDED", "web-1")
+    assert summary(own.until(lambda e: e["type"] == "MODIFIED")[-1]) == ("MODIFIED", cluster.ns, rv(labelled))
+    with pytest.raises(queue.Empty):  # a's changes never reach the watch of b
+        while True:
+            assert one.next(timeout=0.5)["object"]["metadata"]["name"] == "b"
+
+
+def test_legacy_watch_paths_refuse_what_kube_apiserver_refuses(cluster: Cluster) -> None:
+    path = f"/api/v1/watch/namespaces/{cluster.ns}/resourcequotas/b"
+    for selector in ("metadata.name=a", "metadata.namespace=" + cluster.ns):
+        with pytest.raises(ClientError) as refused:
+            cluster.client.get(f"{path}?{urlencode({'fieldSelector': selector})}")
+        assert (refused.value.code, refused.value.message) == (
+            400, "fieldSelector metadata.name doesn't match requested name")
+    for missing in ("/api/v1/watch/nothings", f"/apis/kubevirt.io/v1/watch/namespaces/{cluster.ns}/nothings",
+                    "/apis/vmquota.io/v1/watch/projects/p/usage"):
+        with pytest.raises(ClientError) as refused:
+            cluster.client.get(missing)
+        assert refused.value.code == 404, missing
+
+
+def test_a_legacy_watch_is_authorized_as_a_watch_of_its_name() -> None:
+    from vmquota.apiserver import authorization
+    from vmquota.apiserver.request import Request
+    from vmquota.identity import UserInfo
+    alice = UserInfo("alice")
+
+    def attributes(path: str) -> tuple[str, str, str, str]:
+        a = authorization.attributes(Request("GET", path, {}, {}), alice)  # type: ignore[arg-type]
+        return a.verb, a.resource, a.namespace, a.name
+    assert attributes("/api/v1/watch/namespaces/dev/resourcequotas/b") == ("watch", "resourcequotas", "dev", "b")
+    assert attributes("/apis/kubevirt.io/v1/watch/virtualmachines") == ("watch", "virtualmachines", "", "")
+    assert attributes("/api/v1/watch/namespaces/dev") == ("watch", "namespaces", "dev", "dev")
+
+
+def names(listing: dict[str, Any]) -> list[str]:
+    return [item["metadata"]["name"] for item in listing["items"]]
+
+
+def test_a_list_at_an_exact_version_is_the_list_as_it_was_then(cluster: Cluster) -> None:
+    cluster.create_quota({"limits.cpu": "1"}, name="a")
+    then = cluster.client.get(quotas_path(cluster.ns))
+    cluster.client.patch(f"{quotas_path(cluster.ns)}/a", {"spec": {"hard": {"limits.cpu": "2"}}})
+    cluster.create_quota({"limits.cpu": "1"}, name="b")
+    version = then["metadata"]["resourceVersion"]
+    exact = cluster.client.get(f"{quotas_path(cluster.ns)}?resourceVersion={version}&resourceVersionMatch=Exact")
+    assert exact == then
+    # With a limit and no match, a version is Exact too (the legacy rule for paged lists), one page at a time.
+    page = cluster.client.get(f"{quotas_path(cluster.ns)}?resourceVersion={version}&limit=1")
+    assert names(page) == ["a"] and "continue" not in page["metadata"]
+    assert page["items"][0]["spec"]["hard"] == {"limits.cpu": "1"}
+    # NotOlderThan, or a version without a match or a limit: the newest list.
+    newest = cluster.client.get(quotas_path(cluster.ns))
+    for query in (f"resourceVersion={version}&resourceVersionMatch=NotOlderThan", f"resourceVersion={version}",
+                  "resourceVersion=0", "resourceVersion=0&resourceVersionMatch=NotOlderThan"):
+        assert names(cluster.client.get(f"{quotas_path(cluster.ns)}?{query}")) == names(newest) == ["a", "b"], query
+    # A Table at that version shows the rows as they were.
+    request = urllib.request.Request(
+        f"{cluster.app.url}{quotas_path(cluster.ns)}?resourceVersion={version}&resourceVersionMatch=Exact",
+        headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        table = json.loads(response.read())
+    assert [row["cells"][0] for row in table["rows"]] == ["a"] and table["metadata"]["resourceVersion"] == version
+
+
+def test_a_list_version_too_new_or_too_old_gets_kube_apiservers_answers(cluster: Cluster) -> None:
+    store = cluster.app.store
+    store.changes_kept, store.prune_every = 5, 5
+    first = cluster.create_quota({"limits.cpu": "1"}, name="a")
+    for cpu in range(2, 20):
+        cluster.client.patch(f"{quotas_path(cluster.ns)}/a", {"spec": {"hard": {"limits.cpu": str(cpu)}}})
+    newest = store.revision
+    for match in ("NotOlderThan", "Exact"):
+        with pytest.raises(ClientError) as refused:
+            cluster.client.get(f"{quotas_path(cluster.ns)}?resourceVersion={newest + 10}&resourceVersionMatch={match}")
+        assert refused.value.code == 504 and refused.value.reason == "Timeout"
+        assert refused.value.message == f"Too large resource version: {newest + 10}, current: {newest}"
+    with pytest.raises(ClientError) as expired:
+        cluster.client.get(f"{quotas_path(cluster.ns)}?resourceVersion={rv(first)}&resourceVersionMatch=Exact")
+    assert (expired.value.code, expired.value.reason, expired.value.message) == (
+        410, "Expired", "The resourceVersion for the provided list is too old.")
+
+
+def test_bad_list_versions_are_refused_in_kube_apiservers_words(cluster: Cluster) -> None:
+    cluster.create_quota({"limits.cpu": "1"}, name="a")
+    before = cluster.client.get(quotas_path(cluster.ns))
+    token = cluster.client.get(f"{quotas_path(cluster.ns)}?limit=1")["metadata"].get("continue") or "x"
+    invalid = 'ListOptions.meta.k8s.io "" is invalid: '
+    for params, code, message in (
+            ({"resourceVersionMatch": "Exact"}, 422,
+             invalid + "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is "
+                       "provided"),
+            ({"resourceVersion": "5", "resourceVersionMatch": "Newest"}, 422,
+             invalid + 'resourceVersionMatch: Unsupported value: "Newest": supported values: "Exact", '
+                       '"NotOlderThan", ""'),
+            ({"resourceVersion": "0", "resourceVersionMatch": "Exact"}, 422,
+             invalid + 'resourceVersionMatch: Forbidden: resourceVersionMatch "exact" is forbidden for '
+                       'resourceVersion "0"'),
+            ({"resourceVersionMatch": "Sometimes", "continue": token}, 422,
+             invalid + "[resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion "
+                       "is provided, resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden when "
+                       'continue is provided, resourceVersionMatch: Unsupported value: "Sometimes": supported '
+                       'values: "Exact", "NotOlderThan", ""]'),
+            ({"sendInitialEvents": "true"}, 422, invalid + "sendInitialEvents: Forbidden: sendInitialEvents is "
+                                                           "forbidden for list"),
+            ({"resourceVersion": "5", "continue": token}, 400,
+             "specifying resource version is not allowed when using continue"),
+            ({"resourceVersion": "abc"}, 400,
+             'resourceVersion: Invalid value: "abc": must be a resourceVersion returned by this server'),
+            ({"watch": "true", "resourceVersionMatch": "Exact"}, 422,
+             invalid + "[resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch unless "
+                       'sendInitialEvents is provided, resourceVersionMatch: Unsupported value: "Exact": supported '
+                       'values: "NotOlderThan"]')):
+        with pytest.raises(ClientError) as refused:
+            cluster.client.get(f"{quotas_path(cluster.ns)}?{urlencode(params)}")
+        assert (refused.value.code, refused.value.message) == (code, message), params
+    assert cluster.client.get(quotas_path(cluster.ns))["items"] == before["items"]

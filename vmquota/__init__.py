@@ -9,7 +9,8 @@ Layers, top to bottom (imports only go downwards; `lint-imports` checks it, from
     accounting, history, workqueue                  charges and admission; usage over time; the keyed queue
     store, hypervisor, disks, domainxml             SQLite, libvirt, qemu-img, domain XML
     fieldmanager, usage, vmspec, vmstatus, schema, resources, quantity, objects, errors, waiting, warning,
-    telemetry                                       pure rules and data; warnings to the client; measurements
+    telemetry, dashboard                            pure rules and data; warnings to the client; measurements;
+                                                    the web dashboard's files
 """
 
 __version__ = "0.1.0"

@@ -15,12 +15,25 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vmquota import accounting, errors, fieldmanager, history, imports, objects, quantity, rbac, tokens, usage, vmspec
+from vmquota import (
+    accounting,
+    errors,
+    fieldmanager,
+    history,
+    imports,
+    objects,
+    quantity,
+    rbac,
+    tokens,
+    uploads,
+    usage,
+    vmspec,
+)
 from vmquota import resources as r
 from vmquota.controller import (
     CLONE_DISKS_ANNOTATION,
@@ -30,6 +43,7 @@ from vmquota.controller import (
     nodes,
     runtime_phase,
 )
+from vmquota.controller.volumes import set_volume_status
 from vmquota.objects import (
     CLUSTER_ROLE,
     CLUSTER_ROLE_BINDING,
@@ -50,33 +64,8 @@ from vmquota.objects import (
 from vmquota.store import Part, Reader, Store, Transaction, Where
 
 MAX_LABELS = 64
-_VERSION_PARTS = (Part(("metadata", "namespace")), Part(("metadata", "name")), Part(("metadata", "resourceVersion")))
+BRIDGES_ANNOTATION = "vmquota.io/bridges"  # on a Namespace: the host bridges its VMs may join, comma-separated
 MAX_LABEL_LENGTH = 253
-
-
-class PartsCache:
-    """What `Api.list_parts` cut out of objects, by object and resourceVersion, for one API process.
-
-    Entries never go stale (a write gives an object a new resourceVersion), so the cache only needs a bound:
-    past `capacity` the older half goes (no recency kept per read: a read of 10,000 rows should not pay
-    10,000 reorderings).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: dict[Any, tuple[Any, ...]] = {}
-        self._lock = threading.Lock()
-
-    def get_many(self, keys: Sequence[Any]) -> list[tuple[Any, ...] | None]:
-        items = self._items
-        return [items.get(key) for key in keys]
-
-    def put(self, key: Any, values: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._items[key] = values
-            if len(self._items) > self.capacity:
-                for old in list(self._items)[:len(self._items) // 2]:
-                    del self._items[old]
 
 
 def invalid(kind: Kind, name: object, field: str, message: str) -> errors.Invalid:
@@ -140,38 +129,13 @@ class Api:
             return str(reader.revision()), [obj for obj in found if keep is None or keep(obj)]
 
     def list_parts(self, kind: Kind, namespace: str | None, parts: Sequence[Part], *,
-                   where: Sequence[Where] = (), cache: PartsCache | None = None) -> tuple[str, list[tuple[Any, ...]]]:
-        """(resourceVersion, `parts` of each object) of a list, cut out by the store as one snapshot: what a
-        Table needs of 10,000 VMs, without parsing their bodies in Python (`Reader.extract`).
-
-        With a `cache`, what was cut out of an object is kept under its key and resourceVersion (which every
-        write of an object changes), and a later list reads only the key columns of the objects it has seen:
-        SQLite's JSON parsing, not Python, is then what a repeated `kubectl get` of 10,000 VMs saves.
-        """
+                   where: Sequence[Where] = ()) -> tuple[str, list[tuple[Any, ...]]]:
+        """(resourceVersion, `parts` of each object) of a list, as one snapshot: what a Table needs of 10,000 VMs,
+        read from the store's side table of kept parts or cut out of the bodies by SQLite (`Reader.extract`),
+        never parsed in Python."""
         reader = self.store.reader()
         with reader.snapshot():
-            revision = str(reader.revision())
-            if cache is None:
-                return revision, list(reader.extract(kind, namespace, parts, where))
-            versions = list(reader.extract(kind, namespace, _VERSION_PARTS, where))
-            if len(versions) > cache.capacity:
-                return revision, list(reader.extract(kind, namespace, parts, where))
-            what = f"{kind.kind} {parts!r}"  # a string: its hash is computed once, not once per object
-            keys = [(what, *version) for version in versions]
-            found = cache.get_many(keys)
-            missing = [i for i, values in enumerate(found) if values is None]
-            if len(missing) > len(keys) // 4:  # mostly unseen: one scan, as without a cache
-                scanned = list(reader.extract(kind, namespace, parts, where))
-                for key, values in zip(keys, scanned, strict=True):
-                    cache.put(key, values)
-                return revision, scanned
-            for i in missing:
-                one = (*where, Where(("metadata", "namespace"), "in", (keys[i][1],)),
-                       Where(("metadata", "name"), "in", (keys[i][2],)))
-                read = next(iter(reader.extract(kind, namespace, parts, one)))
-                cache.put(keys[i], read)
-                found[i] = read
-        return revision, [values for values in found if values is not None]
+            return str(reader.revision()), list(reader.extract(kind, namespace, parts, where))
 
     def parts_of(self, texts: Sequence[str], parts: Sequence[Part]) -> list[tuple[Any, ...]]:
         """`parts` of objects given as JSON text (a page of a list), cut out as `list_parts` does."""
@@ -411,6 +375,88 @@ class Api:
         return self._vm_action(namespace, name, lambda txn, vm: self.controller.request_guest(txn, vm, request),
                                dry_run=False)
 
+    # -- uploads: CDI's upload source, written by `vmquota image-upload` -------------------------------------
+
+    def upload(self, namespace: str, data_volume: str, body: uploads.Readable, length: int, *,
+               dry_run: bool = False) -> Obj:
+        """Stream `length` bytes of `body` into the disk of the upload data volume `data_volume`.
+
+        Everything that can be refused without the body is refused before a byte is read: no such data volume,
+        not an upload source, already uploaded, a body larger than the disk's request. The storage was admitted
+        against `requests.storage` when the VM was created. A dry run stops there.
+        """
+        vm, disk = self._upload_target(namespace, data_volume)
+        _refusing(uploads.check_length, length, disk.size)
+        target = self.controller.disks.path(namespace, vm["metadata"]["uid"], disk.name)
+        if target.exists():
+            raise _already_uploaded(data_volume)
+        if dry_run:
+            return _upload_status(data_volume, f"the upload into {data_volume} would be taken (dry run)")
+        key, uid = (namespace, vm["metadata"]["name"]), vm["metadata"]["uid"]
+        try:
+            with uploads.exclusive(target):
+                vm, disk = self._upload_target(namespace, data_volume)  # again under the lock: still this VM's?
+                if vm["metadata"]["uid"] != uid:
+                    raise errors.Conflict(f'the VM of data volume "{data_volume}" was replaced; upload again')
+                if target.exists():
+                    raise _already_uploaded(data_volume)
+                sniffed = self._receive(key, uid, disk, body, length, target)
+        except uploads.UploadRefused as e:
+            raise _api_error(e) from e
+        if not self._same_vm(key, uid):  # deleted meanwhile: its folder is the controller's to remove
+            target.unlink(missing_ok=True)
+            raise errors.Conflict(f'the VM of data volume "{data_volume}" went away during the upload')
+        self.controller.ctx.update(key, lambda txn, vm: self._upload_succeeded(txn, vm, disk, sniffed),
+                                   expect_uid=uid)
+        self.controller.queue.add(key)  # the controller says DataVolumesReady, and a waiting start goes on
+        return _upload_status(data_volume, f"uploaded {length} bytes ({sniffed.format.value}) into {data_volume}")
+
+    def _receive(self, key: tuple[str, str], uid: str, disk: vmspec.Disk, body: uploads.Readable, length: int,
+                 target: Path) -> imports.Sniffed:
+        """The body into the disk; a refusal or a failed conversion is also said on the VM and in an event."""
+        try:
+            return uploads.receive(body, length, target=target, size=disk.size, disks=self.controller.disks)
+        except (uploads.UploadRefused, errors.HypervisorError, OSError) as e:  # OSError: a full disk, say
+            message = e.message if isinstance(e, uploads.UploadRefused) else str(e)
+            self.controller.ctx.update(key, lambda txn, vm: self._upload_failed(txn, vm, disk, message),
+                                       expect_uid=uid)
+            if isinstance(e, uploads.UploadRefused):
+                raise
+            raise errors.Invalid(f'the upload into data volume "{disk.name}" is refused: {message}') from e
+
+    def _same_vm(self, key: tuple[str, str], uid: str) -> bool:
+        vm = self.store.reader().get(VIRTUAL_MACHINE, *key)
+        return vm is not None and vm["metadata"].get("uid") == uid and not vm["metadata"].get("deletionTimestamp")
+
+    def _upload_target(self, namespace: str, data_volume: str) -> tuple[Obj, vmspec.Disk]:
+        """The VM whose dataVolumeTemplates make `data_volume`, and that disk; refused unless it is an upload."""
+        if objects.name_problem(data_volume):
+            raise errors.NotFound(f'datavolumes.cdi.kubevirt.io "{data_volume[:80]}" not found')
+        owners = [vm for vm in self.list_objects(VIRTUAL_MACHINE, namespace)[1]
+                  if data_volume_owner([vm], data_volume) is not None]  # which skips VMs being deleted
+        if not owners:
+            raise errors.NotFound(f'datavolumes.cdi.kubevirt.io "{data_volume}" not found: no VM of namespace '
+                                  f"{namespace} has this dataVolumeTemplate")
+        if len(owners) > 1:
+            raise errors.Conflict(f'data volume "{data_volume}" is made by several VMs of namespace {namespace}: '
+                                  + ", ".join(sorted(vm["metadata"]["name"] for vm in owners)))
+        [vm] = owners
+        [disk] = [d for d in vmspec.read(vm).disks if d.name == data_volume]
+        if disk.source.kind is not vmspec.SourceKind.UPLOAD:
+            raise errors.BadRequest(f'data volume "{data_volume}" has a {disk.source.kind.value} source; only a '
+                                    "data volume with source upload: {} takes an upload")
+        return vm, disk
+
+    def _upload_failed(self, txn: Transaction, vm: Obj, disk: vmspec.Disk, message: str) -> None:
+        set_volume_status(vm, disk.name, imports.Progress(imports.Phase.UPLOAD_READY,
+                                                          message=f"the last upload was refused: {message}"))
+        self.controller.record(txn, vm, "Warning", "UploadFailed", f"disk {disk.name}: {message}")
+
+    def _upload_succeeded(self, txn: Transaction, vm: Obj, disk: vmspec.Disk, sniffed: imports.Sniffed) -> None:
+        set_volume_status(vm, disk.name, imports.Progress(imports.Phase.SUCCEEDED, "100.0%"))
+        self.controller.record(txn, vm, "Normal", "UploadSucceeded",
+                               f"disk {disk.name}: a {sniffed.format.value} image was uploaded")
+
     # -- charges: who uses how much, and why ----------------------------------------------------
 
     def charges(self, namespace: str | None) -> Obj:
@@ -473,6 +519,31 @@ class Api:
         return {"kind": "ProjectUsage", "apiVersion": "vmquota.io/v1", "metadata": {"name": name},
                 "hard": r.render(hard), "used": (project.get("status") or {}).get("used", {}),
                 "namespaces": namespaces}
+
+
+def _refusing(call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)` with an upload's refusal as the API error of its HTTP status."""
+    try:
+        return call(*args)
+    except uploads.UploadRefused as e:
+        raise _api_error(e) from e
+
+
+_UPLOAD_ERRORS: dict[int, type[errors.ApiError]] = {400: errors.BadRequest, 409: errors.Conflict,
+                                                    413: errors.RequestEntityTooLarge, 422: errors.Invalid}
+
+
+def _api_error(refusal: uploads.UploadRefused) -> errors.ApiError:
+    return _UPLOAD_ERRORS.get(refusal.code, errors.BadRequest)(refusal.message)
+
+
+def _already_uploaded(data_volume: str) -> errors.Conflict:
+    return errors.Conflict(f'data volume "{data_volume}" has been uploaded already; its disk exists')
+
+
+def _upload_status(data_volume: str, message: str) -> Obj:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200,
+            "message": message, "details": {"name": data_volume, "group": "cdi.kubevirt.io", "kind": "datavolumes"}}
 
 
 def _timestamp(epoch: int) -> str:
@@ -828,6 +899,31 @@ class _VMRules(_Rules):
         clones = [(i, d) for i, d in enumerate(spec.disks) if d.source.kind is vmspec.SourceKind.PVC]
         if clones and old is None:
             self._check_pvc_sources(txn, obj, clones)
+        self._check_bridges(txn, obj, spec, old)
+
+    def _check_bridges(self, txn: Transaction, obj: Obj, spec: vmspec.VMSpec, old: Obj | None) -> None:
+        """A host bridge is the host's network: a VM joins one only where the cluster admin allows it, in its
+        namespace's annotation `vmquota.io/bridges` (as KubeVirt's NetworkAttachmentDefinitions, which only the
+        admin makes). Bridges the VM had already stay allowed, so no unrelated update fails once it is revoked."""
+        wanted = {i.bridge for i in spec.interfaces if i.bridge is not None}
+        if old is not None:
+            try:
+                wanted -= {i.bridge for i in vmspec.read(old).interfaces}
+            except vmspec.FieldError:
+                pass
+        if not wanted:
+            return
+        namespace = txn.get(NAMESPACE, "", obj["metadata"]["namespace"]) or {}
+        listed = (objects.meta(namespace).get("annotations") or {}).get(BRIDGES_ANNOTATION, "")
+        allowed = {b.strip() for b in listed.split(",") if b.strip()}
+        for bridge in sorted(wanted - allowed):
+            [i] = [n for n, network in enumerate(obj["spec"]["template"]["spec"].get("networks") or [])
+                   if (network.get("multus") or {}).get("networkName") == bridge][:1]
+            raise invalid(VIRTUAL_MACHINE, obj["metadata"]["name"],
+                          f"spec.template.spec.networks[{i}].multus.networkName",
+                          f"Forbidden: host bridge {objects.quote(bridge)} is not allowed in namespace "
+                          f"{obj['metadata']['namespace']}: the cluster admin lists the bridges it may join in the "
+                          f"namespace's annotation {BRIDGES_ANNOTATION}")
 
     def _check_pvc_sources(self, txn: Transaction, obj: Obj, clones: list[tuple[int, vmspec.Disk]]) -> None:
         """A pvc source names a disk of another VM of the namespace, no larger than the disk made from it."""

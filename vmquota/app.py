@@ -19,7 +19,7 @@ from typing import IO
 
 from vmquota import errors, identity, kubeconfig, objects, rbac
 from vmquota.api import Api
-from vmquota.apiserver import Server, limits, security, serve
+from vmquota.apiserver import Server, limits, security, serve, tables
 from vmquota.apiserver.security import Options, Security
 from vmquota.controller import Controller, nodes
 from vmquota.controller.placement import Policy
@@ -55,6 +55,8 @@ def open_core(data_dir: Path, hypervisor_uri: str, overhead: OverheadModel, *,
               node_settings: NodeSettings = NodeSettings()) -> Core:
     """The server's parts on `data_dir`; only the first process runs the controller (`Controller.run`)."""
     store = Store(data_dir / "vmquota.db")
+    for kind, parts in tables.kept_parts().items():
+        store.keep(kind, parts)
     hypervisor = Hypervisor(hypervisor_uri, instance=store.instance_id, use_emulation=use_emulation)
     controller = Controller(store=store, hypervisor=hypervisor, disks=Disks(data_dir / "disks"),
                             overhead=overhead, resync_interval=resync_interval,

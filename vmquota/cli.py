@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from vmquota import errors, kubeconfig, objects, printers, waiting
+from vmquota import errors, kubeconfig, objects, printers, quantity, waiting
 from vmquota.client import (
     DEFAULT_SERVER,
     Client,
@@ -31,6 +31,7 @@ from vmquota.client import (
     action_path,
     collection_path,
     object_path,
+    upload_path,
 )
 from vmquota.usage import OverheadModel
 
@@ -475,14 +476,29 @@ def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LIVE_MIGRATE = ("LiveMigrate", "LiveMigrateIfPossible")  # KubeVirt's evictionStrategy values that migrate
+
+
 def cmd_drain(client: Client, args: argparse.Namespace) -> int:
-    """drain: cordon the node, then live-migrate every VM off it, as kubectl drain evicts a node's pods."""
+    """drain: cordon the node, then live-migrate every VM off it whose evictionStrategy says so, as kubectl
+    drain evicts a node's pods and KubeVirt migrates its VMs; the others stop it, unless --force stops them."""
     path = object_path(objects.NODE, None, args.node)
     if not (client.get(path).get("spec") or {}).get("unschedulable"):
         client.patch(path, {"spec": {"unschedulable": True}})
     print(f"node/{args.node} cordoned")
-    vmis = [v["metadata"] for v in client.get(collection_path(objects.VIRTUAL_MACHINE_INSTANCE, None))["items"]
-            if (v.get("status") or {}).get("nodeName") == args.node]
+    on_node = [v for v in client.get(collection_path(objects.VIRTUAL_MACHINE_INSTANCE, None))["items"]
+               if (v.get("status") or {}).get("nodeName") == args.node]
+    movable = [v for v in on_node if (v.get("spec") or {}).get("evictionStrategy") in LIVE_MIGRATE]
+    others = [v["metadata"] for v in on_node if v not in movable]
+    if others and not args.force:
+        names = ", ".join(f"{m['namespace']}/{m['name']}" for m in others)
+        print(f"error: cannot drain node/{args.node}: these VMs cannot be live-migrated (their evictionStrategy "
+              f"is not LiveMigrate): {names}; use --force to stop them", file=sys.stderr)
+        return EXIT_REFUSED
+    for meta in others:
+        print(f"stopping vm {meta['namespace']}/{meta['name']}")
+        client.put(action_path(meta["namespace"], meta["name"], "stop"), {})
+    vmis = [v["metadata"] for v in movable]
     for vmi in vmis:
         print(f"migrating vm {vmi['namespace']}/{vmi['name']}")
         migrate(client, vmi["namespace"], vmi["name"], None)
@@ -556,6 +572,64 @@ def cmd_clone(client: Client, args: argparse.Namespace) -> int:
     started = " and started" if args.start else ""
     print(f"virtualmachine.kubevirt.io/{args.target} cloned from {args.source}{started}")
     return EXIT_OK
+
+
+def cmd_image_upload(client: Client, args: argparse.Namespace) -> int:
+    """image-upload dv NAME: stream a local image into the upload data volume NAME (virtctl image-upload's
+    shape). vmquota has no DataVolume objects of their own: the data volume is a VM's dataVolumeTemplate with
+    `source: {upload: {}}`, created with the VM, so this uploads into an existing one."""
+    image = Path(args.image_path)
+    try:
+        length = image.stat().st_size
+        handle = image.open("rb")
+    except OSError as e:
+        raise UsageError(f"cannot read --image-path {args.image_path}: {e.strerror}") from e
+    with handle:
+        if args.size is not None:
+            _check_upload_size(client, args.namespace, args.name, args.size)
+        report = _upload_progress(length)
+        answer = client.upload(upload_path(args.namespace, args.name), handle, length, progress=report)
+    print(f"Uploading {image} completed successfully", file=sys.stderr)
+    print(answer.get("message") if isinstance(answer, dict) else f"datavolume/{args.name} uploaded")
+    return EXIT_OK
+
+
+def _check_upload_size(client: Client, namespace: str, data_volume: str, size: str) -> None:
+    """--size is the data volume's: its dataVolumeTemplate sets it (and the quota has charged it), so a
+    different one is refused rather than silently ignored."""
+    try:
+        wanted = quantity.parse(size)
+    except quantity.QuantityError as e:
+        raise UsageError(f"--size: {e}") from e
+    for vm in client.get(collection_path(objects.VIRTUAL_MACHINE, namespace)).get("items", []):
+        for template in (vm.get("spec") or {}).get("dataVolumeTemplates") or []:
+            if (template.get("metadata") or {}).get("name") != data_volume:
+                continue
+            claim = (template.get("spec") or {}).get("storage") or (template.get("spec") or {}).get("pvc") or {}
+            requested = ((claim.get("resources") or {}).get("requests") or {}).get("storage")
+            if requested is not None and quantity.parse(requested) != wanted:
+                raise Refused(f"data volume {data_volume} of VM {vm['metadata']['name']} requests {requested}, not "
+                              f"{size}: its size is set in the VM's dataVolumeTemplates")
+
+
+def _upload_progress(total: int) -> Callable[[int], None]:
+    """Progress on stderr: a line redrawn in place on a terminal, else a line every 10 %."""
+    tty = sys.stderr.isatty()
+    shown = [-1]
+
+    def report(done: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent == shown[0] or (not tty and percent // 10 == shown[0] // 10 and done < total):
+            return
+        shown[0] = percent
+        line = f"{_mib(done)} / {_mib(total)} ({percent}%)"
+        print(f"\r{line}" if tty else line, end="" if tty and done < total else "\n", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -663,6 +737,8 @@ def parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", help="cordon a node and live-migrate its VMs away")
     drain.add_argument("node")
     drain.add_argument("--timeout", type=float, default=600)
+    drain.add_argument("--force", action="store_true",
+                       help="stop the VMs that cannot be live-migrated (evictionStrategy other than LiveMigrate)")
     move = sub.add_parser("migrate", help="live-migrate a running VM to another node")
     move.add_argument("vm")
     namespaced(move)
@@ -683,6 +759,13 @@ def parser() -> argparse.ArgumentParser:
     clone.add_argument("--dry-run", action="store_true",
                        help="would the clone be admitted now? exit 0, or 1 with the refusal; nothing changes")
     clone.add_argument("--timeout", type=float, default=600)
+    upload = sub.add_parser("image-upload", help="upload a local disk image into a data volume with source "
+                                                 "upload: {} (virtctl image-upload)")
+    upload.add_argument("kind", choices=["dv"], help="dv: a data volume (a VM's dataVolumeTemplate)")
+    upload.add_argument("name")
+    namespaced(upload)
+    upload.add_argument("--image-path", required=True, help="the qcow2, raw or ISO file, optionally xz or gzip")
+    upload.add_argument("--size", help="the data volume's size, checked against its dataVolumeTemplate")
     for name, command in sub.choices.items():  # like kubectl's global flags, these may follow the command
         if name not in ("serve", "kubeconfig", "audit"):
             global_flags(command)
@@ -697,7 +780,7 @@ def global_flags(command: argparse.ArgumentParser) -> None:
 COMMANDS = {"get": cmd_get, "top": cmd_top, "describe": cmd_describe, "apply": cmd_apply, "delete": cmd_delete,
             "start": cmd_lifecycle, "stop": cmd_lifecycle, "restart": cmd_lifecycle, "clone": cmd_clone,
             "cordon": cmd_cordon, "uncordon": cmd_cordon, "node": cmd_node,
-            "drain": cmd_drain, "migrate": cmd_migrate}
+            "drain": cmd_drain, "migrate": cmd_migrate, "image-upload": cmd_image_upload}
 
 
 LOCAL_COMMANDS = {"kubeconfig": cmd_kubeconfig, "audit": cmd_audit}

@@ -7,11 +7,14 @@ Top layer. Errors come back as `ClientError` carrying the server's Status
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
+import select
 import ssl
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from vmquota import __version__
@@ -100,10 +103,109 @@ class Client:
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
+    def upload(self, path: str, image: BinaryIO, length: int, *,
+               progress: Callable[[int], None] = lambda done: None, chunk_size: int = 1 << 20) -> Any:
+        """POST `length` bytes of `image` as the body, streamed, on a connection of its own.
+
+        It asks `Expect: 100-continue` and sends the body only once the server says so: a refusal (403, 404,
+        413) comes back before a byte of the image has left, instead of a broken pipe halfway through it.
+        """
+        conn = self._connect(timeout=max(self._timeout, 600.0))
+        try:
+            conn.putrequest("POST", path, skip_accept_encoding=True)
+            for name, value in {**self._headers, "Content-Type": "application/octet-stream",
+                                "Content-Length": str(length), "Expect": "100-continue"}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            early = _interim_or_final(conn)
+            if early is None:  # 100 Continue, or no word within the wait: send it (RFC 9110, 10.1.1)
+                done = 0
+                while done < length and (chunk := image.read(min(chunk_size, length - done))):
+                    try:
+                        conn.send(chunk)
+                    except (BrokenPipeError, ConnectionResetError):
+                        break  # refused midway: its answer is on the connection
+                    done += len(chunk)
+                    progress(done)
+                response = conn.getresponse()
+            else:
+                response = early
+            return _decoded(response.status, response.reason, response.read())
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            raise Unreachable(f"uploading to the vmquota server at {self.url}: {e}") from e
+        finally:
+            conn.close()
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self._tls:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+CONTINUE_WAIT_SECONDS = 30.0
+
+
+def _interim_or_final(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """After the headers of an `Expect: 100-continue` request: None on `100 Continue` (or silence), else the
+    server's final answer, a refusal sent before the body."""
+    sock = conn.sock
+    readable, _, _ = select.select([sock], [], [], CONTINUE_WAIT_SECONDS)
+    if not readable and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        return None
+    head = b""
+    while not head.endswith(b"\r\n\r\n") and len(head) < 65536:  # byte by byte: nothing after it is taken
+        byte = sock.recv(1)
+        if not byte:
+            break
+        head += byte
+    if head.split(b" ", 2)[1:2] == [b"100"]:
+        return None
+    response = http.client.HTTPResponse(_Replay(head, sock), method="POST")  # type: ignore[arg-type]
+    response.begin()
+    return response
+
+
+class _Replay:
+    """A socket whose first bytes were read already: `HTTPResponse` reads them again, then the rest."""
+
+    def __init__(self, head: bytes, sock: Any) -> None:
+        self._head, self._sock = head, sock
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_ReplayRaw(self._head, self._sock))
+
+
+class _ReplayRaw(io.RawIOBase):
+    def __init__(self, head: bytes, sock: Any) -> None:
+        self._head, self._sock = head, sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        return int(self._sock.recv_into(buffer))
+
+
+def _decoded(status: int, reason: str, data: bytes) -> Any:
+    """An answer's JSON; a Status of a failure raises `ClientError`."""
+    try:
+        decoded = json.loads(data) if data else None
+    except ValueError:
+        decoded = data.decode(errors="replace")
+    if status >= 400:
+        if isinstance(decoded, dict) and decoded.get("kind") == "Status":
+            raise ClientError(decoded)
+        raise ClientError({"code": status, "message": str(decoded), "reason": reason})
+    return decoded
 
 
 def _tls_context(connection: Connection) -> ssl.SSLContext:
@@ -130,6 +232,10 @@ def collection_path(kind: Any, namespace: str | None) -> str:
 
 def object_path(kind: Any, namespace: str | None, name: str) -> str:
     return f"{collection_path(kind, namespace)}/{name}"
+
+
+def upload_path(namespace: str, data_volume: str) -> str:
+    return f"/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/{namespace}/datavolumes/{data_volume}/upload"
 
 
 def action_path(namespace: str, name: str, action: str) -> str:

@@ -50,10 +50,12 @@ class Seed:
 
 @dataclass(frozen=True)
 class Nic:
-    """A NIC on QEMU's user-mode network: NAT inside QEMU, no host interface, bridge or firewall rule."""
+    """A NIC on QEMU's user-mode network (NAT inside QEMU, no host interface, bridge or firewall rule), or, with
+    `bridge`, a tap device on that host bridge (a name `vmspec.BRIDGE_NAME` has checked)."""
 
     mac: str
     model: str
+    bridge: str | None = None
 
 
 def build(*, namespace: str, name: str, uid: str, instance: str, spec: VMSpec, disks: list[DomainDisk],
@@ -97,7 +99,9 @@ def build(*, namespace: str, name: str, uid: str, instance: str, spec: VMSpec, d
         ET.SubElement(element, "target", {"dev": target, "bus": "sata" if seed.cdrom else "virtio"})
         ET.SubElement(element, "readonly")
     for nic in nics:
-        element = ET.SubElement(devices, "interface", {"type": "user"})
+        element = ET.SubElement(devices, "interface", {"type": "user" if nic.bridge is None else "bridge"})
+        if nic.bridge is not None:
+            ET.SubElement(element, "source", {"bridge": nic.bridge})
         ET.SubElement(element, "mac", {"address": nic.mac})
         ET.SubElement(element, "model", {"type": nic.model})
     if domain_type != "test":

@@ -15,6 +15,7 @@
      │    ├── Conflict          409  stale resourceVersion, or a state that forbids the action
      │    │    └── ApplyConflict      a server-side apply would change fields other managers own
      │    ├── Expired           410  a continue token older than the change log keeps
+     │    ├── RequestEntityTooLarge 413  a body larger than its target may take (an upload)
      │    └── UnsupportedMediaType 415  a body or patch type this path does not take
      └── HypervisorError              libvirt or qemu-img failed (wraps the library error)
           └── HypervisorUnavailable   temporary: the daemon does not answer; retry later
@@ -155,6 +156,11 @@ class HypervisorError(VmquotaError):
 
 class HypervisorUnavailable(HypervisorError):
     """The hypervisor does not answer now; the caller may retry later."""
+
+
+class RequestEntityTooLarge(ApiError):
+    code = 413
+    reason = "RequestEntityTooLarge"
 
 
 class Expired(ApiError):

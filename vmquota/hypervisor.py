@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import os
 import re
 import socket
 import threading
@@ -347,8 +348,24 @@ class Hypervisor:
         if isinstance(dom, _Stale):
             self._remove_stale(dom)
         conn = self._connection()
+        for bridge in _bridges(xml):
+            self._check_bridge(conn, bridge, namespace, name)
         dom = self._call(f"defining the domain of {namespace}/{name}", lambda: conn.defineXML(xml))
         self._call(f"starting {namespace}/{name}", dom.create)
+
+    def _check_bridge(self, conn: Any, bridge: str, namespace: str, name: str) -> None:
+        """A bridge NIC needs the bridge on this host: said plainly before libvirt's "Cannot get interface MTU"."""
+        try:
+            iface = conn.interfaceLookupByName(bridge)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_INTERFACE:
+                raise self._failure(f"looking up host bridge {bridge} for {namespace}/{name}", e) from e
+            raise errors.HypervisorError(f"starting {namespace}/{name}: host bridge {bridge} does not exist on "
+                                         f"{self.uri}") from e
+        kind = ET.fromstring(self._call(f"reading host interface {bridge}", iface.XMLDesc)).get("type")
+        if kind != "bridge":
+            raise errors.HypervisorError(f"starting {namespace}/{name}: host interface {bridge} on {self.uri} is "
+                                         f"not a bridge (its type is {kind or 'unknown'})")
 
     def shutdown(self, namespace: str, name: str, uid: str) -> None:
         """Ask the guest to power off (ACPI); it may ignore this."""
@@ -460,31 +477,38 @@ class Hypervisor:
 
         libvirt's `migrateToURI3` with LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE, as KubeVirt's
         virt-launcher does: this host's libvirtd talks to the target's itself (at `target.uri`, which it must be
-        able to reach) and the guest's memory goes to `migrate_uri` (`tcp://ADDRESS:PORT`, where the target
-        listens, on that address only). It blocks for the whole migration; `abort_migration` from another thread
-        ends it, `on_progress` hears `migration_progress` every `progress_interval` seconds meanwhile.
+        able to reach; a daemon of this machine through `_peer_uri`) and the guest's memory goes to `migrate_uri`
+        (`tcp://ADDRESS[:PORT]`, where the target listens, on that address only; without a port the target's
+        libvirtd picks one of its migration ports). It blocks for the whole
+        migration; `abort_migration` from another thread ends it, `on_progress` hears `migration_progress` every
+        `progress_interval` seconds meanwhile.
 
         copy_storage: the disks are local to each host, so their contents are copied too (NON_SHARED_DISK over
         NBD): the target gets an empty qcow2 of each disk's virtual size first, made by its libvirt in a
         transient storage pool over the disk's folder (libvirt 9.0 pre-creates a missing disk only inside a
         pool whose target path is that folder). A target that already has a file at a disk's path is refused:
-        that is shared storage, and copying would write the disk onto itself. Read-only disks (a cloud-init
-        seed) are not copied and must exist on the target. Without copy_storage the target must see the same
-        files; libvirt believes that only of a cluster file system (NFS, GFS2, ...), so `trust_shared_storage`
-        vouches for a local one that several hosts share (the test hosts of one machine): VIR_MIGRATE_UNSAFE.
+        that is shared storage, and copying would write the disk onto itself. Read-only files (a cloud-init
+        seed), which libvirt does not copy, are streamed over first (`_send_files`). Without copy_storage the
+        target must see the same files; libvirt believes that only of a cluster file system (NFS, GFS2, ...),
+        so `trust_shared_storage` vouches for a local one that several hosts share (the test hosts of one
+        machine): VIR_MIGRATE_UNSAFE.
 
         Failures are HypervisorError in libvirt's words (HypervisorUnavailable when a host does not answer);
         after one the domain still runs here: libvirt resumes it on the source, and this removes the disks a
         copy_storage migration created on the target.
         """
         what = f"migrating {namespace}/{name} to {target.uri}"
-        address, _port = _parse_migrate_uri(migrate_uri)
         if target.uri == self.uri:
             raise errors.HypervisorError(f"{what}: the target is this host")
+        if self.domain_type == "test" and target.domain_type == "test":
+            self._migrate_simulated(namespace, name, uid, target)
+            return
+        address, _port = _parse_migrate_uri(migrate_uri)
         dom = self._running(namespace, name, uid)
         target.ensure_reachable()  # a host that is down: a clear error before libvirt is asked anything
         target.clear_for_incoming(namespace, name, uid)
-        disks = _writable_disks(self._call(f"reading the domain of {namespace}/{name}", dom.XMLDesc))
+        xml = self._call(f"reading the domain of {namespace}/{name}", dom.XMLDesc)
+        disks, files = _writable_disks(xml), _readonly_files(xml)
         flags = _MIGRATE_FLAGS
         params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: migrate_uri}
         if _is_ip(address):  # QEMU on the target listens there only, not on every address
@@ -497,12 +521,14 @@ class Hypervisor:
             flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
             if disks:
                 params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(disks)
-            pools, created = target._prepare_disks(namespace, name, uid, list(disks.values()))
+            pools, created = target._prepare_disks(namespace, name, uid, [*disks.values(), *files])
         elif trust_shared_storage:
             flags |= libvirt.VIR_MIGRATE_UNSAFE
         try:
+            if copy_storage and files:
+                self._send_files(target, files, namespace, name, uid)
             with _ProgressReporter(self, namespace, name, uid, on_progress, progress_interval):
-                self._call(what, lambda: dom.migrateToURI3(target.uri, params, flags))
+                self._call(what, lambda: dom.migrateToURI3(_peer_uri(target.uri, self.uri), params, flags))
         except errors.HypervisorError:
             target._remove_created(namespace, name, created)
             raise
@@ -568,15 +594,34 @@ class Hypervisor:
             raise
         return pools, list(paths)
 
-    def _pool_at(self, conn: Any, folder: Path, pool_name: str, namespace: str, name: str) -> Any | None:
-        """A transient dir pool over `folder` (made, with its parents, if missing); None when a pool of this
-        host covers the folder already (libvirt finds that one by its path)."""
+    def _send_files(self, target: Hypervisor, files: list[Path], namespace: str, name: str, uid: str) -> None:
+        """Copy the domain's read-only files (a cloud-init seed) to the target before the migration starts:
+        libvirt copies only writable disks, and the target's QEMU opens these when it starts. Through libvirt's
+        storage streams on both sides (download here, upload there), so it works between machines too."""
+        conn, target_conn = self._connection(), target._connection()
+        pools: list[Any] = []
+        what = f"copying the read-only files of {namespace}/{name} to {target.uri}"
+        try:
+            for index, folder in enumerate(sorted({path.parent for path in files})):
+                pool = self._pool_at(conn, folder, f"vmquota-migration-{uid}-files-{index}", namespace, name,
+                                     build=False)
+                if pool is not None:
+                    pools.append(pool)
+            for path in files:
+                self._call(what, lambda path=path: _stream_file(conn, target_conn, path))  # type: ignore[misc]
+        finally:
+            self._drop_pools(pools)
+
+    def _pool_at(self, conn: Any, folder: Path, pool_name: str, namespace: str, name: str, *,
+                 build: bool = True) -> Any | None:
+        """A transient dir pool over `folder` (made, with its parents, if missing and `build`); None when a pool
+        of this host covers the folder already (libvirt finds that one by its path)."""
         xml = ET.Element("pool", {"type": "dir"})
         ET.SubElement(xml, "name").text = pool_name
         ET.SubElement(ET.SubElement(xml, "target"), "path").text = str(folder)
         try:
             return conn.storagePoolCreateXML(ET.tostring(xml, encoding="unicode"),
-                                             libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+                                             libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD if build else 0)
         except libvirt.libvirtError as e:
             message = e.get_error_message()
             if e.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED and (
@@ -695,14 +740,6 @@ class Hypervisor:
 
     # -- live migration on libvirt's test driver ----------------------------------------------------
 
-    def migrate(self, namespace: str, name: str, uid: str, target: Hypervisor, *, migrate_uri: str,
-                copy_storage: bool, trust_shared_storage: bool = False) -> None:
-        """Move the running domain of this VM to `target`: on simulated hosts only, for now."""
-        if self.domain_type != "test" or target.domain_type != "test":
-            raise errors.HypervisorError(f"migrating {namespace}/{name}: live migration between libvirt hosts "
-                                         f"is not available yet")
-        self._migrate_simulated(namespace, name, uid, target)
-
     def _migrate_simulated(self, namespace: str, name: str, uid: str, target: Hypervisor) -> None:
         """libvirt's test driver cannot migrate: the domain is defined and started on the target, then removed
         here, which is what a migration's outcome looks like from outside (the events differ)."""
@@ -711,12 +748,15 @@ class Hypervisor:
         target.start(namespace, name, uid, xml)
         self.undefine(namespace, name, uid)
 
-    def abort_migration(self, namespace: str, name: str, uid: str) -> bool:
-        """The simulated migration is over before it could be aborted."""
-        return False
-
 
 NETDEV = "hostnet0"  # libvirt's id for the first NIC's QEMU network backend
+
+
+def _bridges(xml: str) -> list[str]:
+    """The host bridges a domain's NICs join (`<interface type='bridge'><source bridge=.../>`)."""
+    devices = ET.fromstring(xml).find("devices")
+    return [source.get("bridge", "") for source in (devices.findall("interface[@type='bridge']/source")
+                                                    if devices is not None else [])]
 
 
 class GuestStream:
@@ -805,17 +845,50 @@ class MigrationProgress:
     elapsed_ms: int
 
 
-def _parse_migrate_uri(uri: str) -> tuple[str, int]:
-    """(address, port) of `tcp://ADDRESS:PORT`; anything else is refused before libvirt sees it."""
+def _parse_migrate_uri(uri: str) -> tuple[str, int | None]:
+    """(address, port) of `tcp://ADDRESS[:PORT]`; anything else is refused before libvirt sees it. Without a port
+    the target's libvirtd picks one from its `migration_port_min`..`max` (qemu.conf)."""
     try:
         parsed = urllib.parse.urlsplit(uri)
         port = parsed.port
     except ValueError as e:
         raise errors.HypervisorError(f"invalid migration URI {uri!r}: {e}") from e
-    if parsed.scheme != "tcp" or not parsed.hostname or port is None or not 0 < port < 65536 \
-            or parsed.path or parsed.query or parsed.fragment or parsed.username is not None:
-        raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS:PORT")
+    if parsed.scheme != "tcp" or not parsed.hostname or port == 0 or parsed.path or parsed.query \
+            or parsed.fragment or parsed.username is not None or uri.endswith(":"):
+        raise errors.HypervisorError(f"invalid migration URI {uri!r}: expected tcp://ADDRESS[:PORT]")
     return parsed.hostname, port
+
+
+SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"  # where qemu:///system answers
+
+
+def _local_socket(uri: str) -> str | None:
+    """The unix socket of a libvirt URI of this machine's system daemon (qemu:///system, or qemu+unix:///system
+    with or without ?socket=); None for any other URI (a remote host, a session daemon, test:///)."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.netloc or parsed.path != "/system":
+        return None
+    if parsed.scheme == "qemu" and not parsed.query:
+        return SYSTEM_SOCKET
+    if parsed.scheme == "qemu+unix":
+        sockets = urllib.parse.parse_qs(parsed.query).get("socket", [SYSTEM_SOCKET])
+        return sockets[-1] if sockets[-1].startswith("/") else None
+    return None
+
+
+def _peer_uri(target: str, source: str) -> str:
+    """The target's URI as the source's libvirtd must dial it for a peer-to-peer migration (libvirt's dconnuri).
+
+    A local socket path means what the dialling process's mount namespace makes of it, and a libvirtd in a mount
+    namespace of its own (the test hosts of scripts/test-host.sh) finds its own socket at /run/libvirt, so
+    `qemu:///system` from there is the source itself ("Attempt to migrate guest to the same host"). When both
+    hosts are daemons of this machine, the target's socket is named through /proc/<this process>/root, which
+    is the socket this process sees, from any mount namespace. Remote URIs (qemu+ssh, qemu+tls) pass unchanged.
+    """
+    socket_path = _local_socket(target)
+    if socket_path is None or _local_socket(source) is None:
+        return target
+    return f"qemu+unix:///system?socket=/proc/{os.getpid()}/root{socket_path}"
 
 
 def _is_ip(address: str) -> bool:
@@ -824,6 +897,45 @@ def _is_ip(address: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _readonly_files(xml: str) -> list[Path]:
+    """The files of a domain's read-only file disks and CD-ROMs (a cloud-init seed): what the target must have
+    before a copy_storage migration, as libvirt does not copy them."""
+    found: list[Path] = []
+    for disk in ET.fromstring(xml).iterfind("devices/disk"):
+        source = disk.find("source")
+        if disk.get("type") == "file" and disk.find("readonly") is not None and source is not None \
+                and source.get("file"):
+            found.append(Path(str(source.get("file"))))
+    return found
+
+
+STREAM_CHUNK = 256 * 1024
+
+
+def _stream_file(conn: Any, target_conn: Any, path: Path) -> None:
+    """One file from this host to the same path on the target, as a raw volume of its pool there."""
+    pool = conn.storagePoolLookupByTargetPath(str(path.parent))
+    pool.refresh(0)
+    source = pool.storageVolLookupByName(path.name)
+    size = int(source.info()[1])
+    volume = ET.Element("volume")
+    ET.SubElement(volume, "name").text = path.name
+    ET.SubElement(volume, "capacity", {"unit": "bytes"}).text = str(size)
+    ET.SubElement(ET.SubElement(volume, "target"), "format", {"type": "raw"})
+    copy = target_conn.storagePoolLookupByTargetPath(str(path.parent)).createXML(
+        ET.tostring(volume, encoding="unicode"), 0)
+    down, up = conn.newStream(0), target_conn.newStream(0)
+    source.download(down, 0, size, 0)
+    copy.upload(up, 0, size, 0)
+    while chunk := down.recv(STREAM_CHUNK):
+        if not isinstance(chunk, bytes):  # -2: would block, which a blocking stream never answers
+            raise libvirt.libvirtError(f"reading {path} from its host")
+        while chunk:
+            chunk = chunk[up.send(chunk):]
+    down.finish()
+    up.finish()
 
 
 def _writable_disks(xml: str) -> dict[str, Path]:

@@ -16,12 +16,16 @@ dropped connection can). urllib is enough here: one GET at a time, with Range an
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import gzip
 import hashlib
 import logging
 import lzma
 import os
+import socket
+import struct
 import threading
 import time
 import urllib.error
@@ -180,15 +184,21 @@ def download(url: str, dest: Path, *, limit: Decimal, cancel: threading.Event,
             out.seek(have)
             out.truncate()
             done = have
-            while chunk := response.read(CHUNK):  # type: ignore[attr-defined]
+
+            def wrote(count: int) -> None:
+                nonlocal done
                 if cancel.is_set():
                     raise ImportFailed("the import was cancelled", permanent=False)
-                out.write(chunk)
-                done += len(chunk)
+                done += count
                 if done > limit:
                     raise ImportFailed(f"{describe_url(url)} is larger than the requested storage allows",
                                        permanent=True)
                 progress(done, total)
+
+            if not _splice_body(response, out, wrote):
+                while chunk := response.read(CHUNK):  # type: ignore[attr-defined]
+                    out.write(chunk)
+                    wrote(len(chunk))
             out.flush()
             os.fsync(out.fileno())
     except OSError as e:
@@ -197,6 +207,55 @@ def download(url: str, dest: Path, *, limit: Decimal, cancel: threading.Event,
         response.close()  # type: ignore[attr-defined]
     if total is not None and done < total:
         raise ImportFailed(f"{describe_url(url)} ended after {done} of {total} bytes", permanent=False)
+
+
+SPLICE_CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031  # fcntl's, for a pipe that holds a whole chunk
+
+
+def _splice_body(response: Any, out: Any, wrote: Callable[[int], None]) -> bool:
+    """The rest of a plain-HTTP body with a known length, moved from the socket to the file by the kernel
+    (splice(2) through a pipe): no copy through Python, which made the download, not qemu-img, the slow half
+    of an import. False, having read nothing, for what it cannot move (TLS, chunked, no length)."""
+    fp = getattr(response, "fp", None)
+    sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    length = getattr(response, "length", None)
+    if fp is None or type(sock) is not socket.socket or getattr(response, "chunked", True) or not length or \
+            not hasattr(os, "splice"):
+        return False  # an SSLSocket is a socket.socket too, and splicing it would copy ciphertext
+    out.flush()
+    buffered = fp.read(len(fp.peek(1)[:length]))  # what http.client's reader holds already
+    os.write(out.fileno(), buffered)
+    wrote(len(buffered))
+    left = length - len(buffered)
+    read_end, write_end = os.pipe()
+    # Python's timeout makes the socket non-blocking underneath, and each splice would then move only what has
+    # arrived, with a select between: blocking, with the kernel's own receive timeout, moves whole chunks.
+    saved = sock.gettimeout()
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(TIMEOUT_SECONDS), 0))
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, SPLICE_CHUNK)
+        while left > 0:
+            try:
+                moved = os.splice(sock.fileno(), write_end, min(left, SPLICE_CHUNK))
+            except BlockingIOError:  # SO_RCVTIMEO ran out
+                raise TimeoutError(f"no data for {TIMEOUT_SECONDS:g} s") from None
+            if not moved:
+                raise OSError("the server closed the connection early")
+            written = 0
+            while written < moved:
+                written += os.splice(read_end, out.fileno(), moved - written)
+            left -= moved
+            wrote(moved)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+        sock.settimeout(saved)
+    out.seek(0, os.SEEK_END)  # the file object's position, after writes it did not make
+    return True
 
 
 def verify(path: Path, checksum: str) -> None:
@@ -253,6 +312,7 @@ class Phase(enum.StrEnum):
     IMPORT_SCHEDULED = "ImportScheduled"  # admitted; the download has not begun
     IMPORT_IN_PROGRESS = "ImportInProgress"  # downloading, checking, converting
     CLONE_SCHEDULED = "CloneScheduled"  # a pvc source, not copied yet
+    UPLOAD_READY = "UploadReady"  # an upload source waiting for its image (`uploads.py`), or for a retry of it
     SUCCEEDED = "Succeeded"  # the disk exists
     FAILED = "Failed"  # the import failed; `message` says why
 

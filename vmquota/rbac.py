@@ -383,7 +383,8 @@ def _aggregate_to(*levels: str) -> dict[str, str]:
 def bootstrap() -> list[BootstrapObject]:
     """The roles and bindings every server starts with (kube-apiserver's bootstrap policy, KubeVirt's roles,
     vmquota's own views), reduced to the resources vmquota serves."""
-    public = ["/healthz", "/livez", "/readyz", "/version", "/version/"]
+    # The dashboard's page and files (`/`, `/ui/...`) hold no data; the page then reads the API as its user.
+    public = ["/healthz", "/livez", "/readyz", "/version", "/version/", "/", "/ui/*"]
     return [
         _cluster_role("cluster-admin", [_rule(["*"], ["*"], ["*"]), {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
         _binding("cluster-admin", "cluster-admin", [identity.MASTERS]),
@@ -433,8 +434,14 @@ def bootstrap() -> list[BootstrapObject]:
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, READ),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], READ)],
             labels={"kubevirt.io": "", **_aggregate_to("view")}),
-        # vmquota's views of its accounting: what each VM of a namespace charges.
-        _cluster_role("vmquota.io:view", [_rule(["vmquota.io"], ["charges"], READ)],
+        # CDI's: an image into an upload data volume. CDI's roles grant `create` on uploadtokenrequests (the token
+        # for its upload proxy); vmquota takes the upload itself under the user's credentials (`apiserver/upload.py`).
+        *(_cluster_role(f"cdi.kubevirt.io:{role}", [_rule(["upload.cdi.kubevirt.io"], ["datavolumes/upload"],
+                                                          ["create"])],
+                        labels=_aggregate_to(role)) for role in ("admin", "edit")),
+        # vmquota's views of its accounting: what each VM of a namespace charges, and how its quotas' use moved
+        # (the same status a viewer reads now, over time: the dashboard's charts).
+        _cluster_role("vmquota.io:view", [_rule(["vmquota.io"], ["charges", "resourcequotas/history"], READ)],
                       labels=_aggregate_to("view")),
     ]
 

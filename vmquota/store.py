@@ -286,6 +286,14 @@ CREATE TRIGGER IF NOT EXISTS node_allocated_delete AFTER DELETE ON placements BE
         WHERE node = OLD.node;
 END;
 """
+# Raised by every committed change of a Node: placement reads the nodes' bodies again only when it moved.
+NODE_GENERATION = "node_generation"
+_NODE_GENERATION_TRIGGERS = "".join(f"""
+CREATE TRIGGER IF NOT EXISTS node_generation_{event.lower()} AFTER {event} ON objects
+    WHEN {row}.kind = 'Node' BEGIN
+    INSERT INTO counters(name, value) VALUES ('{NODE_GENERATION}', 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+END;""" for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")))
 # What placement reads of each Node, cut out by SQLite (a start reads all nodes: no Python parse of their bodies).
 _NODE_CANDIDATES = """
 SELECT o.name, coalesce(o.body->>'$.spec.unschedulable', 0), coalesce(json(o.body->'$.metadata.labels'), '{}'),
@@ -373,8 +381,9 @@ class Change:
 class Reader:
     """Queries shared by read-only access and transactions."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, kept: dict[str, _KeptTable] | None = None) -> None:
         self._conn = conn
+        self._kept = kept or {}  # the kinds whose Table parts this process knows to be kept (`Store.keep`)
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
         row = self._conn.execute(f"{_select(kind)} WHERE o.kind=? AND o.namespace=? AND o.name=?",
@@ -410,8 +419,14 @@ class Reader:
 
         SQLite parses a body once per JSON function that reads it, so the scalars are read by one
         json_extract of several paths (one parse, one small array to decode) and the name and namespace come
-        from the key columns.
+        from the key columns. A kind whose parts are kept (`Store.keep`) has them read from its side table
+        instead, where its triggers wrote them with each body: no body is parsed at all.
         """
+        kept = self._kept.get(kind.kind)
+        read = kept.reading(parts) if kept is not None else None
+        if read is not None:
+            yield from read.rows(self._conn, namespace, where)
+            return
         plan = _ExtractPlan(parts)
         for row in self._extract(kind, namespace, plan.columns, where):
             yield tuple(plan.split(row))
@@ -511,6 +526,16 @@ class Reader:
         """(namespace, name) -> the node each placed VM runs on."""
         rows = self._conn.execute("SELECT namespace, name, node FROM placements WHERE role = ?", (RUNS,)).fetchall()
         return {(namespace, name): node for namespace, name, node in rows}
+
+    def node_generation(self) -> int:
+        """Raised by every committed change of a Node (a trigger keeps it)."""
+        row = self._conn.execute("SELECT value FROM counters WHERE name=?", (NODE_GENERATION,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def node_allocated(self) -> dict[str, tuple[int, int]]:
+        """node -> (cpu millicores, memory bytes) placed on it: its VMs' and its incoming migrations'."""
+        return {node: (cpu, memory) for node, cpu, memory in
+                self._conn.execute("SELECT node, cpu_milli, memory FROM node_allocated")}
 
     def vms_on(self, node: str) -> builtins.list[tuple[str, str]]:
         """(namespace, name) of every VM that runs on `node`."""
@@ -664,7 +689,7 @@ class Transaction(Reader):
     """Writes inside one SQLite transaction; only `Store.transaction()` makes these."""
 
     def __init__(self, conn: sqlite3.Connection, store: Store) -> None:
-        super().__init__(conn)
+        super().__init__(conn, store.kept)
         self._store = store
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -896,7 +921,8 @@ class Store:
             self._writer.executescript(f"BEGIN IMMEDIATE; {_VM_STATE_TRIGGERS} {_QUOTA_STATUS_TRIGGER} "
                                        f"{_OBSERVE_TRIGGERS} {_CHANGES_START} "
                                        f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} {_HOSTS_SCHEMA} COMMIT;")
+        self._writer.executescript(f"BEGIN IMMEDIATE; {_RBAC_GENERATION_TRIGGERS} {_HOSTS_SCHEMA} "
+                                     f"{_NODE_GENERATION_TRIGGERS} COMMIT;")
         self._rv = 0  # the resourceVersion counter, read from the file when a group begins
         self._writer.execute("INSERT OR IGNORE INTO settings(name, value) VALUES ('instance', ?)",
                              (objects.new_uid(),))
@@ -919,6 +945,35 @@ class Store:
         self.changes_kept, self.prune_every = CHANGES_KEPT, PRUNE_CHANGES_EVERY  # tests shrink the window
         self._waiting = 0  # threads waiting for the write lock: the group stays open for them
         self._waiting_lock = threading.Lock()
+        self.kept: dict[str, _KeptTable] = {}  # kind -> its side table of kept parts (`keep`)
+
+    def keep(self, kind: Kind, parts: Sequence[Part]) -> None:
+        """Keep `parts` of every object of `kind` in a side table of their own, written by triggers in the same
+        transaction as each body, so that `extract` of those parts (a Table's: its printer's fields and the
+        metadata) reads them instead of parsing every body: a first `kubectl get` of 10,000 VMs then reads no
+        more than a plain list. Every process of a server calls it at its start with the same parts; the first
+        one to find the table missing, or made for other parts, (re)builds it from the bodies."""
+        table = _KeptTable(kind, parts)
+        with self._lock:
+            if self._group is not None:
+                raise RuntimeError("keep() is for a store's opening, before its first transaction")
+            fcntl.flock(self._process_lock, fcntl.LOCK_EX)
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    made = self._writer.execute("SELECT value FROM settings WHERE name=?", (table.setting,)).fetchone()
+                    if made is None or made[0] != table.signature:
+                        for statement in table.statements():
+                            self._writer.execute(statement)
+                        self._writer.execute("INSERT OR REPLACE INTO settings(name, value) VALUES (?, ?)",
+                                             (table.setting, table.signature))
+                    self._writer.execute("COMMIT")
+                except BaseException:
+                    self._writer.execute("ROLLBACK")
+                    raise
+            finally:
+                fcntl.flock(self._process_lock, fcntl.LOCK_UN)
+        self.kept[kind.kind] = table
 
     @contextlib.contextmanager
     def transaction(self, *, dry_run: bool = False) -> Iterator[Transaction]:
@@ -1047,7 +1102,7 @@ class Store:
         if conn is None:
             conn = _connect(self.path)
             self._local.conn = conn
-        return Reader(conn)
+        return Reader(conn, self.kept)
 
     @contextlib.contextmanager
     def own_reader(self) -> Iterator[Reader]:
@@ -1055,7 +1110,7 @@ class Store:
         then lives long without reading (a watch), which should not keep a connection open all that time."""
         conn = _connect(self.path)
         try:
-            yield Reader(conn)
+            yield Reader(conn, self.kept)
         finally:
             conn.close()
 
@@ -1135,6 +1190,108 @@ class _ExtractPlan:
         return values
 
 
+class _KeptTable:
+    """A side table `kept_<kind>` holding some parts of every object of one kind, and the triggers that write
+    it with each body (`Store.keep`): what `extract` then reads for those parts instead of parsing bodies.
+
+    A row is (namespace, name, scalars, json_0, ...): `scalars` is one small JSON array of the scalar and item
+    parts, as `_ExtractPlan.split` gives them (an item picked out in SQL at write time), and each JSON part has
+    a text column of its own, handed on as it is (a Table row's metadata is never parsed). The key columns and
+    the body itself (`Part.BODY`) come from `objects`, joined by primary key when asked for or selected on.
+    A quota's or a project's status is not in its body (`STATUS_APART`): those kinds are not kept.
+    """
+
+    def __init__(self, kind: Kind, parts: Sequence[Part]) -> None:
+        if kind.kind in STATUS_APART or not kind.kind.isalpha():
+            raise ValueError(f"the parts of {kind.kind} cannot be kept")
+        self.kind = kind.kind
+        self.name = f"kept_{kind.kind.lower()}"
+        self.setting = f"kept:{kind.kind}"
+        unique = list(dict.fromkeys(p for p in parts if p != Part.BODY and p.path not in _KEY_COLUMNS))
+        self.scalars = [p for p in unique if not p.as_json]
+        self.texts = [p for p in unique if p.as_json]
+        self.signature = "\n".join(self.statements())
+
+    def _values_sql(self, body: str) -> str:
+        scalars = ", ".join(_kept_scalar_sql(part, body) for part in self.scalars)
+        texts = "".join(f", {body} -> {_sql_text(_json_path(part.path))}" for part in self.texts)
+        return f"json_array({scalars}){texts}"
+
+    def statements(self) -> list[str]:
+        """The SQL that (re)makes the table and its triggers, and fills it from the bodies stored now."""
+        columns = "".join(f", json_{i} TEXT" for i in range(len(self.texts)))
+        kind = _sql_text(self.kind)
+        write = f"INSERT OR REPLACE INTO {self.name} VALUES (NEW.namespace, NEW.name, {self._values_sql('NEW.body')})"
+        return [
+            *(f"DROP TRIGGER IF EXISTS {self.name}_{event}" for event in ("insert", "update", "delete")),
+            f"DROP TABLE IF EXISTS {self.name}",
+            f"CREATE TABLE {self.name} (namespace TEXT NOT NULL, name TEXT NOT NULL, scalars TEXT NOT NULL{columns}, "
+            "PRIMARY KEY (namespace, name)) WITHOUT ROWID",
+            f"CREATE TRIGGER {self.name}_insert AFTER INSERT ON objects WHEN NEW.kind = {kind} BEGIN {write}; END",
+            f"CREATE TRIGGER {self.name}_update AFTER UPDATE ON objects WHEN NEW.kind = {kind} BEGIN {write}; END",
+            f"CREATE TRIGGER {self.name}_delete AFTER DELETE ON objects WHEN OLD.kind = {kind} BEGIN "
+            f"DELETE FROM {self.name} WHERE namespace = OLD.namespace AND name = OLD.name; END",
+            f"INSERT INTO {self.name} SELECT namespace, name, {self._values_sql('body')} FROM objects "
+            f"WHERE kind = {kind}",
+        ]
+
+    def reading(self, parts: Sequence[Part]) -> _KeptRead | None:
+        """How to read `parts` from this table, or None when one of them is not kept."""
+        if any(p != Part.BODY and p.path not in _KEY_COLUMNS and p not in self.scalars and p not in self.texts
+               for p in parts):
+            return None
+        return _KeptRead(self, parts)
+
+
+class _KeptRead:
+    """One `extract` of kept parts: its SQL, and how a row becomes one value per part (as `_ExtractPlan`'s)."""
+
+    def __init__(self, table: _KeptTable, parts: Sequence[Part]) -> None:
+        self._table = table
+        texts = [p for p in dict.fromkeys(parts) if p in table.texts]
+        keys = [p for p in dict.fromkeys(parts) if p.path in _KEY_COLUMNS or p == Part.BODY]
+        # The row: scalars, the JSON parts asked for, then the key columns and the body asked for.
+        self.columns = ["k.scalars", *(f"k.json_{table.texts.index(p)}" for p in texts),
+                        *("b" if p == Part.BODY else _KEPT_KEY_COLUMNS[p.path] for p in keys)]
+        direct = [*texts, *keys]
+        # Each part's place in [*row[1:], *decoded scalars].
+        self._index = [direct.index(p) if p in direct else len(direct) + table.scalars.index(p) for p in parts]
+        # The name and namespace are the side table's keys too; the body and resourceVersion are in `objects`.
+        self._joined = any(p == Part.BODY or p.path == ("metadata", "resourceVersion") for p in keys)
+
+    def rows(self, conn: sqlite3.Connection, namespace: str | None,
+             where: Sequence[Where]) -> Iterator[tuple[Any, ...]]:
+        table, select = self._table.name, ", ".join(self.columns)
+        if not where and not self._joined:
+            scope, params = ("WHERE k.namespace = ?", [namespace]) if namespace is not None else ("", [])
+            sql = f"SELECT {select} FROM {table} AS k {scope} ORDER BY k.namespace, k.name"
+        else:
+            conditions, condition_params = _where_sql(where)
+            scope, params = ("AND o.namespace = ?", [namespace]) if namespace is not None else ("", [])
+            sql = (f"SELECT {select} FROM (SELECT o.body AS b, o.namespace AS ns, o.name AS nm, o.rv AS rv "
+                   f"FROM objects AS o WHERE o.kind = ? {scope}) JOIN {table} AS k ON k.namespace = ns AND "
+                   f"k.name = nm WHERE {conditions} ORDER BY ns, nm")
+            params = [self._table.kind, *params, *condition_params]
+        index, decode = self._index, _DECODER.raw_decode
+        for row in conn.execute(sql, params):
+            flat = [*row[1:], *decode(row[0])[0]]
+            yield tuple([flat[i] for i in index])
+
+
+def _kept_scalar_sql(part: Part, body: str) -> str:
+    """SQL for one scalar or item part of `body`, valued as `_ExtractPlan.split` values it: `->>`'s value (a
+    boolean as 1 or 0, an object or array as its JSON text); for an item, the wanted field of the first
+    object element that matches, or NULL (also when the path holds no array)."""
+    path = _sql_text(_json_path(part.path))
+    if part.item is None:
+        return f"{body} ->> {path}"
+    key, wanted, field = part.item
+    return (f"(SELECT CASE WHEN e.type = 'object' THEN e.value ->> {_sql_text(_json_path((field,)))} END "
+            f"FROM json_each({body}, {path}) AS e WHERE json_type({body}, {path}) = 'array' AND e.type = 'object' "
+            f"AND CASE WHEN e.type = 'object' THEN e.value ->> {_sql_text(_json_path((key,)))} END = "
+            f"{_sql_text(wanted)} ORDER BY e.id LIMIT 1)")
+
+
 def _pick(value: Any, item: tuple[str, str, str], *, encoded: bool) -> Any:
     """Field `item[2]` of the first element of the array `value` whose `item[0]` is `item[1]`, as `->>` gives
     a value; None when there is none."""
@@ -1153,6 +1310,7 @@ _DECODER = json.JSONDecoder()
 # What the key columns hold, read without parsing a body.
 _KEY_COLUMNS: dict[tuple[str, ...], str] = {("metadata", "name"): "nm", ("metadata", "namespace"): "ns",
                                             ("metadata", "resourceVersion"): "CAST(rv AS TEXT)"}
+_KEPT_KEY_COLUMNS = {**_KEY_COLUMNS, ("metadata", "name"): "k.name", ("metadata", "namespace"): "k.namespace"}
 
 
 def _as_sql_scalar(value: Any) -> Any:

@@ -31,6 +31,9 @@ MAX_URL_LENGTH = 2048
 MAX_CLOUD_INIT_BYTES = 64 * 1024  # each of user data and network data, decoded: the VM's body holds them
 MAC_ADDRESS = re.compile(r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$")  # unicast
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
+# A Linux interface name (at most 15 bytes, IFNAMSIZ less its NUL) of the characters bridges are named with:
+# no '/', space, ':' or quote, so it names one device and nothing else on its way to libvirt.
+BRIDGE_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 
 
 class RunStrategy(enum.StrEnum):
@@ -52,6 +55,7 @@ class SourceKind(enum.StrEnum):
     BLANK = "blank"  # an empty disk
     HTTP = "http"  # imported from a URL (CDI's http source)
     PVC = "pvc"  # a copy of another VM's disk in the same namespace (CDI's pvc source: a clone)
+    UPLOAD = "upload"  # sent by a client (`vmquota image-upload`, CDI's upload source); no disk until then
 
 
 @dataclass(frozen=True)
@@ -89,14 +93,23 @@ class CloudInit:
     cdrom: bool  # devices.disks names it a cdrom; otherwise a virtio disk, KubeVirt's default
 
 
+class Binding(enum.StrEnum):
+    """How a NIC reaches a network: KubeVirt's interface bindings that vmquota provides."""
+
+    MASQUERADE = "masquerade"  # the pod network: QEMU's user-mode network, NAT inside QEMU, no host change
+    BRIDGE = "bridge"  # a multus network: a tap device on an existing host bridge (`BRIDGE_NAME`)
+
+
 @dataclass(frozen=True)
 class Interface:
-    """A NIC on QEMU's user-mode network (KubeVirt's masquerade binding to the pod network)."""
+    """A NIC: on QEMU's user-mode network (masquerade, the pod network) or on a host bridge (bridge, multus)."""
 
     name: str
     mac: str | None  # macAddress; None: derived from the VM's uid
-    ports: tuple[int, ...]  # the guest ports that may be forwarded to; empty: any
+    ports: tuple[int, ...]  # the guest ports that may be forwarded to; empty: any (masquerade only)
     model: str
+    binding: Binding = Binding.MASQUERADE
+    bridge: str | None = None  # BRIDGE: the host bridge, as the multus network's networkName names it
 
 
 @dataclass(frozen=True)
@@ -307,16 +320,21 @@ def _disks(raw: Any, namespace: str | None) -> tuple[Disk, ...]:
 
 
 def _source(raw: Any, path: str, namespace: str | None) -> DiskSource:
-    """CDI's source of a DataVolume: exactly one of http, blank, pvc; none is blank."""
+    """CDI's source of a DataVolume: exactly one of http, blank, pvc, upload; none is blank."""
     source = _mapping(raw, path)
     if not source:
         return DiskSource()
     if len(source) != 1:
-        raise FieldError(path, "Invalid value: exactly one of http, blank, pvc")
+        raise FieldError(path, "Invalid value: exactly one of http, blank, pvc, upload")
     [(kind, value)] = source.items()
     value = _mapping(value, f"{path}.{kind}")
     if kind == "blank":
         return DiskSource()
+    if kind == "upload":
+        if value:
+            raise FieldError(f"{path}.upload.{sorted(value)[0]}", "Unsupported value: the upload source takes no "
+                                                                  "fields")
+        return DiskSource(SourceKind.UPLOAD)
     if kind == "http":
         unknown = sorted(set(value) - {"url", "checksum"})
         if unknown:
@@ -343,7 +361,7 @@ def _source(raw: Any, path: str, namespace: str | None) -> DiskSource:
                                                       "a disk of the VM's own namespace can be cloned")
         assert isinstance(name, str)
         return DiskSource(SourceKind.PVC, pvc=name)
-    raise FieldError(f"{path}.{kind}", 'Unsupported value: supported sources: "http", "blank", "pvc"')
+    raise FieldError(f"{path}.{kind}", 'Unsupported value: supported sources: "http", "blank", "pvc", "upload"')
 
 
 def _checksum_problem(value: Any) -> str | None:
@@ -408,21 +426,13 @@ def _seed_data(source: dict[str, Any], field_name: str, path: str) -> bytes | No
 
 
 def _interfaces(raw: Any, networks: Any) -> tuple[Interface, ...]:
-    """NICs on QEMU's user-mode network: KubeVirt's masquerade binding to the pod network, and nothing else."""
+    """NICs: masquerade onto the pod network (QEMU's user-mode network) or bridge onto a multus network, which
+    names a host bridge. The masquerade NIC, if any, comes first: port forwards go through the first NIC."""
     if raw is None and networks is None:
         return ()
     if not isinstance(raw, list) or not isinstance(networks, list | None):
         raise FieldError("spec.template.spec.domain.devices.interfaces", "Invalid value: must be a list")
-    pod_networks: set[str] = set()
-    for i, network in enumerate(networks or []):
-        path = f"spec.template.spec.networks[{i}]"
-        network = _mapping(network, path)
-        if "pod" not in network:
-            raise FieldError(path, 'Unsupported value: vmquota networks are "pod" networks (QEMU\'s user-mode '
-                                   "network); multus is not available")
-        pod_networks.add(str(network.get("name")))
-    if len(pod_networks) > 1:
-        raise FieldError("spec.template.spec.networks", "Invalid value: at most one pod network")
+    kinds = _networks(networks or [])
     interfaces: list[Interface] = []
     for i, iface in enumerate(raw):
         path = f"spec.template.spec.domain.devices.interfaces[{i}]"
@@ -432,15 +442,13 @@ def _interfaces(raw: Any, networks: Any) -> tuple[Interface, ...]:
         if problem:
             raise FieldError(f"{path}.name", f"Invalid value: {objects.quote(name)}: {problem}")
         assert isinstance(name, str)
-        if name not in pod_networks:
-            raise FieldError(f"{path}.name", f"Not found: {objects.quote(name)}: no pod network has this name")
+        if name not in kinds:
+            raise FieldError(f"{path}.name", f"Not found: {objects.quote(name)}: no network has this name")
         if any(existing.name == name for existing in interfaces):
             raise FieldError(f"{path}.name", f"Duplicate value: {objects.quote(name)}")
-        if "masquerade" not in iface:
-            binding = next((b for b in ("bridge", "sriov", "slirp", "passt", "binding") if b in iface), None)
-            raise FieldError(f"{path}.{binding or 'masquerade'}",
-                             "Unsupported value: vmquota's interfaces use the masquerade binding (QEMU's user-mode "
-                             "network); host bridges are not available")
+        binding, bridge = _binding(iface, path, kinds[name])
+        if binding is Binding.MASQUERADE and interfaces:
+            raise FieldError(path, "Invalid value: the masquerade interface must be the first interface")
         mac = iface.get("macAddress")
         if mac is not None and (not isinstance(mac, str) or not MAC_ADDRESS.match(mac.lower())):
             raise FieldError(f"{path}.macAddress", f"Invalid value: {objects.quote(mac)}: a unicast MAC address, "
@@ -449,14 +457,76 @@ def _interfaces(raw: Any, networks: Any) -> tuple[Interface, ...]:
         if model not in NIC_MODELS:
             raise FieldError(f"{path}.model", f"Unsupported value: {objects.quote(model)}: supported values: "
                                               + ", ".join(f'"{m}"' for m in NIC_MODELS))
-        ports: list[int] = []
-        for j, port in enumerate(iface.get("ports") or []):
-            number = _mapping(port, f"{path}.ports[{j}]").get("port")
-            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
-                raise FieldError(f"{path}.ports[{j}].port", f"Invalid value: {number!r}: must be from 1 to 65535")
-            ports.append(number)
-        interfaces.append(Interface(name, mac.lower() if mac else None, tuple(ports), model))
+        ports = _ports(iface.get("ports"), path)
+        if ports and binding is Binding.BRIDGE:
+            raise FieldError(f"{path}.ports", "Invalid value: ports are forwarded on a masquerade interface only; "
+                                              "a bridged guest is reached on the bridge's own network")
+        interfaces.append(Interface(name, mac.lower() if mac else None, ports, model, binding, bridge))
     return tuple(interfaces)
+
+
+def _networks(networks: list[Any]) -> dict[str, str | None]:
+    """Each network's name -> None for the pod network, else the host bridge its multus networkName names."""
+    kinds: dict[str, str | None] = {}
+    for i, network in enumerate(networks):
+        path = f"spec.template.spec.networks[{i}]"
+        network = _mapping(network, path)
+        name = network.get("name")
+        problem = objects.name_problem(name)
+        if problem:
+            raise FieldError(f"{path}.name", f"Invalid value: {objects.quote(name)}: {problem}")
+        assert isinstance(name, str)
+        if name in kinds:
+            raise FieldError(f"{path}.name", f"Duplicate value: {objects.quote(name)}")
+        if "pod" in network:
+            if None in kinds.values():
+                raise FieldError("spec.template.spec.networks", "Invalid value: at most one pod network")
+            kinds[name] = None
+        elif "multus" in network:
+            kinds[name] = _bridge_name(_mapping(network["multus"], f"{path}.multus"), f"{path}.multus")
+        else:
+            raise FieldError(path, 'Unsupported value: vmquota networks are "pod" (QEMU\'s user-mode network) or '
+                                   '"multus" naming a host bridge')
+    return kinds
+
+
+def _bridge_name(multus: dict[str, Any], path: str) -> str:
+    """vmquota has no NetworkAttachmentDefinitions: a multus network's networkName is the host bridge itself."""
+    bridge = multus.get("networkName")
+    if not isinstance(bridge, str) or not BRIDGE_NAME.match(bridge):
+        hint = " (a host bridge's name, not a NetworkAttachmentDefinition's namespace/name)" \
+            if isinstance(bridge, str) and re.fullmatch(r"[a-z0-9.-]+/[a-z0-9.-]+", bridge) else ""
+        raise FieldError(f"{path}.networkName", f"Invalid value: {objects.quote(bridge)}: a host bridge, 1 to 15 "
+                                                f"letters, digits, '_', '.' or '-'{hint}")
+    return bridge
+
+
+def _binding(iface: dict[str, Any], path: str, bridge: str | None) -> tuple[Binding, str | None]:
+    """masquerade onto the pod network, or bridge onto a multus network; nothing else."""
+    if "masquerade" in iface:
+        if bridge is not None:
+            raise FieldError(f"{path}.masquerade", "Invalid value: masquerade is for the pod network; a multus "
+                                                   "network takes the bridge binding")
+        return Binding.MASQUERADE, None
+    if "bridge" in iface:
+        if bridge is None:
+            raise FieldError(f"{path}.bridge", "Invalid value: vmquota has no pod to bridge: the pod network takes "
+                                               "masquerade, a bridge binding takes a multus network naming a host "
+                                               "bridge")
+        return Binding.BRIDGE, bridge
+    other = next((b for b in ("sriov", "slirp", "passt", "binding") if b in iface), "masquerade")
+    raise FieldError(f"{path}.{other}", 'Unsupported value: vmquota\'s interfaces use the "masquerade" or '
+                                        '"bridge" binding')
+
+
+def _ports(raw: Any, path: str) -> tuple[int, ...]:
+    ports: list[int] = []
+    for j, port in enumerate(raw or []):
+        number = _mapping(port, f"{path}.ports[{j}]").get("port")
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+            raise FieldError(f"{path}.ports[{j}].port", f"Invalid value: {number!r}: must be from 1 to 65535")
+        ports.append(number)
+    return tuple(ports)
 
 
 def mac_address(interface: Interface, uid: str) -> str:

@@ -78,9 +78,9 @@ class Site:
     def steps_on(self, host: Host) -> list[MigrationStep]:
         return [step for uri, _ns, _name, step in list(self.steps) if uri == host.uri]
 
-    def guest(self, host: Host, *, random_mib: int = 0) -> Guest:
+    def guest(self, host: Host, *, random_mib: int = 0, seed: bool = False) -> Guest:
         """A running domain on `host` whose disk is a qcow2 under this test's disks folder; `random_mib` of random
-        data in it make a storage copy take its time."""
+        data in it make a storage copy take its time; `seed` adds a read-only CD-ROM beside it, as cloud-init's."""
         ns = f"hosts-{uuid.uuid4().hex[:6]}"
         guest = Guest(ns, "vm", str(uuid.uuid4()), self.base / "disks" / ns / "root.qcow2")
         guest.disk.parent.mkdir(parents=True)
@@ -95,8 +95,13 @@ class Site:
         # The spec gives CPU and memory; the disk is handed to the domain XML directly, as vmquota's volumes do.
         spec = vmspec.read({"spec": {"runStrategy": "Manual", "template": {"spec": {"domain": {
             "cpu": {"cores": 1}, "memory": {"guest": "64Mi"}}}}}})
+        cdrom = None
+        if seed:
+            cdrom = domainxml.Seed(guest.disk.parent / "seed.iso", cdrom=True)
+            cdrom.path.write_bytes(os.urandom(MIB + 512))  # any bytes do: only their copy is checked
         xml = domainxml.build(namespace=ns, name=guest.name, uid=guest.uid, instance=INSTANCE, spec=spec,
-                              disks=[domainxml.DomainDisk(guest.disk, "vda")], domain_type=host.domain_type)
+                              disks=[domainxml.DomainDisk(guest.disk, "vda")], domain_type=host.domain_type,
+                              seed=cdrom)
         host.start(ns, guest.name, guest.uid, xml)
         assert host.observe(ns, guest.name).state is DomainState.RUNNING
         return guest
@@ -161,7 +166,8 @@ def test_shared_storage_migration_there_and_back(site: Site) -> None:
                    timeout=10, what=f"the migration events, seen so far: {site.steps}")
 
         site.steps.clear()
-        b.migrate(guest.ns, guest.name, guest.uid, a, migrate_uri=f"tcp://127.0.0.1:{free_migration_port()}",
+        # No port: a's libvirtd picks one of its own (49240-49250 on the test hosts).
+        b.migrate(guest.ns, guest.name, guest.uid, a, migrate_uri="tcp://127.0.0.1",
                   copy_storage=False, trust_shared_storage=True)
         assert a.observe(guest.ns, guest.name).state is DomainState.RUNNING
         assert b.observe(guest.ns, guest.name).state is DomainState.ABSENT
@@ -172,8 +178,9 @@ def test_shared_storage_migration_there_and_back(site: Site) -> None:
 def test_local_disks_are_copied(site: Site) -> None:
     with two_hosts(site, private_target=True) as (a_host, b_host):
         a, b = site.host(a_host), site.host(b_host)
-        guest = site.guest(a, random_mib=8)
+        guest = site.guest(a, random_mib=8, seed=True)
         copy = private_copy(b_host, site, guest.disk)
+        seed = guest.disk.parent / "seed.iso"
         assert not copy.exists()
 
         a.migrate(guest.ns, guest.name, guest.uid, b, migrate_uri=f"tcp://127.0.0.1:{free_migration_port()}",
@@ -184,6 +191,8 @@ def test_local_disks_are_copied(site: Site) -> None:
         # b's disk is a file of its own with the source's contents; the source's file is left for its owner.
         assert copy.exists() and guest.disk.exists()
         subprocess.run(["qemu-img", "compare", "-q", "-U", str(guest.disk), str(copy)], check=True)
+        # The read-only seed, which libvirt does not copy, was streamed over before the target's QEMU opened it.
+        assert private_copy(b_host, site, seed).read_bytes() == seed.read_bytes()
         pools = libvirt.open(b.uri).listAllStoragePools()
         assert pools == []  # the transient pool that made the disk is gone again
 
@@ -285,6 +294,19 @@ def test_the_target_daemon_killed_mid_way_leaves_it_on_the_source(site: Site) ->
         wait_until(lambda: b.observe(guest.ns, guest.name).state is DomainState.ABSENT, timeout=30,
                    what="b to drop the interrupted incoming domain")
         assert a.observe(guest.ns, guest.name).state is DomainState.RUNNING
+        wait_until(lambda: len(qemus_of(guest)) == 1, timeout=30, what="one QEMU of the guest: the source's")
+
+
+def qemus_of(guest: Guest) -> list[int]:
+    """The QEMU processes on this machine that run this guest's domain, on whichever host."""
+    wanted = f"guest={domainxml.domain_name(guest.ns, guest.name)},".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if wanted in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+    return found
 
 
 def test_refusals_change_nothing(site: Site) -> None:
@@ -292,7 +314,7 @@ def test_refusals_change_nothing(site: Site) -> None:
         a, b = site.host(a_host), site.host(b_host)
         guest = site.guest(a)
         port = free_migration_port()
-        for bad in ("http://127.0.0.1:1", "tcp://127.0.0.1", "tcp://127.0.0.1:99999", "tcp://:49200",
+        for bad in ("http://127.0.0.1:1", "tcp://127.0.0.1:", "tcp://127.0.0.1:99999", "tcp://:49200",
                     f"tcp://127.0.0.1:{port}/x", f"tcp://u@127.0.0.1:{port}", "127.0.0.1:49200"):
             with pytest.raises(errors.HypervisorError, match="invalid migration URI"):
                 a.migrate(guest.ns, guest.name, guest.uid, b, migrate_uri=bad, copy_storage=False,
@@ -372,6 +394,7 @@ def test_extra_hosts_are_hosts_of_their_own(site: Site) -> None:
     (("start", "hosts-x", "--private-dir", "relative/dir"), "not an absolute path"),
     (("start", "hosts-x", "--private-dir", "/nonexistent/hosts-dir"), "no such folder"),
     (("start", "hosts-x", "--private-dir", "/etc"), "not a folder a test host may hide"),
+    (("start", "hosts-x", "--private-dir", "/tmp"), "not a folder a test host may hide (it holds"),
     (("start", "hosts-x", "--private-dir"), "--private-dir needs a folder"),
     (("start", "hosts-x", "--bogus"), "unknown option '--bogus'"),
     (("kill", "hosts-x-not-running"), "has no libvirtd running"),
@@ -382,3 +405,26 @@ def test_test_host_refuses_bad_input(args: tuple[str, ...], message: str) -> Non
     assert done.returncode != 0
     assert message in done.stderr
     assert not (HOSTS_ROOT / "hosts-x").exists()
+
+
+def test_from_the_system_daemon_and_back(site: Site) -> None:
+    """The server's own host (qemu:///system, the first node) to an extra host and back, shared storage."""
+    system = Host("qemu:///system", instance=INSTANCE)
+    system.connect()
+    site.hosts.append(system)
+    tag = uuid.uuid4().hex[:6]
+    with extra_host(f"{tag}-x") as x_host:
+        x = site.host(x_host)
+        guest = site.guest(system)
+        try:
+            system.migrate(guest.ns, guest.name, guest.uid, x, migrate_uri=f"tcp://127.0.0.1:{free_migration_port()}",
+                           copy_storage=False, trust_shared_storage=True)
+            assert x.observe(guest.ns, guest.name).state is DomainState.RUNNING
+            assert system.observe(guest.ns, guest.name).state is DomainState.ABSENT
+            x.migrate(guest.ns, guest.name, guest.uid, system, migrate_uri=f"tcp://127.0.0.1:{free_migration_port()}",
+                      copy_storage=False, trust_shared_storage=True)
+            assert system.observe(guest.ns, guest.name).state is DomainState.RUNNING
+            assert x.observe(guest.ns, guest.name).state is DomainState.ABSENT
+        finally:
+            system.undefine(guest.ns, guest.name, guest.uid)  # wherever it is, nothing of it stays on the system
+    assert system.observe(guest.ns, guest.name).state is DomainState.ABSENT

@@ -137,6 +137,10 @@ def test_a_data_dir_qemu_cannot_reach_fails_the_start_with_libvirts_reason(host:
                                       if e["reason"] == "FailedCreate"], timeout=60, what="the start to fail")
         assert f"(as uid:{QEMU_IDS[0]}, gid:{QEMU_IDS[1]}): Permission denied" in refused[0], refused
         disks.make_traversable(private / "data")
-        wait_until(lambda: server.status("web-2") == "Running", timeout=60, what="web-2 to run once reachable")
+        # The next try comes after the start's back-off (5 s, then longer after each failure).
+        try:
+            wait_until(lambda: server.status("web-2") == "Running", timeout=120, what="web-2 to run once reachable")
+        except TimeoutError as e:
+            raise AssertionError([(ev["reason"], ev["message"]) for ev in server.client.get(events)["items"]]) from e
     finally:
         server.close()

@@ -11,6 +11,7 @@
     tables.py      meta.k8s.io Tables (what kubectl get prints) and PartialObjectMetadata, by the Accept header
     request.py     Request and Response, plain data
     bodies.py      request bodies to plain JSON values
+    dashboard.py   GET / and /ui/...: the web dashboard's files (`vmquota.dashboard`), public, under a strict CSP
 
 Top layer: it imports `vmquota.api` and the pure modules below it, and nothing imports it but `app` and
 `workers`.

@@ -11,7 +11,7 @@ Every authenticated user is in `system:authenticated`. Credentials that are pres
 expired token, a certificate from another CA) are always a 401 Status "Unauthorized", never a hint of why. A
 request with no credentials at all is anonymous (`system:anonymous`, `system:unauthenticated`) when the server
 allows anonymous requests (`--anonymous-auth`, for tests), else a 401 too, except on the few paths that
-kube-apiserver's public-info-viewer role opens to anyone (`/healthz`, `/version`).
+kube-apiserver's public-info-viewer role opens to anyone (`/healthz`, `/version`; here the dashboard's files too).
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from vmquota import errors, identity, pki, tokens
+from vmquota.apiserver import dashboard
 from vmquota.apiserver.request import Request, Response
 from vmquota.identity import UserInfo
 
 log = logging.getLogger(__name__)
 
-# kube-apiserver's AnonymousAuthConfigurableEndpoints with anonymous requests limited to health and version.
-PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
+# kube-apiserver's AnonymousAuthConfigurableEndpoints with anonymous requests limited to health and version,
+# and the dashboard's files, which hold no data: a browser loads them before it can present a token.
+PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"}) | dashboard.PATHS
 MAX_AUTHORIZATION_LENGTH = 16384
 
 Handler = Callable[[Request], Response]

@@ -50,6 +50,9 @@ def attributes(request: Request, user: UserInfo) -> rbac.Attributes:
         group, rest = segments[1], segments[3:]
     if not rest:  # not under /api or /apis, or discovery (/api, /apis/{group}/{version})
         return rbac.Attributes(user, request.method.lower(), resource_request=False, path=request.path)
+    legacy_watch = rest[0] == "watch" and len(rest) > 1  # /api/v1/watch/...: a watch, of one name or of a list
+    if legacy_watch:
+        rest = rest[1:]
     namespace = ""
     if rest[0] == "namespaces" and len(rest) > 1:
         namespace = rest[1]
@@ -58,7 +61,9 @@ def attributes(request: Request, user: UserInfo) -> rbac.Attributes:
     resource, name = rest[0], rest[1] if len(rest) > 1 else ""
     subresource = rest[2] if len(rest) > 2 else ""
     method = request.method
-    if method == "GET":
+    if method == "GET" and legacy_watch:
+        verb = "watch"
+    elif method == "GET":
         verb = "get" if name else ("watch" if request.param("watch") in ("true", "1") else "list")
     elif method == "DELETE":
         verb = "delete" if name else "deletecollection"

@@ -1,8 +1,8 @@
 """The handlers behind the filters: fixed paths, and Kubernetes' verbs on the served kinds.
 
-`NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI) to their handler. Every other path is
-routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update, patch, delete,
-and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
+`NON_RESOURCE` maps fixed paths (health, metrics, version, discovery, OpenAPI, the dashboard) to their handler.
+Every other path is routed (`routing.py`) to a kind, and its verb runs one `Api` call: list, get, create, update,
+patch, delete, and the subresources (a VM's start, stop and restart; vmquota's charge and usage views).
 
 Here a request's options become the call's arguments: `dryRun`, `fieldManager` (else the User-Agent), `force`,
 the patch type (`patch.py`) and the body's media type (JSON, YAML, or protobuf: `protobuf.py`).
@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmquota import errors, fieldmanager, objects, schema
-from vmquota.api import Api, PartsCache
+from vmquota.api import Api
 from vmquota.apiserver import (
     bodies,
+    dashboard,
     discovery,
     metrics,
     openapi,
@@ -28,6 +29,7 @@ from vmquota.apiserver import (
     protobuf,
     selectors,
     tables,
+    upload,
     watch,
 )
 from vmquota.apiserver.request import Request, Response
@@ -35,7 +37,6 @@ from vmquota.apiserver.routing import Route, route
 from vmquota.store import Where
 
 NonResourceHandler = Callable[[Api, Request], Response]
-TABLE_CACHE_OBJECTS = 20_000
 
 
 def _healthz(api: Api, request: Request) -> Response:
@@ -98,6 +99,7 @@ def _non_resource() -> dict[str, NonResourceHandler]:
             paths[f"/apis/{group}"] = _fixed(discovery.encoded(discovery.api_group(group) or {}))
     for key, served in openapi.V3.items():
         paths[f"/openapi/v3/{key}"] = _openapi_v3(served)
+    paths.update(dict.fromkeys(dashboard.PATHS, dashboard.serve))
     return paths
 
 
@@ -110,9 +112,6 @@ class Handlers:
     def __init__(self, api: Api, feed: watch.Feed) -> None:
         self.api = api
         self.feed = feed  # this process's follower of the change log, for watches
-        # What Tables need of each object version this process has listed: a repeated `kubectl get` of
-        # 10,000 VMs then parses no body (about 600 bytes an object).
-        self.table_parts = PartsCache(TABLE_CACHE_OBJECTS)
 
     def __call__(self, request: Request) -> Response:
         # Kubernetes serves its fixed paths with a trailing slash too (the official Python client asks /version/).
@@ -121,6 +120,7 @@ class Handlers:
             if request.method != "GET":
                 raise errors.MethodNotAllowed(f"only GET is supported on {request.path}")
             return fixed(self.api, request)
+        request = watch.legacy(request)
         target = route(request.path)
         if target.subresource is not None:
             return self._subresource(request, target)
@@ -172,8 +172,10 @@ class Handlers:
         target = tables.target(request.accept, listing=True)
         if request.flag("watch"):
             return self._watch(request, kind, namespace, selection, target)
-        if request.param("limit") or request.param("continue"):
-            return self._page(request, kind, namespace, selection, target)
+        version = paging.list_version(request, watch.parse_resource_version)
+        if version.exact is not None or request.param("limit") or request.param("continue"):
+            return self._page(request, kind, namespace, selection, target, exact=version.exact)
+        paging.check_not_older_than(self.api.store, version)
         keep = selection.matches if selection.needs_matching else None
         if target is None:
             return Response.json(200, self.api.list_json(kind, namespace, where=selection.where, keep=keep))
@@ -189,8 +191,7 @@ class Handlers:
         if keep is not None:
             rv, found = self.api.list_objects(kind, namespace, where=selection.where, keep=keep)
             return Response(200, tables.to_table(kind, found, options, resource_version=rv), tables.CONTENT_TYPE)
-        rv, parts = self.api.list_parts(kind, namespace, tables.store_parts(kind, options), where=selection.where,
-                                        cache=self.table_parts)
+        rv, parts = self.api.list_parts(kind, namespace, tables.store_parts(kind, options), where=selection.where)
         rows = tables.rows_of_values(kind, parts, options)
         return Response(200, tables.table(kind, rows, options, resource_version=rv), tables.CONTENT_TYPE)
 
@@ -221,10 +222,11 @@ class Handlers:
         return watch.serve(self.feed, self.api.store, kind, opts)
 
     def _page(self, request: Request, kind: objects.Kind, namespace: str | None, selection: selectors.Selection,
-              target: tables.Target | None) -> Response:
-        """One page of a consistent list (`kubectl get` asks for pages of 500), in the form asked for."""
+              target: tables.Target | None, *, exact: int | None = None) -> Response:
+        """One page of a consistent list (`kubectl get` asks for pages of 500), or the whole list as it was at
+        the `exact` resourceVersion, in the form asked for."""
         page = paging.read_page(self.api.store, kind, namespace, paging.options(request),
-                                predicate=None if selection.empty else selection)
+                                predicate=None if selection.empty else selection, exact=exact)
         if target is None:
             return Response.json(200, paging.list_json(kind, page))
         if target.kind == tables.PARTIAL_LIST:
@@ -262,13 +264,19 @@ class Handlers:
             _only(request, "GET")
             if name is not None:
                 return Response.json(200, self.api.charge(ns or "", name))
-            return Response.json(200, self.api.charges(ns))
+            charges = self.api.charges(ns)
+            if request.visible_namespaces is not None:  # a tenant's view across namespaces: only its own
+                charges["items"] = [c for c in charges["items"] if c["namespace"] in request.visible_namespaces]
+            return Response.json(200, charges)
         if sub == "usage":
             _only(request, "GET")
             return Response.json(200, _masked(self.api.project_usage(name or ""), request.visible_namespaces))
         if sub == "token":
             _only(request, "POST")
             return Response.json(201, self.api.create_token(ns or "", name or "", typed_body(request)))
+        if sub == "upload":
+            assert ns is not None and name is not None
+            return upload.handle(self.api, request, ns, name, dry_run=_dry_run(request, "UploadOptions"))
         if sub == "history":
             _only(request, "GET")
             assert target.kind is not None and name is not None

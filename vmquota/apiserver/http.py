@@ -13,14 +13,14 @@ import json
 import logging
 import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from vmquota.api import Api
-from vmquota.apiserver import filters, tls, watch
+from vmquota.apiserver import filters, tls, upload, watch
 from vmquota.apiserver.bodies import MAX_BODY_BYTES
 from vmquota.apiserver.handlers import Handlers
 from vmquota.apiserver.request import Request, Response, Stream, status
@@ -32,6 +32,7 @@ MAX_DISCARD_BYTES = 64 << 20  # beyond this a refused body is not read: the conn
 DISCARD_TIMEOUT = 5.0
 MAX_CHUNK_LINE = 4096  # a chunk's size line with its extensions, or one trailer line
 MAX_TRAILERS = 64
+UPLOAD_STALL_SECONDS = 60.0  # an upload whose client sends nothing for this long ends there
 
 
 def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -> type[BaseHTTPRequestHandler]:
@@ -188,15 +189,67 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
             self.close_connection = True
             self._fail(400, "BadRequest", "the chunked body is malformed")
 
+        def handle_expect_100(self) -> bool:
+            """`Expect: 100-continue` on an upload is answered only once the handler reads the body, so that a
+            refusal comes before the client sends it; on any other path at once, as the base class does."""
+            if upload.streams(self.command, urlsplit(self.path).path):
+                self._continue_on_read = True
+                return True
+            self._continue_on_read = False
+            return super().handle_expect_100()
+
         def _handle(self, method: str) -> None:
+            target = urlsplit(self.path)
+            if upload.streams(method, target.path):
+                self._handle_streamed(method)
+                return
             body = self._read_body()
             if body is None:
                 return
+            self._serve(method, body)
+
+        def _handle_streamed(self, method: str) -> None:
+            """An upload: the filters and the handler run with the body still on the connection, so nothing is
+            read before the request is authorized and admitted, and the image is never held in memory."""
+            if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
+                self.close_connection = True
+                self._fail(411, "LengthRequired", "an upload needs a Content-Length (and no Transfer-Encoding)")
+                self._discard(MAX_DISCARD_BYTES)
+                return
+            try:
+                length = int(self.headers["Content-Length"])
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                self._fail(400, "BadRequest", "the Content-Length is not valid")
+                return
+            waiting = getattr(self, "_continue_on_read", False)
+            self._continue_on_read = False
+            stream = _BodyStream(self.rfile, length, self._send_continue if waiting else None)
+            saved = self.connection.gettimeout()
+            self.connection.settimeout(UPLOAD_STALL_SECONDS)  # a stalled client must not hold the volume's lock
+            try:
+                self._serve(method, b"", stream)
+            finally:
+                self.connection.settimeout(saved)
+            if stream.cut_short:
+                self.close_connection = True
+            elif stream.left:
+                self.close_connection = True
+                if not waiting or stream.continued:  # sent, or being sent: drop it so the client reads the answer
+                    self._discard(stream.left)
+
+        def _send_continue(self) -> None:
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
+
+        def _serve(self, method: str, body: bytes, stream: _BodyStream | None = None) -> None:
             target = urlsplit(self.path)
             query: dict[str, str] = {}
             for name, value in parse_qsl(target.query, keep_blank_values=True):
                 query.setdefault(name, value)  # the first value counts, as in Kubernetes
-            request = Request(method, target.path, query, self.headers, body,
+            request = Request(method, target.path, query, self.headers, body, body_stream=stream,
                               remote_address=str(self.client_address[0]) if self.client_address else "")
             if isinstance(self.connection, tls.TLSSocket):
                 request.client_certificate = self.connection.peer_certificate()
@@ -238,11 +291,40 @@ def make_handler(api: Api, feed: watch.Feed, security: Security | None = None) -
     return Handler
 
 
+class _BodyStream:
+    """The rest of a request body on the connection, `length` bytes and not one more (`request.BodyStream`)."""
+
+    def __init__(self, rfile: Any, length: int, send_continue: Callable[[], None] | None = None) -> None:
+        self._rfile = rfile
+        self.length = length
+        self.left = length
+        self._send_continue = send_continue  # the client waits for `100 Continue` before it sends the body
+        self.continued = False
+        self.cut_short = False  # the client hung up or stalled before the end: the connection cannot go on
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._send_continue is not None and not self.continued:
+            self.continued = True
+            self._send_continue()
+        size = self.left if size < 0 else min(size, self.left)
+        try:
+            data = self._rfile.read(size) if size else b""
+        except TimeoutError:  # stalled: the body ends here, as if cut short (the upload says after how many bytes)
+            data = b""
+        if size and not data:
+            self.cut_short, self.left = True, 0  # nothing more to drop: it will not come
+        else:
+            self.left -= len(data)
+        return data
+
+
 def _client_gone(connection: socket.socket) -> bool:
     """Whether the client closed its end: an idle watch would otherwise notice only at its next event."""
     try:
         readable, _, _ = select.select([connection], [], [], 0)
         return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:  # TLS: part of a record came, nothing to read yet; the client is still there
+        return False
     except (OSError, ValueError):
         return True
 

@@ -53,6 +53,75 @@ class Options:
     token: Continue | None
 
 
+EXACT, NOT_OLDER_THAN = "Exact", "NotOlderThan"
+_TOO_OLD = "The resourceVersion for the provided list is too old."
+
+
+class TooLargeResourceVersion(errors.ApiError):
+    """504: a list asked for a resourceVersion this server has not reached, as kube-apiserver's watch cache
+    answers it (it waits up to 3 s for its cache first; vmquota's store has no cache to lag behind)."""
+    code = 504
+    reason = "Timeout"
+
+    def __init__(self, version: int, current: int) -> None:
+        super().__init__(f"Too large resource version: {version}, current: {current}")
+
+    def status(self) -> dict[str, object]:
+        body = super().status()
+        body["details"] = {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                           "retryAfterSeconds": 1}
+        return body
+
+
+@dataclass(frozen=True)
+class ListVersion:
+    """What a list's `resourceVersion` and `resourceVersionMatch` ask for (Kubernetes' "semantics for get and
+    list"): the list as it was at `exact`, or the newest list, which must be at least `not_older_than`."""
+    exact: int | None = None
+    not_older_than: int | None = None
+
+
+def list_version(request: Request, parse: Callable[[str | None], int | None]) -> ListVersion:
+    """A list request's resourceVersion options, checked as kube-apiserver checks them (ValidateListOptions:
+    422 Invalid, every problem named; a version with a continue token: 400). Unset or "0": the newest. N with
+    NotOlderThan, or with neither a match nor a limit: the newest, if it is at least N. N with Exact, or with a
+    limit and no match (the legacy rule for paged lists): the list as it was at N. `parse` reads N."""
+    text, match = request.param("resourceVersion") or "", request.param("resourceVersionMatch") or ""
+    problems = []
+    if match:
+        if not text:
+            problems.append("resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion "
+                            "is provided")
+        if request.param("continue"):
+            problems.append("resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden when continue is "
+                            "provided")
+        if match not in (EXACT, NOT_OLDER_THAN):
+            problems.append(f'resourceVersionMatch: Unsupported value: {json.dumps(match[:80])}: supported values: '
+                            f'"{EXACT}", "{NOT_OLDER_THAN}", ""')
+        if match == EXACT and text == "0":
+            problems.append('resourceVersionMatch: Forbidden: resourceVersionMatch "exact" is forbidden for '
+                            'resourceVersion "0"')
+    if request.param("sendInitialEvents") is not None:
+        problems.append("sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list")
+    if problems:
+        listed = problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"
+        raise errors.Invalid(f'ListOptions.meta.k8s.io "" is invalid: {listed}')
+    if request.param("continue") and text not in ("", "0"):
+        raise errors.BadRequest("specifying resource version is not allowed when using continue")
+    version = parse(text)
+    if version is None:
+        return ListVersion()
+    if match == EXACT or (not match and request.param("limit") not in (None, "", "0")):
+        return ListVersion(exact=version)
+    return ListVersion(not_older_than=version)
+
+
+def check_not_older_than(store: Store, version: ListVersion) -> None:
+    """TooLargeResourceVersion when the store has not reached what a NotOlderThan list asks for."""
+    if version.not_older_than is not None and version.not_older_than > (newest := store.revision):
+        raise TooLargeResourceVersion(version.not_older_than, newest)
+
+
 def options(request: Request) -> Options:
     limit_text = request.param("limit") or "0"
     try:
@@ -125,9 +194,9 @@ def list_json(kind: Kind, page: Page) -> bytes:
 
 
 def read_page(store: Store, kind: Kind, namespace: str | None, opts: Options, *,
-              predicate: Predicate | None = None) -> Page:
-    """One page of a kind's objects as of the snapshot its token names (the newest for a first page): the
-    List's items, or a Table's (tables.py) rows to be."""
+              predicate: Predicate | None = None, exact: int | None = None) -> Page:
+    """One page of a kind's objects as of the snapshot its token names (the newest for a first page, or `exact`,
+    a list's resourceVersion with Exact): the List's items, or a Table's (tables.py) rows to be."""
     token = opts.token
     after = token.after if token else ("", "")
     if token is not None and kind.namespaced and namespace is not None and after[0] != namespace:
@@ -138,6 +207,12 @@ def read_page(store: Store, kind: Kind, namespace: str | None, opts: Options, *,
     with reader.snapshot():
         newest = reader.revision()
         at = newest if token is None or token.resource_version == LATEST else token.resource_version
+        if exact is not None:  # a first page (a continue token and a resourceVersion are refused together)
+            if exact > newest:
+                raise TooLargeResourceVersion(exact, newest)
+            if exact < reader.pruned():
+                raise errors.Expired(_TOO_OLD)
+            at = exact
         if at > newest:
             raise _invalid("continue key is not valid: its resourceVersion is not one of this server's")
         if at < reader.pruned():

@@ -21,6 +21,15 @@ from vmquota import errors
 from vmquota.identity import UserInfo
 
 
+class BodyStream(Protocol):
+    """A request body left on the connection for the handler to read (an upload: `upload.py`), `length` bytes
+    at most; `read` returns b"" at its end."""
+
+    length: int
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class Headers(Protocol):
     """Request headers, looked up without regard to case (the standard library's `email.message.Message`)."""
 
@@ -36,6 +45,7 @@ class Request:
     query: dict[str, str]  # the first value of each parameter, as Kubernetes reads them
     headers: Headers
     body: bytes = b""
+    body_stream: BodyStream | None = None  # instead of `body`, for the few paths that stream it
     warnings: list[str] = field(default_factory=list)
     remote_address: str = ""  # the client's IP address, for the audit log
     client_certificate: Any = None  # the TLS client's certificate (cryptography's x509.Certificate), if any

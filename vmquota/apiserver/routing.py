@@ -19,6 +19,7 @@ _BY_GROUP_PLURAL = {(k.group, k.version, k.plural): k for k in objects.KINDS}
 _OWN_GROUP_SUBRESOURCES = {(s.parent.kind, s.name) for s in objects.SUBRESOURCES if s.group == s.parent.group}
 SUBRESOURCES_GROUP = ("subresources.kubevirt.io", "v1")
 VMQUOTA_GROUP = ("vmquota.io", "v1")
+UPLOAD_GROUP = ("upload.cdi.kubevirt.io", "v1beta1")  # CDI's: an image into an upload data volume (`upload.py`)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Route:
     kind: Kind | None
     namespace: str | None  # None: all namespaces (lists) or a cluster-scoped kind
     name: str | None
-    subresource: str | None = None  # start, stop, restart; usage, history, charges (vmquota.io views)
+    subresource: str | None = None  # start, stop, restart; usage, history, charges (vmquota.io views); upload
 
 
 def route(path: str) -> Route:
@@ -49,6 +50,11 @@ def route(path: str) -> Route:
         if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "virtualmachineinstances" and \
                 rest[4] in objects.VMI_ACTIONS:
             return Route(objects.VIRTUAL_MACHINE, rest[1], rest[3], rest[4])
+        raise errors.NotFound("the server could not find the requested resource")
+    if (group, version) == UPLOAD_GROUP:
+        if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "datavolumes" and rest[4] == "upload" \
+                and not objects.name_problem(rest[1]) and not objects.name_problem(rest[3]):
+            return Route(None, rest[1], rest[3], "upload")
         raise errors.NotFound("the server could not find the requested resource")
     if (group, version) == VMQUOTA_GROUP:
         # vmquota's own read-only views: who is charged how much.

@@ -10,7 +10,8 @@ VirtualMachineClone, and vmquota's own for Project (its used/hard, as `vmquota g
 
 A printer names the few fields its cells need (`Printer.fields`). A row is made either from an object in
 hand (`rows_of_objects`: one GET, a watch event) or from those fields as the store cuts them out of its
-bodies (`rows_of_values`, for lists), so a Table of 10,000 VMs never parses 10,000 bodies. `includeObject`
+bodies (`rows_of_values`, for lists), so a Table of 10,000 VMs never parses 10,000 bodies; the store keeps
+those fields of most kinds at write time (`kept_parts`), so that it need not parse them either. `includeObject`
 (None, Metadata by default, Object) says what each row carries: the object's metadata as a
 PartialObjectMetadata is what `--show-labels` reads.
 
@@ -28,7 +29,7 @@ from typing import Any
 
 from vmquota import errors, objects
 from vmquota.objects import Kind, Obj
-from vmquota.store import Part
+from vmquota.store import STATUS_APART, Part
 
 META_GROUP = "meta.k8s.io"
 VERSIONS = ("v1", "v1beta1")
@@ -482,6 +483,14 @@ PRINTERS: dict[str, Printer] = {
 
 
 METADATA = Part(("metadata",), as_json=True)
+
+
+def kept_parts() -> dict[Kind, list[Part]]:
+    """What the store keeps of each kind at write time (`Store.keep`), so that a Table list, even the first
+    one a process makes, reads those instead of every body: the printer's fields and the row's metadata. A
+    quota's and a project's status is not in their bodies, and they are few: those are cut out when read."""
+    return {objects.BY_KIND[name]: [*printer.fields, METADATA] for name, printer in PRINTERS.items()
+            if name not in STATUS_APART}
 
 
 def store_parts(kind: Kind, options: TableOptions) -> list[Part]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import select
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,9 @@ class TLSSocket:
         self._tls.set_accept_state()
         self._timeout: float | None = None
         self._peer: x509.Certificate | bool | None = False  # False: not read yet (it never changes: no renegotiation)
+        # A live watch is written by the feed's thread (`send`) while its own thread peeks for a closed client
+        # (`recv`); one OpenSSL connection must not be used by two threads at once.
+        self._io_lock = threading.Lock()
 
     def handshake(self, timeout: float | None = None) -> None:
         """Complete the handshake within `timeout` seconds (HANDSHAKE_TIMEOUT); OSError (TimeoutError) otherwise."""
@@ -122,6 +126,37 @@ class TLSSocket:
 
     def recv_into(self, buffer: memoryview, nbytes: int = 0) -> int:
         return int(self._retry(self._tls.recv_into, buffer, nbytes or len(buffer)))
+
+    def send(self, data: bytes | memoryview, flags: int = 0) -> int:
+        """One write that never waits, for the watch feed (`http._Wire.send_now`, with MSG_DONTWAIT): the bytes
+        OpenSSL took, or BlockingIOError as a non-blocking socket says it. After that, the same bytes must be
+        offered again (the feed keeps them), as OpenSSL requires; pyOpenSSL allows them from another buffer."""
+        with self._io_lock:
+            try:
+                return int(self._tls.send(bytes(data)))
+            except (SSL.WantWriteError, SSL.WantReadError):
+                raise BlockingIOError("the TLS connection cannot take more now") from None
+            except SSL.SysCallError as e:
+                raise ConnectionResetError(str(e)) from e
+            except SSL.Error as e:
+                raise ConnectionError(f"TLS error: {e}") from e
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        """A read that never waits, as `http._client_gone` peeks (MSG_PEEK): b"" once the peer closed, else what
+        a complete record holds; BlockingIOError while none is complete yet."""
+        with self._io_lock:
+            try:
+                return bytes(self._tls.recv(size, flags or None))
+            except SSL.WantReadError:
+                raise BlockingIOError("no complete TLS record yet") from None
+            except SSL.ZeroReturnError:
+                return b""
+            except SSL.SysCallError as e:
+                if e.args and e.args[0] == -1:
+                    return b""
+                raise ConnectionResetError(str(e)) from e
+            except SSL.Error as e:
+                raise ConnectionError(f"TLS error: {e}") from e
 
     def sendall(self, data: bytes | memoryview) -> None:
         view = memoryview(data)

@@ -47,9 +47,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vmquota import errors, objects
+from vmquota.apiserver import routing
 from vmquota.apiserver.request import Request, Response, Stream, Wire, status
 from vmquota.objects import Kind, Obj
 from vmquota.store import ADDED, DELETED, MODIFIED, Change, Store
@@ -383,13 +384,53 @@ def options(request: Request, namespace: str | None, *, predicate: Predicate | N
         if initial and not bookmarks:
             raise errors.Invalid("ListOptions.meta.k8s.io \"\" is invalid: allowWatchBookmarks: Required value: "
                                  "sendInitialEvents requires setting allowWatchBookmarks to true")
-    elif request.param("resourceVersionMatch"):
-        raise errors.BadRequest("resourceVersionMatch is forbidden for watch")
+    elif match := request.param("resourceVersionMatch"):  # kube-apiserver's validateWatchOptions
+        problems = ["resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch unless "
+                    "sendInitialEvents is provided"]
+        if match != "NotOlderThan":
+            problems.append(f'resourceVersionMatch: Unsupported value: {json.dumps(match[:80])}: supported values: '
+                            '"NotOlderThan"')
+        listed = problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"
+        raise errors.Invalid(f'ListOptions.meta.k8s.io "" is invalid: {listed}')
     name, selected_namespace = fields if fields is not None else simple_field_selector(request.param("fieldSelector"))
     if selected_namespace is not None and namespace is not None and selected_namespace != namespace:
         selected_namespace = "\0"  # matches nothing, as in Kubernetes
     return Options(version, bookmarks, timeout, initial, name, namespace if namespace is not None
                    else selected_namespace, predicate, render)
+
+
+def legacy(request: Request) -> Request:
+    """A request on a deprecated watch path as the current API spells it; any other request as it is.
+
+    kube-apiserver still serves `/api/v1/watch/...` and `/apis/{group}/{version}/watch/...` as watches of the
+    list they name, whatever `watch` says; one object's path watches that name, as `fieldSelector=metadata.name`
+    does, and a field selector that does not ask for exactly that name is its 400.
+    """
+    segments = [s for s in request.path.split("/") if s]
+    start = {"api": 2, "apis": 3}.get(segments[0]) if segments else None
+    if start is None or len(segments) <= start or segments[start] != "watch":
+        return request
+    path = "/" + "/".join(segments[:start] + segments[start + 1:])
+    target = routing.route(path)
+    if target.subresource is not None:
+        raise errors.NotFound("the server could not find the requested resource")
+    query = {**request.query, "watch": "true"}
+    if target.name is not None:
+        selected = query.get("fieldSelector")
+        if selected and _required_name(selected) != target.name:
+            raise errors.BadRequest("fieldSelector metadata.name doesn't match requested name")
+        query["fieldSelector"] = selected or f"metadata.name={target.name}"
+        path = path.rsplit("/", 1)[0]
+    return replace(request, path=path, query=query)
+
+
+def _required_name(selector: str) -> str | None:
+    """The name a field selector requires metadata.name to equal, as apimachinery's RequiresExactMatch."""
+    for term in selector.split(","):
+        field, sep, value = term.partition("==") if "==" in term else term.partition("=")
+        if sep and field.strip() == "metadata.name" and not field.endswith("!"):
+            return value.strip()
+    return None
 
 
 def parse_resource_version(text: str | None) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from vmquota import accounting, objects, usage, vmspec, vmstatus
 from vmquota.controller import instances, placement
@@ -52,6 +53,7 @@ class Context:
         self.queue: WorkQueue[Key] = WorkQueue(clock=time.monotonic)
         self.hosts = Hosts(hypervisor, store)
         self.policy = policy
+        self.candidates = placement.Candidates()
         # The VMs whose live migration this process drives: the rest of the controller leaves them alone until
         # it ends (their domains' events are the migration's). Guarded by `lock`.
         self.migrating: set[Key] = set()
@@ -133,8 +135,7 @@ class Context:
             status["runningSince"] = self.clock()
         if phase in (Phase.RUNNING, Phase.PAUSED) and spec.interfaces:
             uid = vm["metadata"].get("uid", "")
-            status["interfaces"] = [{"name": i.name, "mac": vmspec.mac_address(i, uid), "ipAddress": GUEST_ADDRESS,
-                                     "ipAddresses": [GUEST_ADDRESS], "infoSource": "domain"} for i in spec.interfaces]
+            status["interfaces"] = [_interface_status(i, uid) for i in spec.interfaces]
         else:
             status.pop("interfaces", None)
         if phase not in (Phase.RUNNING, Phase.PAUSED):  # a pause or reboot ends with the runtime
@@ -148,7 +149,7 @@ class Context:
         charge = usage.charge(spec, phase, self.overhead)
         if enforce:
             accounting.check_charge(txn, ns, name, charge, subject=subject(name))
-        candidates = placement.candidates(txn)
+        candidates = self.candidates(txn)
         if not candidates:
             return ""
         return placement.choose(placement.need_of(spec, charge), candidates, self.policy)
@@ -171,3 +172,12 @@ class Context:
                 txn.unplace(ns, name, other)
         if (node, placement.RUNS, cpu, memory) not in placed:
             txn.place(ns, name, node, placement.RUNS, cpu, memory)
+
+
+def _interface_status(interface: vmspec.Interface, uid: str) -> dict[str, Any]:
+    """KubeVirt's status.interfaces entry: the user network's one guest address is known; a bridged guest's is
+    the bridge's network's to give (no guest agent tells it), so it lists name and MAC only."""
+    entry: dict[str, Any] = {"name": interface.name, "mac": vmspec.mac_address(interface, uid), "infoSource": "domain"}
+    if interface.binding is vmspec.Binding.MASQUERADE:
+        entry.update(ipAddress=GUEST_ADDRESS, ipAddresses=[GUEST_ADDRESS])
+    return entry

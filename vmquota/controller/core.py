@@ -67,13 +67,12 @@ class Controller:
 
     @property
     def queue(self) -> WorkQueue[Key]:
-        """The work queue every part adds to: the Context's own, so replacing it here replaces it for all."""
         return self.ctx.queue
 
     @queue.setter
     def queue(self, queue: WorkQueue[Key]) -> None:
-        # An API process sends its keys to the first process's controller (workers.KeysToController): every
-        # part must see that queue, or the VMs it changes wait for the next recount.
+        """An API process hands its keys to the controller's process (workers.KeysToController): every part
+        queues through the Context, so that is where the replacement must go."""
         self.ctx.queue = queue
 
     @property

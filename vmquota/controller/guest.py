@@ -77,8 +77,9 @@ class Guests:
         """A TCP connection to `port` of a running VM's guest, through its masquerade interface."""
         vm = self._running_vm(namespace, name)
         spec = vmspec.read(vm)
-        if not spec.interfaces:
-            raise errors.BadRequest(f'virtualmachineinstances.kubevirt.io "{name}" has no network interface')
+        if not spec.interfaces or spec.interfaces[0].binding is not vmspec.Binding.MASQUERADE:
+            raise errors.BadRequest(f'virtualmachineinstances.kubevirt.io "{name}" has no masquerade interface to '
+                                    "forward a port through")
         allowed = spec.interfaces[0].ports
         if allowed and port not in allowed:
             raise errors.BadRequest(f"port {port} is not among the ports of interface {spec.interfaces[0].name}: "

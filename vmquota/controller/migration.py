@@ -19,7 +19,9 @@ finds the migration where libvirt left it (`recover`): libvirt's peer-to-peer jo
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -41,6 +43,16 @@ ACTIVE = ("Pending", "Scheduling", "Scheduled", "PreparingTarget", "TargetReady"
 MIGRATING = "Migrating"  # KubeVirt's printableStatus of a VM whose VMI migrates
 LOCAL_STORAGE = "vmquota.io/local-storage"  # "true" on a node whose disks other nodes cannot see: they are copied
 CANCEL_POLL_SECONDS = 0.2
+MIGRATION_PORTS = range(49152, 49216)  # libvirt's default migration_port_min..max
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def active(vmim: Obj) -> bool:
@@ -93,7 +105,7 @@ class Migrations:
         need = dataclasses.replace(placement.need_of(spec, charge, exclude=source), node_selector=selector)
         vmim["metadata"].setdefault("uid", objects.new_uid())
         try:
-            target = placement.choose(need, placement.candidates(txn), self.ctx.policy)
+            target = placement.choose(need, self.ctx.candidates(txn), self.ctx.policy)
         except placement.Unschedulable as e:
             _phase(vmim, "Failed", sourceNode=source, failed=True, failureReason=str(e),
                    migrationUid=vmim["metadata"]["uid"])
@@ -159,9 +171,11 @@ class Migrations:
             try:
                 # Without a copy the target must see the same disk files; libvirt trusts that only of a cluster
                 # file system unless vouched for. A target that cannot open them fails the migration cleanly.
+                copy = self._copy_storage(state["sourceNode"], state["targetNode"])
+                log.info("%s/%s: migrating from node %s to node %s%s", ns, name, state["sourceNode"],
+                         state["targetNode"], ", copying its disks" if copy else "")
                 source.migrate(ns, name, vm["metadata"]["uid"], target,
-                               migrate_uri=self._migrate_uri(state["targetNode"]),
-                               copy_storage=self._copy_storage(state["sourceNode"], state["targetNode"]),
+                               migrate_uri=self._migrate_uri(state["targetNode"]), copy_storage=copy,
                                trust_shared_storage=True)
             finally:
                 cancel.set()
@@ -185,8 +199,22 @@ class Migrations:
                 return
 
     def _migrate_uri(self, target_node: str) -> str:
+        """Where the target's QEMU listens for the guest's memory. Hosts of this very machine (a loopback
+        address) would each pick the first port of libvirt's range, so a free one is chosen here for them;
+        a remote host's libvirtd picks its own."""
         node = self.ctx.store.reader().get(NODE, "", target_node) or {}
-        return f"tcp://{nodes.migration_address(node)}"
+        address = nodes.migration_address(node)
+        if not _is_loopback(address):
+            return f"tcp://{address}"
+        for port in MIGRATION_PORTS:
+            with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+                try:
+                    probe.bind((address, port))
+                except OSError:
+                    continue
+                return f"tcp://[{address}]:{port}" if ":" in address else f"tcp://{address}:{port}"
+        raise errors.HypervisorError(f"no free migration port on {address} in {MIGRATION_PORTS.start}-"
+                                     f"{MIGRATION_PORTS.stop - 1}")
 
     def _copy_storage(self, source_node: str, target_node: str) -> bool:
         """Copy the disks unless both nodes see the same files (the default: a shared disk path)."""

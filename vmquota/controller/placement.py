@@ -12,7 +12,10 @@ Host capacity and tenant quota stay apart: nothing here reads a quota, and `acco
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import threading
+import types
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ WANTED_ELSEWHERE = "node(s) didn't match the requested node name"
 INSUFFICIENT = "Insufficient {}"
 
 
-__all__ = ["MIGRATION_TARGET", "RUNS", "Candidate", "Need", "Policy", "Unschedulable", "candidates", "choose",
+__all__ = ["MIGRATION_TARGET", "RUNS", "Candidate", "Candidates", "Need", "Policy", "Unschedulable", "choose",
            "need_of", "reservation"]
 
 
@@ -131,19 +134,51 @@ def reservation(charge: r.ResourceList) -> tuple[int, int]:
     return int(cpu.to_integral_value(rounding="ROUND_CEILING")), int(charge.get("requests.memory", Decimal(0)))
 
 
-def candidates(reader: Reader) -> list[Candidate]:
-    """Every node as the store holds it, with what is placed on it."""
-    found = []
-    for name, cordoned, labels, taints, cpu, memory, ready, placed_cpu, placed_memory in reader.node_candidates():
-        found.append(Candidate(
-            name=name, labels=json.loads(labels), unschedulable=bool(cordoned), ready=bool(ready),
-            taints=tuple((str(t.get("key", "")), str(t.get("value", "")), str(t.get("effect", "")))
-                         for t in json.loads(taints) if isinstance(t, dict)),
-            allocatable_cpu=_quantity(cpu), allocatable_memory=_quantity(memory),
-            placed_cpu=Decimal(placed_cpu) / 1000, placed_memory=Decimal(placed_memory)))
-    return found
+class Candidates:
+    """Every node as placement sees it. What a Node's body says (labels, taints, allocatable, Ready) is read and
+    parsed again only once a Node has changed (the store's node generation); what is placed on each node is read
+    at every call, from its small table, in the caller's transaction. (No transaction both writes a Node and
+    places a VM, so a generation read inside one never names node bodies that a rollback took back.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._nodes: list[tuple[str, Mapping[str, str], bool, bool, tuple[tuple[str, str, str], ...], Decimal,
+                                Decimal]] = []
+
+    def __call__(self, reader: Reader) -> list[Candidate]:
+        generation = reader.node_generation()
+        with self._lock:
+            if generation != self._generation:
+                self._nodes = [(name, _labels(labels), bool(cordoned), bool(ready), _taints(taints), _quantity(cpu),
+                                _quantity(memory))
+                               for name, cordoned, labels, taints, cpu, memory, ready, _, _ in reader.node_candidates()]
+                self._generation = generation
+            nodes = self._nodes
+        placed = reader.node_allocated()
+        found = []
+        for name, labels, cordoned, ready, taints, cpu, memory in nodes:
+            placed_cpu, placed_memory = placed.get(name, (0, 0))
+            found.append(Candidate(name=name, labels=labels, unschedulable=cordoned, ready=ready, taints=taints,
+                                   allocatable_cpu=cpu, allocatable_memory=memory,
+                                   placed_cpu=Decimal(placed_cpu) / 1000, placed_memory=Decimal(placed_memory)))
+        return found
 
 
+# A start reads every node: what is the same text as last time is not parsed again (a node's labels, taints and
+# allocatable change rarely), which keeps placement's cost per node small.
+@functools.lru_cache(maxsize=4096)
+def _labels(text: str) -> Mapping[str, str]:
+    return types.MappingProxyType(json.loads(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _taints(text: str) -> tuple[tuple[str, str, str], ...]:
+    return tuple((str(t.get("key", "")), str(t.get("value", "")), str(t.get("effect", "")))
+                 for t in json.loads(text) if isinstance(t, dict))
+
+
+@functools.lru_cache(maxsize=4096)
 def _quantity(text: str | None) -> Decimal:
     """An allocatable as the heartbeat wrote it; a node not heard from yet has none: nothing fits on it."""
     if text is None:

@@ -60,6 +60,12 @@ class Recount:
             pool.shutdown(wait=False)  # a host that hangs keeps its thread, not the recount
         first = ctx.hosts.first_name()
         placed = ctx.store.reader().running_placements()
+        running_on: dict[Key, list[str]] = {}  # every running domain's nodes, by VM: looked up once per VM
+        if len(observed) > 1:
+            for name, domains in observed.items():
+                for key, seen in domains.items():
+                    if seen.up:
+                        running_on.setdefault(key, []).append(name)
         known: dict[Key, str] = {}  # every VM's uid
         for row in ctx.store.reader().vm_states():  # only the fields the comparison needs, streamed
             vm = StoredVM.from_row(row)
@@ -70,7 +76,8 @@ class Recount:
             node = placed.get(key, first)
             if node in observed and needs_reconcile(vm, observed[node].get(key, ABSENT)):
                 ctx.queue.add(key)
-            self._found_elsewhere(key, vm, node, observed)
+            if len(observed) > 1:
+                self._found_elsewhere(key, vm, node, observed, running_on)
         for name, (host, _look) in looks.items():
             if name in observed:
                 self._collect_garbage(host, known, observed[name])
@@ -100,12 +107,12 @@ class Recount:
                 log.warning("recount leaves node %s out: %s", name, e or "no answer in time")
         return found
 
-    def _found_elsewhere(self, key: Key, vm: StoredVM, node: str, observed: dict[str, dict[Key, Observed]]) -> None:
+    def _found_elsewhere(self, key: Key, vm: StoredVM, node: str, observed: dict[str, dict[Key, Observed]],
+                         running_on: dict[Key, list[str]]) -> None:
         """A VM's domain running on a node that is not its own: adopted there if its own shows it off; a stale
         copy on a node confirmed down is removed (the VM was released, and may run elsewhere by now)."""
-        for other, domains in observed.items():
-            seen = domains.get(key)
-            if other == node or seen is None or not seen.up or seen.uid != vm.uid:
+        for other in running_on.get(key, ()):
+            if other == node or observed[other][key].uid != vm.uid:
                 continue
             if other in self._out_of_service():
                 self._remove_stale_copy(key, vm, other)
@@ -115,7 +122,8 @@ class Recount:
                 self._reported.add((key, other))
                 self.ctx.update(key, functools.partial(self._adopt, node=other, twice=twice), expect_uid=vm.uid)
             return
-        self._reported = {r for r in self._reported if r[0] != key}
+        if self._reported:
+            self._reported = {r for r in self._reported if r[0] != key}
 
     def _out_of_service(self) -> set[str]:
         return {n["metadata"]["name"] for n in self.ctx.store.reader().list(NODE) if out_of_service(n)}

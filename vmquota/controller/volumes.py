@@ -18,7 +18,8 @@ from vmquota.store import Transaction
 from vmquota.vmspec import VMSpec
 
 FIRST_PHASE = {vmspec.SourceKind.BLANK: imports.Phase.PENDING, vmspec.SourceKind.HTTP: imports.Phase.IMPORT_SCHEDULED,
-               vmspec.SourceKind.PVC: imports.Phase.CLONE_SCHEDULED}
+               vmspec.SourceKind.PVC: imports.Phase.CLONE_SCHEDULED,
+               vmspec.SourceKind.UPLOAD: imports.Phase.UPLOAD_READY}
 
 
 class Volumes:
@@ -30,8 +31,9 @@ class Volumes:
 
     def ensure_disks(self, vm: Obj, spec: VMSpec) -> bool:
         """Create missing disks (copying them for a clone, from their source otherwise), grow resized ones,
-        then say DataVolumesReady. False while an import still runs (it queues the VM when it ends); a failed
-        import raises its error."""
+        then say DataVolumesReady. False while an import still runs (it queues the VM when it ends) or an upload
+        has not come yet (`uploads.py` writes the disk, and the API queues the VM); a failed import raises its
+        error."""
         disks = self.ctx.disks
         ns, name, uid = vm["metadata"]["namespace"], vm["metadata"]["name"], vm["metadata"]["uid"]
         source = objects.meta(vm).get("annotations", {}).get(CLONE_SOURCE_ANNOTATION)
@@ -46,6 +48,9 @@ class Volumes:
                 if failed is not None:
                     raise errors.HypervisorError(f"disk {disk.name}: {failed.message}")
                 importing = True
+                continue
+            if not path.exists() and disk.source.kind is vmspec.SourceKind.UPLOAD:
+                importing = True  # never a blank disk in its place: the upload would then be refused
                 continue
             if not path.exists() and disk.source.kind is vmspec.SourceKind.PVC:
                 self.clones.copy_data_volume(vm, disk, path)
@@ -91,7 +96,7 @@ class Volumes:
         attached = [domainxml.DomainDisk(disks.path(ns, uid, disk), target)
                     for disk, target in domainxml.attached_targets(spec).items()]
         seed = None if spec.cloud_init is None else domainxml.Seed(self.seed_path(vm), spec.cloud_init.cdrom)
-        nics = tuple(domainxml.Nic(vmspec.mac_address(i, uid), i.model) for i in spec.interfaces)
+        nics = tuple(domainxml.Nic(vmspec.mac_address(i, uid), i.model, i.bridge) for i in spec.interfaces)
         vm_dir = disks.vm_dir(ns, uid)
         vm_dir.mkdir(parents=True, exist_ok=True)  # a VM without disks has no folder yet, and QEMU opens its log there
         return domainxml.build(namespace=ns, name=name, uid=uid, instance=self.ctx.store.instance_id, spec=spec,
