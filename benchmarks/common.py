@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vmquota import accounting, objects, usage, vmspec, vmstatus
+from vmquota import accounting, disks, objects, usage, vmspec, vmstatus
 from vmquota.client import Client
 from vmquota.kubeconfig import Connection
 from vmquota.store import Store, Transaction
@@ -154,6 +154,8 @@ class ServerProcess:
                  api_processes: int | None = None, secure: bool = False, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.extra_args = extra_args  # more `vmquota serve` options
+        if hypervisor.startswith("qemu"):  # QEMU may run as libvirt-qemu, which must reach the disks
+            disks.make_traversable(data_dir)
         self.api_processes = api_processes  # None: the server's default
         self.port = free_port()
         self.secure = secure  # serve's defaults (TLS, authentication, RBAC, audit); else plain HTTP, no auth

@@ -2,11 +2,21 @@
 # Make sure a system libvirtd answers on qemu:///system, starting it by hand
 # when there is no service manager (no systemd; Debian 12's monolithic libvirtd).
 #
-# - If `virsh -c qemu:///system version` already answers: exit 0 at once.
-# - Otherwise: configure /etc/libvirt/qemu.conf so QEMU runs as root without a
-#   security driver (disk images anywhere under /root are readable), create the
-#   runtime/log folders, start virtlogd and libvirtd daemonised (unix socket
-#   only, no TCP/TLS listener), and wait up to LIBVIRTD_WAIT seconds (30).
+#   scripts/libvirtd-up.sh                         start libvirtd if it does not answer (below)
+#   scripts/libvirtd-up.sh --write-qemu-conf FILE  only write the qemu.conf settings below into FILE (a copy of
+#                                                  a qemu.conf: a test host's, or /etc/libvirt/qemu.conf before
+#                                                  a restart), and change nothing else
+#
+# - QEMU runs unprivileged, as libvirt-qemu:kvm under libvirt's DAC driver (dynamic_ownership: libvirt chowns
+#   each disk to that user while its domain runs), not as root: a guest that escapes QEMU gets an
+#   unprivileged user. So /dev/kvm must be 0660 root:kvm, as Debian's udev rule makes it (this machine has
+#   no udev), and the disks' folders must be reachable by libvirt-qemu (vmquota serve's data dir for root is
+#   /var/lib/vmquota for that reason).
+# - If `virsh -c qemu:///system version` already answers: nothing is changed and nothing restarted. If its
+#   qemu.conf is not the unprivileged one yet, the script says so and how to switch, and exits 0.
+# - Otherwise: configure /etc/libvirt/qemu.conf and /dev/kvm, create the runtime/log folders, start
+#   virtlogd and libvirtd daemonised (unix socket only, no TCP/TLS listener), and wait up to LIBVIRTD_WAIT
+#   seconds (30).
 # - Print whether KVM works or QEMU will fall back to TCG emulation.
 # Needs root. Safe to run any number of times.
 set -euo pipefail
@@ -34,18 +44,10 @@ report_kvm() {
     fi
 }
 
-if virsh_answers; then
-    exit 0
-fi
-
-[ "$(id -u)" -eq 0 ] || die "must run as root to start libvirtd"
-for bin in libvirtd virtlogd virsh; do
-    command -v "$bin" >/dev/null 2>&1 \
-        || die "$bin not found; install libvirt-daemon-system and libvirt-clients (scripts/bootstrap.sh does)"
-done
-
-# --- qemu.conf: QEMU as root, no relabelling, no AppArmor/SELinux ----------
-# set_conf KEY VALUE: make sure exactly one active "KEY = VALUE" line exists.
+# --- qemu.conf: QEMU as libvirt-qemu:kvm under the DAC driver -----------------
+QEMU_USER="libvirt-qemu"
+QEMU_GROUP="kvm"
+# set_conf KEY VALUE: make sure exactly one active "KEY = VALUE" line exists in $QEMU_CONF.
 conf_changed=0
 set_conf() {
     local key="$1" value="$2" want
@@ -72,17 +74,78 @@ set_conf() {
     conf_changed=1
 }
 backup_conf() {
+    [ -n "${BACKUP:-}" ] || return 0
     [ -e "$QEMU_CONF.vmquota-orig" ] || cp -p "$QEMU_CONF" "$QEMU_CONF.vmquota-orig"
 }
+# The settings, into $QEMU_CONF.
+# - user/group: QEMU's unprivileged identity (Debian's package makes both; kvm may open /dev/kvm).
+# - dynamic_ownership: the DAC driver chowns a domain's disks, seeds and logs to that user while it runs.
+# - remember_owner = 0: give files back to root:root when a domain stops, without recording the old owner in
+#   extended attributes: several libvirt daemons see the same files (the tests' extra hosts, a migration's
+#   shared disks), and a recorded owner would make each refuse the files the other one holds.
+# - security_driver = "none": no AppArmor or SELinux driver (neither is available in this machine's kernel);
+#   the DAC driver is always on and does the work.
+configure_qemu_conf() {
+    set_conf user "\"$QEMU_USER\""
+    set_conf group "\"$QEMU_GROUP\""
+    set_conf dynamic_ownership 1
+    set_conf remember_owner 0
+    set_conf security_driver '"none"'
+}
+# Whether $QEMU_CONF already has the settings (nothing would change).
+qemu_conf_is_unprivileged() {
+    local copy
+    copy=$(mktemp)
+    cp "$QEMU_CONF" "$copy"
+    ( QEMU_CONF="$copy"; BACKUP=""; configure_qemu_conf >/dev/null; cmp -s "$copy" "$1" )
+    local same=$?
+    rm -f "$copy"
+    return "$same"
+}
+# /dev/kvm 0660 root:kvm, as Debian's udev rule (60-qemu-system-common) makes it on a host with udev.
+kvm_node_ok() {
+    [ ! -e /dev/kvm ] || [ "$(stat -c '%a %U:%G' /dev/kvm)" = "660 root:$QEMU_GROUP" ]
+}
+
+if [ "${1:-}" = "--write-qemu-conf" ]; then
+    [ $# -eq 2 ] || die "usage: $0 --write-qemu-conf FILE"
+    QEMU_CONF="$2"
+    [ -f "$QEMU_CONF" ] || die "$QEMU_CONF: no such file (start from a copy of /etc/libvirt/qemu.conf)"
+    BACKUP=""
+    configure_qemu_conf
+    [ "$conf_changed" -eq 0 ] || say "wrote QEMU as $QEMU_USER:$QEMU_GROUP (DAC, dynamic ownership) into $QEMU_CONF"
+    exit 0
+fi
+[ $# -eq 0 ] || die "unknown arguments: $* (see the comment at the top of $0)"
+
+if virsh_answers; then
+    # A running daemon is never reconfigured or restarted here: its QEMU processes, and the disks of the VMs
+    # they run, belong to the identity it started them with.
+    if ! qemu_conf_is_unprivileged "$QEMU_CONF" || ! kvm_node_ok; then
+        say "NOTE: libvirtd runs, and its QEMU does not run as $QEMU_USER:$QEMU_GROUP yet ($QEMU_CONF$(kvm_node_ok \
+            || printf ', /dev/kvm %s' "$(stat -c '%a %U:%G' /dev/kvm)")). Nothing was changed. To switch, with no"
+        say "      VM running: $0 --write-qemu-conf $QEMU_CONF; chgrp $QEMU_GROUP /dev/kvm; chmod 0660 /dev/kvm;"
+        say "      kill \$(cat /run/libvirtd.pid); $0   (docs/qemu-unprivileged.md)"
+    fi
+    exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || die "must run as root to start libvirtd"
+for bin in libvirtd virtlogd virsh; do
+    command -v "$bin" >/dev/null 2>&1 \
+        || die "$bin not found; install libvirt-daemon-system and libvirt-clients (scripts/bootstrap.sh does)"
+done
 
 [ -f "$QEMU_CONF" ] || die "$QEMU_CONF missing (is libvirt-daemon-driver-qemu installed?)"
-set_conf user '"root"'
-set_conf group '"root"'
-set_conf dynamic_ownership 0
-set_conf remember_owner 0
-set_conf security_driver '"none"'
+BACKUP=1
+configure_qemu_conf
 if [ "$conf_changed" -eq 1 ]; then
-    say "configured $QEMU_CONF (QEMU as root, no security driver; backup: $QEMU_CONF.vmquota-orig)"
+    say "configured $QEMU_CONF (QEMU as $QEMU_USER:$QEMU_GROUP under the DAC driver; backup: $QEMU_CONF.vmquota-orig)"
+fi
+if [ -e /dev/kvm ] && ! kvm_node_ok; then
+    getent group "$QEMU_GROUP" >/dev/null || die "group $QEMU_GROUP missing (libvirt-daemon-system makes it)"
+    chgrp "$QEMU_GROUP" /dev/kvm && chmod 0660 /dev/kvm
+    say "/dev/kvm is now 0660 root:$QEMU_GROUP (no udev on this machine to make it so)"
 fi
 
 # --- folders libvirtd and QEMU expect (normally made by systemd-tmpfiles) -----

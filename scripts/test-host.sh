@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Extra libvirt hosts for tests on one machine: each a libvirtd in a mount namespace of its own.
 #
-#   scripts/test-host.sh start NAME [--private-dir DIR]...   start host NAME (nothing to do if it runs)
+#   scripts/test-host.sh start NAME [--private-dir DIR]... [--qemu-conf FILE]
+#                                                            start host NAME (nothing to do if it runs)
 #   scripts/test-host.sh stop NAME                           destroy its domains, end it, remove its files
 #   scripts/test-host.sh kill NAME                           SIGKILL its libvirtd only, as a crash: its QEMUs run on
 #   scripts/test-host.sh uri NAME                            print its libvirt URI (whether it runs or not)
@@ -22,6 +23,9 @@
 #                                  driver asks the target to listen on the address of its migrate URI instead).
 # The daemon listens on no TCP port: only its unix sockets. It answers at
 #   qemu+unix:///system?socket=<dir>/run/libvirt-sock
+#
+# --qemu-conf FILE: the host's qemu.conf is FILE instead of the system's (the settings above are added to it), as
+# `scripts/libvirtd-up.sh --write-qemu-conf` writes one for QEMU as libvirt-qemu under the DAC driver.
 #
 # --private-dir DIR bind-mounts an empty folder of the host's own (private/N/) over DIR inside its namespace:
 # the same path is a different file there ("local disks"). Without it the host sees this machine's files
@@ -45,7 +49,7 @@ LIBVIRT_PORTS=(49240 49250)
 say() { printf 'test-host: %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 usage() {
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -102,8 +106,9 @@ is_qemu() {
 }
 
 copy_config() {
-    local etc="$1"
+    local etc="$1" qemu_conf="$2"
     cp -a /etc/libvirt/. "$etc/"
+    [ -z "$qemu_conf" ] || cp "$qemu_conf" "$etc/qemu.conf"
     # The system daemon's own objects stay its own: no domain, network, pool or secret is copied.
     rm -rf "$etc/qemu" "$etc/storage" "$etc/secrets" "$etc/qemu.conf.vmquota-orig"
     mkdir -p "$etc/qemu/networks" "$etc/storage" "$etc/secrets"
@@ -122,9 +127,13 @@ copy_config() {
 
 cmd_start() {
     local name="$1"; shift
-    local private=() dir
+    local private=() dir qemu_conf=""
     while [ $# -gt 0 ]; do
         case "$1" in
+            --qemu-conf)
+                [ $# -ge 2 ] || die "--qemu-conf needs a file"
+                [ -f "$2" ] || die "--qemu-conf $2: no such file"
+                qemu_conf=$(realpath "$2"); shift 2 ;;
             --private-dir)
                 [ $# -ge 2 ] || die "--private-dir needs a folder"
                 [[ "$2" = /* ]] || die "--private-dir $2: not an absolute path"
@@ -171,7 +180,7 @@ cmd_start() {
         [ ! -e "$base" ] || rm -rf --one-file-system "$base"  # a start that failed half-way
         mkdir -p "$base"/{run,lib,log,cache,etc,private}
         chmod 0700 "$base"
-        copy_config "$base/etc"
+        copy_config "$base/etc" "$qemu_conf"
         cp -a /var/cache/libvirt/. "$base/cache/" 2>/dev/null || true
         printf '%s' "$wanted" >"$base/private-dirs"
         [ -z "$wanted" ] || printf '\n' >>"$base/private-dirs"

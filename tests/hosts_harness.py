@@ -59,11 +59,13 @@ def _named(name: str) -> str:
 
 
 @contextlib.contextmanager
-def extra_host(name: str, private_dirs: tuple[Path, ...] = ()) -> Iterator[ExtraHost]:
+def extra_host(name: str, private_dirs: tuple[Path, ...] = (), *, qemu_conf: Path | None = None) -> Iterator[ExtraHost]:
     """A running extra host for the block's duration; stopped afterwards whatever happened, even if it failed
-    half-way through starting."""
+    half-way through starting. `qemu_conf`: the host's qemu.conf instead of the system's."""
     name = _named(name)
     args = tuple(arg for folder in private_dirs for arg in ("--private-dir", str(folder)))
+    if qemu_conf is not None:
+        args += ("--qemu-conf", str(qemu_conf))
     t0 = time.perf_counter()
     try:
         uri = _run("start", name, *args)

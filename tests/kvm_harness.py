@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import free_port, vm_manifest, wait_until
 
-from vmquota import quantity
+from vmquota import disks, quantity
 from vmquota.client import Client, ClientError, action_path
 
 URI = "qemu:///system"
@@ -33,6 +33,7 @@ class Server:
 
     def __init__(self, data_dir: Path, *, args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        disks.make_traversable(data_dir)  # QEMU may run as libvirt-qemu, which must reach the disks below it
         self.args = args  # more `vmquota serve` options, such as --use-emulation
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

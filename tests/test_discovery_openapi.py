@@ -194,7 +194,14 @@ def test_aggregated_discovery_is_negotiated_by_the_accept_header(cluster: Cluste
     assert body["kind"] == "APIGroupDiscoveryList"
     groups = {item["metadata"]["name"] for item in body["items"]}
     assert {"kubevirt.io", "clone.kubevirt.io", "subresources.kubevirt.io", "vmquota.io",
-            "rbac.authorization.k8s.io"} == groups
+            "rbac.authorization.k8s.io", "authorization.k8s.io", "authentication.k8s.io"} == groups
+    reviews = {r["resource"]: r for item in body["items"] if item["metadata"]["name"].endswith("k8s.io")
+               and item["metadata"]["name"] != "rbac.authorization.k8s.io"
+               for r in item["versions"][0]["resources"]}  # created and answered, never stored, as kube-apiserver's
+    assert {name: (r["verbs"], r["scope"], r["responseKind"]["kind"]) for name, r in reviews.items()} == {
+        "selfsubjectaccessreviews": (["create"], "Cluster", "SelfSubjectAccessReview"),
+        "selfsubjectrulesreviews": (["create"], "Cluster", "SelfSubjectRulesReview"),
+        "selfsubjectreviews": (["create"], "Cluster", "SelfSubjectReview")}
     code, headers, body = request(cluster, "GET", "/api", headers={"Accept": AGGREGATED_ACCEPT})
     assert headers["Content-Type"] == discovery.AGGREGATED_V2 and body["items"][0]["metadata"] == {}
     code, headers, body = request(cluster, "GET", "/apis", headers={"Accept": "application/json"})
@@ -271,19 +278,20 @@ def test_kubectl_api_resources_lists_every_kind_and_says_nothing_else(cluster: C
     assert result.returncode == 0 and result.stderr == ""
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     listed = {row[0]: row for row in rows}
-    for kind in objects.KINDS:
+    for kind in (*objects.KINDS, *objects.REVIEWS):  # the self reviews too, as kube-apiserver lists them
         row = listed[kind.plural]
         assert row[-1] == kind.kind and kind.api_version in row
         assert row[-2] == str(kind.namespaced).lower()
         if kind.short_names:
             assert row[1] == ",".join(kind.short_names)
-    assert len(rows) == len(objects.KINDS)  # subresources are not listed as resources
+    assert len(rows) == len(objects.KINDS) + len(objects.REVIEWS)  # subresources are not listed as resources
 
 
 def test_kubectl_api_versions_and_version(cluster: Cluster, tmp_path: Path) -> None:
     result = kubectl(cluster, tmp_path, "api-versions")
     assert result.returncode == 0 and result.stderr == ""
-    assert result.stdout.split() == ["clone.kubevirt.io/v1beta1", "kubevirt.io/v1", "rbac.authorization.k8s.io/v1",
+    assert result.stdout.split() == ["authentication.k8s.io/v1", "authorization.k8s.io/v1",
+                                     "clone.kubevirt.io/v1beta1", "kubevirt.io/v1", "rbac.authorization.k8s.io/v1",
                                      "subresources.kubevirt.io/v1", "v1", "vmquota.io/v1"]
     result = kubectl(cluster, tmp_path, "version", "-o", "json")
     assert result.returncode == 0 and result.stderr == ""

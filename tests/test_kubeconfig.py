@@ -123,3 +123,24 @@ def test_a_broken_kubeconfig_is_a_usage_error_naming_the_file(tmp_path: Path, co
 def test_a_token_is_never_sent_over_plain_http() -> None:
     plain = Client(Connection(server="http://127.0.0.1:9", token="secret"))
     assert "Authorization" not in plain._headers
+
+
+def test_the_default_data_dir_is_the_users_own_and_a_system_one_for_root(tmp_path: Path) -> None:
+    """QEMU runs as libvirt-qemu and must reach the disks: root's ~/.local/share is under /root (0700), so the
+    root service defaults to /var/lib/vmquota, unless the old default already holds a store."""
+    home = tmp_path / "home"
+    user_default = home / ".local" / "share" / "vmquota"
+    assert kubeconfig.default_data_dir(environ={}, euid=1000, home=home) == user_default
+    assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == Path("/var/lib/vmquota")
+    xdg = {"XDG_DATA_HOME": str(tmp_path / "xdg")}  # said explicitly: kept, for root too
+    assert kubeconfig.default_data_dir(environ=xdg, euid=0, home=home) == tmp_path / "xdg" / "vmquota"
+    user_default.mkdir(parents=True)
+    assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == Path("/var/lib/vmquota")  # empty: new
+    (user_default / "vmquota.db").write_bytes(b"")
+    assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == user_default  # an installation's store
+
+
+def test_a_new_data_dir_is_traversable_but_not_listable_by_others(cluster: Cluster) -> None:
+    """QEMU as libvirt-qemu must reach the disks below it; nobody but the server lists it or reads its store."""
+    assert stat.S_IMODE(cluster.app.data_dir.stat().st_mode) == 0o711
+    assert stat.S_IMODE((cluster.app.data_dir / "vmquota.db").stat().st_mode) == 0o600

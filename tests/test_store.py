@@ -9,6 +9,7 @@ import copy
 import json
 import multiprocessing
 import sqlite3
+import stat
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -348,3 +349,18 @@ def test_processes_sharing_a_store_never_admit_past_a_quota_nor_reuse_a_resource
     assert len(versions) == len(set(versions)) == 102  # every object written got its own resourceVersion
     assert reader.revision() == max([*versions, quota_version])
     store.close()
+
+
+def test_the_database_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """The data dir is traversable by QEMU's unprivileged user (to reach the disks): the store must not be
+    readable through it. An older store, made 0644, is put right when opened."""
+    path = tmp_path / "vmquota.db"
+    store = Store(path)
+    with store.transaction() as txn:
+        txn.create(objects.NAMESPACE, {"metadata": {"name": "dev"}})
+    for part in (path, tmp_path / "vmquota.db-wal", tmp_path / "vmquota.db-shm"):
+        assert stat.S_IMODE(part.stat().st_mode) == 0o600, part
+    store.close()
+    path.chmod(0o644)
+    Store(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -92,7 +92,8 @@ class App(Core):
                           authorization_mode=authorization_mode, audit=audit,
                           max_requests_inflight_per_user=max_requests_inflight_per_user)
         security.check_listen(options, host)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # QEMU, unprivileged, must traverse the data dir to its disks, but has no business listing it.
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         lock_file = open(data_dir / "server.lock", "w")  # noqa: SIM115 - held for the server's life
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -826,7 +826,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--data-dir", help="where the store and disks live (default: $XDG_DATA_HOME/vmquota)")
+    serve.add_argument("--data-dir", help="where the store and disks live (default: $XDG_DATA_HOME/vmquota; for "
+                       "root, /var/lib/vmquota unless ~/.local/share/vmquota holds a store already)")
     serve.add_argument("--hypervisor", default="qemu:///system", help="libvirt URI (test:///default for demos)")
     serve.add_argument("--listen", default="127.0.0.1:8686", help="HOST:PORT (default 127.0.0.1:8686)")
     serve.add_argument("--memory-overhead", default="none", choices=[m.value for m in OverheadModel],
@@ -861,14 +862,14 @@ def parser() -> argparse.ArgumentParser:
 
     issue = sub.add_parser("kubeconfig", help="print a kubeconfig for a user, with a certificate from the "
                                               "server's CA (run on the server's host)")
-    issue.add_argument("--data-dir", help="the server's data directory (default: $XDG_DATA_HOME/vmquota)")
+    issue.add_argument("--data-dir", help="the server's data directory (default: as vmquota serve's)")
     issue.add_argument("--user", required=True)
     issue.add_argument("--group", action="append", default=[], help="a group of the user (repeatable)")
     issue.add_argument("--namespace", help="the context's namespace")
     issue.add_argument("--expiration", default="8760h", help="how long the certificate is valid (default 8760h)")
 
     audit = sub.add_parser("audit", help="print the audit log (run on the server's host)")
-    audit.add_argument("--data-dir", help="the server's data directory (default: $XDG_DATA_HOME/vmquota)")
+    audit.add_argument("--data-dir", help="the server's data directory (default: as vmquota serve's)")
     audit.add_argument("--user", help="only this user's events")
     audit.add_argument("--since", help="only events this recent (e.g. 1h, 30m)")
 

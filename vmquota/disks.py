@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import uuid
 from decimal import Decimal
@@ -23,6 +24,18 @@ from vmquota import errors
 _SAFE_PART = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 QEMU_IMG_TIMEOUT = 600
 QCOW2_MAGIC = b"QFI\xfb"  # a qcow2 header: magic, version, backing file, cluster bits, then the size at 24
+
+
+def make_traversable(folder: Path) -> None:
+    """Let QEMU's unprivileged user (libvirt-qemu under libvirt's DAC driver, which chowns the disk files
+    themselves) reach the disks below `folder`: it needs search permission on every folder of the path, and
+    temporary folders (tempfile's, pytest's /tmp/pytest-of-root) are 0700. Only search (o+x) is added, so their
+    listings stay private, and only to folders this process owns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (folder, *folder.parents):
+        st = path.stat()
+        if st.st_uid == os.geteuid() and not st.st_mode & stat.S_IXOTH:
+            path.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
 class Disks:

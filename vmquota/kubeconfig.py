@@ -38,10 +38,27 @@ class Connection:
     source: str = ""  # the file it came from, for messages
 
 
-def default_data_dir() -> Path:
-    """`vmquota serve`'s data directory unless told otherwise, where its admin kubeconfig lies."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "vmquota"
+# The data directory of the root service. QEMU runs as libvirt-qemu under libvirt's DAC driver, and it must reach
+# the disks below the data dir: root's own ~/.local/share is under /root, which is 0700.
+SYSTEM_DATA_DIR = Path("/var/lib/vmquota")
+STORE_FILE = "vmquota.db"
+
+
+def default_data_dir(*, environ: Mapping[str, str] | None = None, euid: int | None = None,
+                     home: Path | None = None) -> Path:
+    """`vmquota serve`'s data directory unless told otherwise, where its admin kubeconfig lies.
+
+    `$XDG_DATA_HOME/vmquota` (`~/.local/share/vmquota`), but for root without `$XDG_DATA_HOME` the system data
+    dir `/var/lib/vmquota`, which QEMU's unprivileged user can reach; root's old default is still used when it
+    already holds a store, so an existing installation keeps its VMs and disks where they are.
+    """
+    environ = os.environ if environ is None else environ
+    euid = os.geteuid() if euid is None else euid
+    xdg = environ.get("XDG_DATA_HOME")
+    user_dir = Path(xdg or (home or Path.home()) / ".local" / "share") / "vmquota"
+    if euid != 0 or xdg or (user_dir / STORE_FILE).exists():
+        return user_dir
+    return SYSTEM_DATA_DIR
 
 
 def admin_path(data_dir: Path) -> Path:

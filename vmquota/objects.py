@@ -124,6 +124,8 @@ VMI_STREAMS = ("console", "portforward")
 VM_STREAMS = ("portforward",)
 SUBRESOURCES = (
     *(Subresource(VIRTUAL_MACHINE, action, "subresources.kubevirt.io", "v1", ("update",)) for action in VM_ACTIONS),
+    *(Subresource(VIRTUAL_MACHINE_INSTANCE, action, "subresources.kubevirt.io", "v1", ("update",))
+      for action in VMI_ACTIONS),
     Subresource(PROJECT, "usage", "vmquota.io", "v1", ("get",), kind="ProjectUsage"),
     Subresource(SERVICE_ACCOUNT, "token", "", "v1", ("create",), kind="TokenRequest"),
     # Usage over time: every change of used, rolled up per minute and per hour (`history.py`).
@@ -133,6 +135,18 @@ SUBRESOURCES = (
                   path_parameters=("port",) if stream == "portforward" else ()) for stream in VMI_STREAMS),
     *(Subresource(VIRTUAL_MACHINE, stream, "subresources.kubevirt.io", "v1", ("get",), path_parameters=("port",))
       for stream in VM_STREAMS),
+)
+
+# The reviews `kubectl auth can-i` and `auth whoami` create (`apiserver/reviews.py`): answered, never stored, so
+# they are no kinds of the registry (no routes, tables or watches), but discovery lists them as kube-apiserver
+# does, so that `kubectl create -f` of a SelfSubjectAccessReview and `kubectl api-resources` find them.
+REVIEWS = (
+    Kind("SelfSubjectAccessReview", "authorization.k8s.io", "v1", "selfsubjectaccessreviews", namespaced=False,
+         verbs=("create",)),
+    Kind("SelfSubjectRulesReview", "authorization.k8s.io", "v1", "selfsubjectrulesreviews", namespaced=False,
+         verbs=("create",)),
+    Kind("SelfSubjectReview", "authentication.k8s.io", "v1", "selfsubjectreviews", namespaced=False,
+         verbs=("create",)),
 )
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

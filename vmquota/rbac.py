@@ -110,7 +110,7 @@ class Decision:
 @dataclass(frozen=True)
 class _Grant:
     """One binding's role, for the subjects it names."""
-    binding: str  # `RoleBinding "dev/edit-alice"`, for the reasons
+    binding: str  # `RoleBinding "edit-alice/dev"` (name/namespace, as Kubernetes), for the reasons
     role_kind: str  # Role or ClusterRole
     role_name: str
     namespace: str  # of a RoleBinding; "" for a ClusterRoleBinding
@@ -220,7 +220,8 @@ class Policy:
                     self._cluster[key].append(grant)
         for binding in role_bindings:
             namespace = _namespace(binding)
-            grant = self._grant(binding, namespace, f'RoleBinding "{namespace}/{_name(binding)}"')
+            # name/namespace, in that order, as Kubernetes' roleBindingDescriber writes it.
+            grant = self._grant(binding, namespace, f'RoleBinding "{_name(binding)}/{namespace}"')
             if grant is not None:
                 for kind, name in _subjects(binding, namespace):
                     self._namespaced[(namespace, kind, name)].append(grant)
@@ -239,25 +240,28 @@ class Policy:
             return self.cluster_rules.get(grant.role_name, ())
         return self.role_rules.get((grant.namespace, grant.role_name), ())
 
-    def _grants(self, user: UserInfo, namespace: str) -> Iterator[_Grant]:
+    def _grants(self, user: UserInfo, namespace: str) -> Iterator[tuple[tuple[str, str], _Grant]]:
+        """Each grant the user holds in `namespace`, with the subject key ("user"|"group", name) it came by."""
         keys = [("user", user.name), *(("group", group) for group in user.groups)]
         for key in keys:
-            yield from self._cluster.get(key, ())
+            for grant in self._cluster.get(key, ()):
+                yield key, grant
         if namespace:
             for kind, name in keys:
-                yield from self._namespaced.get((namespace, kind, name), ())
+                for grant in self._namespaced.get((namespace, kind, name), ()):
+                    yield (kind, name), grant
 
     def authorize(self, a: Attributes) -> Decision:
-        for grant in self._grants(a.user, a.namespace):
+        for key, grant in self._grants(a.user, a.namespace):
             if any(rule.allows(a) for rule in self._role_rules(grant)):
                 return Decision(True, f'RBAC: allowed by {grant.binding} of {grant.role_kind} '
-                                      f'"{grant.role_name}" to {_describe(a.user)}')
+                                      f'"{grant.role_name}" to {_describe(key)}')
         return Decision(False)
 
     def rules_for(self, user: UserInfo, namespace: str) -> list[Rule]:
         """Every rule the user holds in `namespace` (cluster-wide ones too), as SelfSubjectRulesReview lists them."""
         rules: list[Rule] = []
-        for grant in self._grants(user, namespace):
+        for _, grant in self._grants(user, namespace):
             rules += [r for r in self._role_rules(grant) if r not in rules]
         return rules
 
@@ -273,8 +277,16 @@ def _subjects(binding: Mapping[str, Any], namespace: str) -> list[tuple[str, str
     return [key for s in subjects for key in _subject_keys(s, namespace)] if isinstance(subjects, list) else []
 
 
-def _describe(user: UserInfo) -> str:
-    return f'User "{user.name}"'
+def _describe(key: tuple[str, str]) -> str:
+    """The subject a grant came by, as Kubernetes' describeSubject: `User "alice"`, `Group "team-a"`,
+    `ServiceAccount "ci/dev"` (name/namespace)."""
+    kind, name = key
+    if kind == "group":
+        return f'Group "{name}"'
+    if name.startswith(identity.SERVICE_ACCOUNT_PREFIX):
+        namespace, _, account = name.removeprefix(identity.SERVICE_ACCOUNT_PREFIX).partition(":")
+        return f'ServiceAccount "{account}/{namespace}"'
+    return f'User "{name}"'
 
 
 # -- escalation: nobody grants what they do not hold ------------------------------------------------------
@@ -331,6 +343,9 @@ READ = ("get", "list", "watch")
 WRITE = ("create", "delete", "deletecollection", "patch", "update")
 VM_ACTIONS = ("virtualmachines/start", "virtualmachines/stop", "virtualmachines/restart",
               "virtualmachines/migrate")
+# A running guest's actions, which KubeVirt's admin and edit roles grant as `update` (view does not).
+VMI_ACTIONS = ("virtualmachineinstances/pause", "virtualmachineinstances/unpause",
+               "virtualmachineinstances/softreboot")
 KUBEVIRT_RESOURCES = ("virtualmachines", "virtualmachineinstances", "virtualmachineinstancemigrations")
 # The websocket subresources (the serial console, port forwards), which KubeVirt's admin and edit roles grant as
 # `get`; view does not, as in KubeVirt: a console types into the guest.
@@ -407,12 +422,14 @@ def bootstrap() -> list[BootstrapObject]:
         _cluster_role("kubevirt.io:admin", [
             _rule(["subresources.kubevirt.io"], VM_ACTIONS, ["update"]),
             _rule(["subresources.kubevirt.io"], VM_STREAMS, ["get"]),
+            _rule(["subresources.kubevirt.io"], VMI_ACTIONS, ["update"]),
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, (*READ, *WRITE)),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], (*READ, *WRITE))],
             labels={"kubevirt.io": "", **_aggregate_to("admin")}),
         _cluster_role("kubevirt.io:edit", [
             _rule(["subresources.kubevirt.io"], VM_ACTIONS, ["update"]),
             _rule(["subresources.kubevirt.io"], VM_STREAMS, ["get"]),
+            _rule(["subresources.kubevirt.io"], VMI_ACTIONS, ["update"]),
             _rule(["kubevirt.io"], KUBEVIRT_RESOURCES, ("get", "delete", "create", "update", "patch", "list",
                                                         "watch")),
             _rule(["clone.kubevirt.io"], ["virtualmachineclones"], ("get", "delete", "create", "update", "patch",

@@ -53,6 +53,7 @@ import heapq
 import json
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -894,6 +895,16 @@ class Transaction(Reader):
             self.delete(objects.EVENT, namespace, name)
 
 
+def _owner_only(path: Path) -> None:
+    """The database and its WAL files readable by their owner only (SQLite gives the WAL files the database's
+    mode): under the data dir QEMU's unprivileged user may traverse, every tenant's objects must stay private."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(part.stat().st_mode) & 0o077:
+                part.chmod(0o600)
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -903,6 +914,7 @@ class Store:
         # SQLite's own busy wait would sleep in steps of milliseconds.
         self.lock_path = path.with_name(path.name + "-lock")
         self._process_lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _owner_only(path)
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA + _OBSERVE_SCHEMA)
         if self._writer.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:

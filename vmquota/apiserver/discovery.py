@@ -52,7 +52,7 @@ def _group_version(group: str, version: str) -> str:
 
 def _group_versions() -> dict[tuple[str, str], tuple[list[Kind], list[Subresource]]]:
     found: dict[tuple[str, str], tuple[list[Kind], list[Subresource]]] = {}
-    for kind in objects.KINDS:
+    for kind in (*objects.KINDS, *objects.REVIEWS):
         found.setdefault((kind.group, kind.version), ([], []))[0].append(kind)
     for sub in objects.SUBRESOURCES:
         found.setdefault((sub.group, sub.version), ([], []))[1].append(sub)
