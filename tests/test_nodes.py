@@ -21,6 +21,7 @@ from vmquota import cli
 from vmquota.app import NodeSettings
 from vmquota.client import Client, ClientError
 from vmquota.controller import nodes
+from vmquota.objects import VIRTUAL_MACHINE as VM
 
 NODES = "/api/v1/nodes"
 
@@ -198,3 +199,27 @@ def test_a_nodes_migration_bandwidth_is_in_whole_mib_a_second_as_libvirt_takes_i
                                                                                    mib: int) -> None:
     annotations = {} if value is None else {nodes.MIGRATION_BANDWIDTH: value}
     assert nodes.migration_bandwidth_mib({"metadata": {"name": "n", "annotations": annotations}}) == mib
+
+
+def test_a_vm_left_unknown_by_an_earlier_server_shows_its_phase_once_its_node_answers(tmp_path: Path) -> None:
+    app = open_app(tmp_path / "data")
+    c = Cluster(app, "again")
+    c.create_namespace("again")
+    c.create_vm(vm_manifest("web", disk=None, memory="64Mi", strategy="Always"))
+    c.wait_status("web", "Running")
+    with app.store.transaction() as txn:  # what a server that saw the node NotReady, then stopped, left behind
+        vm = txn.get(VM, "again", "web")
+        assert vm is not None
+        vm["status"]["printableStatus"] = "Unknown"
+        txn.update(VM, vm)
+    c.client.close()
+    app.close()
+    app = open_app(tmp_path / "data")
+    c = Cluster(app, "again")
+    try:
+        c.wait_status("web", "Running")
+        assert c.vm("web")["status"]["ready"] is True
+    finally:
+        c.delete_vm("web")
+        c.client.close()
+        app.close()

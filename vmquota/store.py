@@ -537,6 +537,11 @@ class Reader:
         return {node: (cpu, memory) for node, cpu, memory in
                 self._conn.execute("SELECT node, cpu_milli, memory FROM node_allocated")}
 
+    def vms_showing(self, printable_status: str) -> builtins.list[tuple[str, str]]:
+        """(namespace, name) of every VM whose status.printableStatus is this (a scan: for a server's start)."""
+        return self._conn.execute("SELECT namespace, name FROM objects WHERE kind = 'VirtualMachine' AND "
+                                  "body->>'$.status.printableStatus' = ?", (printable_status,)).fetchall()
+
     def vms_on(self, node: str) -> builtins.list[tuple[str, str]]:
         """(namespace, name) of every VM that runs on `node`."""
         return self._conn.execute("SELECT namespace, name FROM placements WHERE node = ? AND role = ? "

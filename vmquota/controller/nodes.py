@@ -27,9 +27,10 @@ from urllib.parse import urlsplit
 
 from vmquota import errors, objects, quantity
 from vmquota.controller.context import Context
-from vmquota.controller.state import is_ready, show_node_readiness
+from vmquota.controller.state import is_ready, node_of, show_node_readiness
 from vmquota.hypervisor import HostInfo, Hypervisor
 from vmquota.objects import NODE, Obj
+from vmquota.store import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,11 @@ class NodeHealth:
         self._shown_ready: dict[str, bool] = {}  # node -> the readiness its VMs show now
         self._started = time.monotonic()  # a server's start counts as an answer: the grace runs from it
 
+    def _show_as_its_node(self, txn: Transaction, vm: Obj) -> None:
+        node = node_of(vm)
+        if node:
+            show_node_readiness(txn, vm, node=node, ready=is_ready(txn.get(NODE, "", node)))
+
     def register_first(self) -> str:
         """The Node of `--hypervisor`: found by its providerID, else created with the host's name."""
         uri = self.ctx.hypervisor.uri
@@ -287,6 +293,9 @@ class NodeHealth:
     def _follow(self, nodes: list[Obj]) -> None:
         """The VMs of each node follow it: Unknown while it is NotReady (still charged: they may run), and
         released once an admin has confirmed its host is off; VMs are never released on a timeout."""
+        if not self._shown_ready:  # this server's first look: a VM may still show an earlier server's Unknown
+            for key in self.ctx.store.reader().vms_showing("Unknown"):
+                self.ctx.update(key, self._show_as_its_node)
         for node in nodes:
             name = node["metadata"]["name"]
             ready = is_ready(node)
