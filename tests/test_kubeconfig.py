@@ -125,19 +125,28 @@ def test_a_token_is_never_sent_over_plain_http() -> None:
     assert "Authorization" not in plain._headers
 
 
-def test_the_default_data_dir_is_the_users_own_and_a_system_one_for_root(tmp_path: Path) -> None:
-    """QEMU runs as libvirt-qemu and must reach the disks: root's ~/.local/share is under /root (0700), so the
-    root service defaults to /var/lib/vmquota, unless the old default already holds a store."""
-    home = tmp_path / "home"
+def test_the_default_data_dir_is_the_contracts_and_roots_leads_to_a_system_one(tmp_path: Path) -> None:
+    """QEMU runs as libvirt-qemu and must reach the disks: root's ~/.local/share is under /root (0700), so for root
+    the contract's default path becomes a link to a system dir, which is what is served; an existing folder
+    there (an earlier installation) is kept."""
+    home, system = tmp_path / "home", tmp_path / "var-lib-vmquota"
     user_default = home / ".local" / "share" / "vmquota"
-    assert kubeconfig.default_data_dir(environ={}, euid=1000, home=home) == user_default
-    assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == Path("/var/lib/vmquota")
+    assert kubeconfig.default_data_dir(environ={}, home=home) == user_default
+    assert kubeconfig.serving_data_dir(environ={}, euid=1000, home=home, system_dir=system) == user_default
+    assert not user_default.exists()
     xdg = {"XDG_DATA_HOME": str(tmp_path / "xdg")}  # said explicitly: kept, for root too
-    assert kubeconfig.default_data_dir(environ=xdg, euid=0, home=home) == tmp_path / "xdg" / "vmquota"
-    user_default.mkdir(parents=True)
-    assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == Path("/var/lib/vmquota")  # empty: new
-    (user_default / "vmquota.db").write_bytes(b"")
-    assert kubeconfig.default_data_dir(environ={}, euid=0, home=home) == user_default  # an installation's store
+    served = kubeconfig.serving_data_dir(environ=xdg, euid=0, home=home, system_dir=system)
+    assert served == tmp_path / "xdg" / "vmquota"
+    assert kubeconfig.serving_data_dir(environ={}, euid=0, home=home, system_dir=system) == system.resolve()
+    assert user_default.is_symlink() and user_default.resolve() == system.resolve()
+    assert stat.S_IMODE(system.stat().st_mode) == 0o711
+    (system / "admin.kubeconfig").write_text("x")  # what serve writes there is found at the contract's path
+    assert (user_default / "admin.kubeconfig").read_text() == "x"
+    assert kubeconfig.serving_data_dir(environ={}, euid=0, home=home, system_dir=system) == system.resolve()
+    old_home = tmp_path / "old"
+    old = old_home / ".local" / "share" / "vmquota"
+    old.mkdir(parents=True)
+    assert kubeconfig.serving_data_dir(environ={}, euid=0, home=old_home, system_dir=system) == old.resolve()
 
 
 def test_a_new_data_dir_is_traversable_but_not_listable_by_others(cluster: Cluster) -> None:

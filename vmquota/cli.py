@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen takes HOST:PORT, got {args.listen!r}")
-    data_dir = Path(args.data_dir) if args.data_dir else kubeconfig.default_data_dir()
+    data_dir = Path(args.data_dir) if args.data_dir else kubeconfig.serving_data_dir()
     api_processes = workers.default_count() if args.api_processes is None else args.api_processes
     if not 1 <= api_processes <= workers.MAX_API_PROCESSES:
         raise UsageError(f"--api-processes takes 1 to {workers.MAX_API_PROCESSES}, got {api_processes}")
@@ -827,7 +827,7 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--data-dir", help="where the store and disks live (default: $XDG_DATA_HOME/vmquota; for "
-                       "root, /var/lib/vmquota unless ~/.local/share/vmquota holds a store already)")
+                       "root ~/.local/share/vmquota, made a link to /var/lib/vmquota when new)")
     serve.add_argument("--hypervisor", default="qemu:///system", help="libvirt URI (test:///default for demos)")
     serve.add_argument("--listen", default="127.0.0.1:8686", help="HOST:PORT (default 127.0.0.1:8686)")
     serve.add_argument("--memory-overhead", default="none", choices=[m.value for m in OverheadModel],

@@ -44,21 +44,32 @@ SYSTEM_DATA_DIR = Path("/var/lib/vmquota")
 STORE_FILE = "vmquota.db"
 
 
-def default_data_dir(*, environ: Mapping[str, str] | None = None, euid: int | None = None,
-                     home: Path | None = None) -> Path:
-    """`vmquota serve`'s data directory unless told otherwise, where its admin kubeconfig lies.
+def default_data_dir(*, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
+    """The contract's default data directory, where `vmquota serve` keeps its files and its admin kubeconfig:
+    `$XDG_DATA_HOME/vmquota` (`~/.local/share/vmquota`)."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("XDG_DATA_HOME") or (home or Path.home()) / ".local" / "share") / "vmquota"
 
-    `$XDG_DATA_HOME/vmquota` (`~/.local/share/vmquota`), but for root without `$XDG_DATA_HOME` the system data
-    dir `/var/lib/vmquota`, which QEMU's unprivileged user can reach; root's old default is still used when it
-    already holds a store, so an existing installation keeps its VMs and disks where they are.
+
+def serving_data_dir(*, environ: Mapping[str, str] | None = None, euid: int | None = None,
+                     home: Path | None = None, system_dir: Path = SYSTEM_DATA_DIR) -> Path:
+    """Where `vmquota serve` told no `--data-dir` really keeps its files.
+
+    The default data dir, except for root without `$XDG_DATA_HOME`: root's is under /root (0700), which QEMU's
+    unprivileged user cannot pass, so a new one is made a symlink to `/var/lib/vmquota` and that real path is
+    served (every disk path given to libvirt avoids /root), while the default path still leads to the admin
+    kubeconfig, as the contract says. An existing folder there is an earlier installation's: kept as it is.
     """
     environ = os.environ if environ is None else environ
     euid = os.geteuid() if euid is None else euid
-    xdg = environ.get("XDG_DATA_HOME")
-    user_dir = Path(xdg or (home or Path.home()) / ".local" / "share") / "vmquota"
-    if euid != 0 or xdg or (user_dir / STORE_FILE).exists():
-        return user_dir
-    return SYSTEM_DATA_DIR
+    default = default_data_dir(environ=environ, home=home)
+    if euid != 0 or environ.get("XDG_DATA_HOME"):
+        return default
+    if not default.exists() and not default.is_symlink():
+        system_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        default.parent.mkdir(parents=True, exist_ok=True)
+        default.symlink_to(system_dir, target_is_directory=True)
+    return default.resolve()
 
 
 def admin_path(data_dir: Path) -> Path:
