@@ -733,29 +733,9 @@ def _forward(client: Client, connection: socket.socket, path: str, local: int) -
         connection.close()
         return
     try:
-        tunnel.pump(opened.wire, opened.ws, _Local(connection))
+        tunnel.pump(opened.wire, opened.ws, tunnel.SocketEnd(connection))
     finally:
         opened.close()
-
-
-class _Local:
-    """An accepted local connection as a tunnel's end."""
-
-    def __init__(self, connection: socket.socket) -> None:
-        self._connection = connection
-
-    def recv(self, size: int) -> bytes:
-        return self._connection.recv(size)
-
-    def sendall(self, data: bytes) -> None:
-        self._connection.sendall(data)
-
-    def close(self) -> None:
-        try:
-            self._connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._connection.close()
 
 
 def cmd_image_upload(client: Client, args: argparse.Namespace) -> int:

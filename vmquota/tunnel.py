@@ -63,6 +63,27 @@ class End(Protocol):
         """End it; a `recv` waiting in another thread returns (or raises) then."""
 
 
+class SocketEnd:
+    """A TCP connection as a tunnel's end (the guest's port on the server, an accepted local connection in the CLI):
+    closing it shuts the socket down first, which wakes a `recv` waiting on another thread."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self._connection = connection
+
+    def recv(self, size: int) -> bytes:
+        return self._connection.recv(size)
+
+    def sendall(self, data: bytes) -> None:
+        self._connection.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self._connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more
+        self._connection.close()
+
+
 def pump(wire: Wire, ws: WebSocket, end: End) -> None:
     """Carry bytes between the websocket on `wire` and `end` until either ends; then close both (not `wire`,
     which its owner closes)."""

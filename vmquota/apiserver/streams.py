@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +123,7 @@ def _open(api: Api, wanted: Target, vm: Obj) -> tunnel.End:
         if wanted.subresource == CONSOLE:
             return api.controller.open_console(wanted.namespace, wanted.name)
         assert wanted.port is not None
-        return _Port(api.controller.open_port(wanted.namespace, wanted.name, wanted.port))
+        return tunnel.SocketEnd(api.controller.open_port(wanted.namespace, wanted.name, wanted.port))
     except errors.HypervisorUnavailable:
         raise
     except errors.HypervisorError as e:
@@ -182,23 +181,3 @@ class Session(Takeover):
 
     def abandon(self) -> None:
         self.end.close()
-
-
-class _Port:
-    """A TCP connection to the guest as a tunnel's end: closing it also wakes a `recv` waiting on another thread."""
-
-    def __init__(self, connection: socket.socket) -> None:
-        self._connection = connection
-
-    def recv(self, size: int) -> bytes:
-        return self._connection.recv(size)
-
-    def sendall(self, data: bytes) -> None:
-        self._connection.sendall(data)
-
-    def close(self) -> None:
-        try:
-            self._connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not connected any more
-        self._connection.close()
