@@ -36,6 +36,11 @@ class Pool(SimulatedPool):
         for call in CALLS:
             setattr(host, call, away)
 
+    def lose(self, node: str) -> None:
+        """The node's host stops answering, until its node is NotReady."""
+        self.fail(node)
+        wait_until(lambda: self.ready(node) == "False", what=f"node {node} to turn NotReady")
+
     def heal(self, node: str) -> None:
         host = self.host(node)
         for call in CALLS:
@@ -78,8 +83,7 @@ def test_a_silent_node_leaves_its_vms_charged_and_unknown_and_starts_no_second_c
     c.create_quota({"limits.memory": "8Gi"})
     start_on_a(pool, "web")
     used = c.used()
-    pool.fail("a")
-    wait_until(lambda: pool.ready("a") == "False", what="node a to turn NotReady")
+    pool.lose("a")
     c.wait_status("web", "Unknown")
     ready = next(x for x in c.vm("web")["status"]["conditions"] if x["type"] == "Ready")
     assert ready["status"] == "Unknown" and ready["reason"] == "NodeUnreachable"
@@ -103,8 +107,7 @@ def test_confirm_down_releases_the_vms_restarts_them_elsewhere_and_removes_the_s
     assert code == 1 and "node/a is Ready" in err  # its host answers: refused, and nothing changed
     assert "taints" not in c.client.get(f"{NODES}/a")["spec"]
 
-    pool.fail("a")
-    wait_until(lambda: pool.ready("a") == "False", what="node a to turn NotReady")
+    pool.lose("a")
     assert vmquota(c.app.url, "node", "confirm-down", "a")[:2] == (0, "node/a confirmed down: its VMs are released\n")
     wait_until(lambda: c.vm("web")["status"].get("nodeName") == "b" and c.status("web") == "Running",
                what="web to run again on node b")
@@ -125,8 +128,7 @@ def test_a_manual_vm_on_a_node_confirmed_down_is_stopped_and_charges_nothing(poo
     c = pool.c
     c.create_quota({"limits.memory": "8Gi"})
     start_on_a(pool, "db", strategy="Manual")
-    pool.fail("a")
-    wait_until(lambda: pool.ready("a") == "False", what="node a to turn NotReady")
+    pool.lose("a")
     vmquota(c.app.url, "node", "confirm-down", "a")
     c.wait_status("db", "Stopped")
     assert c.used()["limits.memory"] == "0"
@@ -135,8 +137,7 @@ def test_a_manual_vm_on_a_node_confirmed_down_is_stopped_and_charges_nothing(poo
 
 def test_a_new_vm_is_not_placed_on_a_node_confirmed_down(pool: Pool) -> None:
     c = pool.c
-    pool.fail("a")
-    wait_until(lambda: pool.ready("a") == "False", what="node a to turn NotReady")
+    pool.lose("a")
     vmquota(c.app.url, "node", "confirm-down", "a")
     pool.heal("a")
     wait_until(lambda: pool.ready("a") == "True", what="node a to answer again")
@@ -202,8 +203,7 @@ def test_a_node_that_answers_again_without_its_vm_has_it_restarted_through_admis
     c.create_quota({"limits.memory": "8Gi"})
     start_on_a(pool, "web")
     used = c.used()
-    pool.fail("a")
-    wait_until(lambda: pool.ready("a") == "False", what="node a to turn NotReady")
+    pool.lose("a")
     c.wait_status("web", "Unknown")
     pool.host("a")._connection().lookupByName(f"vmquota_{c.ns}_web").destroy()  # it died while a was away
     pool.heal("a")
